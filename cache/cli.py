@@ -1,0 +1,183 @@
+"""`warmserve cache ls | stats | verify | evict | gc`: inspect and maintain the engine cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from cache.config import CacheConfig
+from cache.engine_cache import EngineCache
+from cache.errors import CacheError
+from cache.keys import check_key_id
+from cache.tier import LEASES, QUARANTINE, Tier
+
+
+def add_cache_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-dir", help="node-local cache directory (default: $WARMSERVE_CACHE_DIR or ~/.cache/warmserve)"
+    )
+    p.add_argument(
+        "--shared-cache", metavar="URL", help="shared store, e.g. s3://bucket/warmserve ($WARMSERVE_SHARED_CACHE)"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> CacheConfig:
+    return CacheConfig.load(cache_dir=args.cache_dir, shared_url=args.shared_cache)
+
+
+def add_parser(sub: Any) -> None:
+    cache = sub.add_parser("cache", help="inspect and maintain the engine cache", description=__doc__)
+    verbs = cache.add_subparsers(dest="verb", required=True, metavar="{ls,stats,verify,evict,gc}")
+
+    def verb(name: str, text: str) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=text, description=text)
+        add_cache_options(p)
+        p.add_argument("--tier", choices=("local", "shared", "all"), default="all", help="which tier (default: all)")
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        return p
+
+    verb("ls", "list entries: key, backend, size, age, last use, producer")
+    verb("stats", "totals per tier: entries, bytes, budget, quarantined entries, open leases")
+    verb("verify", "check every entry (size, sha256, signature, key); exit 1 if any is bad")
+    p = verb("evict", "remove entries by key, all of them, or down to the budget")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--key", action="append", metavar="K", help="a key id (full 64 hex chars); repeatable")
+    group.add_argument("--all", action="store_true", help="remove every entry")
+    group.add_argument("--to-budget", action="store_true", help="evict least recently used entries to fit the budget")
+    p = verb("gc", "delete leftovers: temp files, orphan blobs, quarantine, stale leases; then fit the budget")
+    p.add_argument("--older-than", type=float, default=3600.0, metavar="S", help="minimum age in seconds (3600)")
+
+
+def _tiers(cache: EngineCache, which: str) -> list[Tier]:
+    if which == "shared" and cache.shared is None:
+        raise SystemExit("error: --tier shared needs --shared-cache URL (or WARMSERVE_SHARED_CACHE)")
+    return [t for t in cache.tiers if which in ("all", t.name)]
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _ago(t: float) -> str:
+    if not t:
+        return "-"
+    s = max(0.0, time.time() - t)
+    for unit, div in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= div:
+            return f"{s / div:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[c.upper() for c in columns]] + [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cache = EngineCache.from_config(config_from_args(args))
+        return _run(args, cache)
+    except CacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, cache: EngineCache) -> int:
+    tiers = _tiers(cache, args.tier)
+    out: list[dict[str, Any]] = []
+    status = 0
+    if args.verb == "ls":
+        for tier in tiers:
+            for e in tier.entries():
+                m = e.manifest
+                out.append(
+                    {
+                        "tier": tier.name,
+                        "key": e.key_id,
+                        "backend": m.backend if m else "?",
+                        "bytes": e.size,
+                        "created": m.created if m else None,
+                        "last_used": e.last_used,
+                        "producer": m.producer if m else "?",
+                        "signed": bool(m and m.signature),
+                        "problem": e.problem,
+                    }
+                )
+        if not args.json:
+            rows = [
+                {
+                    **r,
+                    "key": r["key"][:16],
+                    "size": _size(r["bytes"]),
+                    "created": _ago(r["created"] or 0),
+                    "last_used": _ago(r["last_used"]),
+                    "status": r["problem"] or "ok",
+                }
+                for r in out
+            ]
+            print(
+                table(rows, ["tier", "key", "backend", "size", "created", "last_used", "producer", "status"])
+                if rows
+                else "no entries"
+            )
+    elif args.verb == "stats":
+        for tier in tiers:
+            entries = tier.entries()
+            out.append(
+                {
+                    "tier": tier.name,
+                    "url": tier.store.url,
+                    "entries": len(entries),
+                    "bytes": sum(e.size for e in entries),
+                    "budget": tier.budget_bytes,
+                    "quarantined": len(tier.store.listdir(QUARANTINE)),
+                    "leases": len(tier.store.listdir(LEASES)),
+                }
+            )
+        if not args.json:
+            rows = [
+                {**r, "bytes": _size(r["bytes"]), "budget": _size(r["budget"]) if r["budget"] else "none"} for r in out
+            ]
+            print(table(rows, ["tier", "entries", "bytes", "budget", "quarantined", "leases", "url"]))
+    elif args.verb == "verify":
+        for tier in tiers:
+            for key_id in tier.key_ids():
+                problem = tier.verify(key_id)
+                out.append({"tier": tier.name, "key": key_id, "ok": problem is None, "problem": problem})
+        status = 0 if all(r["ok"] for r in out) else 1
+        if not args.json:
+            bad = [r for r in out if not r["ok"]]
+            for r in bad:
+                print(f"BAD  {r['tier']:6}  {r['key']}  {r['problem']}")
+            print(f"{len(out) - len(bad)} of {len(out)} entries ok" + (f", {len(bad)} bad" if bad else ""))
+    elif args.verb == "evict":
+        for tier in tiers:
+            if args.to_budget:
+                n, freed = tier.evict()
+                out.append({"tier": tier.name, "removed": n, "bytes": freed})
+                continue
+            keys = tier.key_ids() if args.all else [check_key_id(k) for k in args.key]
+            removed = [k for k in keys if tier.remove(k)]
+            out.append({"tier": tier.name, "removed": len(removed), "keys": removed})
+        if not args.json:
+            for r in out:
+                print(f"{r['tier']}: removed {r['removed']} entries")
+    elif args.verb == "gc":
+        for tier in tiers:
+            counts = tier.gc(older_than=args.older_than)
+            n, freed = tier.evict()
+            out.append({"tier": tier.name, **counts, "evicted": n, "evicted_bytes": freed})
+        if not args.json:
+            for r in out:
+                print(f"{r['tier']}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k != "tier"))
+    if args.json:
+        print(json.dumps(out if args.verb != "stats" else {r["tier"]: r for r in out}, indent=1))
+    return status

@@ -1,0 +1,90 @@
+"""Cache settings: built once from arguments and ``WARMSERVE_*`` environment variables (arguments win)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(value: str | int | None, *, name: str) -> int | None:
+    """``"10GiB"``, ``"500M"``, ``"1024"`` -> bytes; ``None``, ``""`` or ``"none"`` -> no budget."""
+    if value is None or isinstance(value, int):
+        return value
+    if value.strip().lower() in ("", "none", "unlimited"):
+        return None
+    m = _SIZE.match(value)
+    if not m:
+        raise ValueError(f"{name}: cannot read {value!r} as a size; use bytes or a unit, like 10GiB or 500M")
+    unit = (m.group(2) or "").lower().removesuffix("b")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "warmserve"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    shared_url: str | None = None
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    signing_key: bytes | None = field(default=None, repr=False)
+    local_budget: int | None = 20 * 2**30
+    shared_budget: int | None = None
+    wait_timeout: float = 3600.0
+    lease_ttl: float = 30.0
+    retry_after: float = 30.0
+
+    # environment variable -> (field, parser)
+    ENV = {
+        "WARMSERVE_CACHE_DIR": "cache_dir",
+        "WARMSERVE_SHARED_CACHE": "shared_url",
+        "WARMSERVE_CACHE_KEY": "signing_key",
+        "WARMSERVE_CACHE_BUDGET": "local_budget",
+        "WARMSERVE_SHARED_CACHE_BUDGET": "shared_budget",
+        "WARMSERVE_CACHE_WAIT_TIMEOUT": "wait_timeout",
+        "WARMSERVE_LEASE_TTL": "lease_ttl",
+    }
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> CacheConfig:
+        """Defaults, then the environment, then explicit ``overrides`` (``None`` values are ignored)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for var, name in cls.ENV.items():
+            if env.get(var):
+                values[name] = (var, env[var])
+        for name, value in overrides.items():
+            if name not in {f.name for f in fields(cls)}:
+                raise TypeError(f"unknown cache setting {name!r}")
+            if value is not None:
+                values[name] = (name, value)
+        return cls(**{name: _coerce(name, where, value) for name, (where, value) in values.items()})
+
+    def __post_init__(self) -> None:
+        for name in ("wait_timeout", "lease_ttl", "retry_after"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def _coerce(name: str, where: str, value: Any) -> Any:
+    try:
+        if name == "cache_dir":
+            return Path(value).expanduser()
+        if name == "signing_key":
+            return value if isinstance(value, bytes) else str(value).encode()
+        if name in ("local_budget", "shared_budget"):
+            return parse_size(value, name=where)
+        if name in ("wait_timeout", "lease_ttl", "retry_after"):
+            return float(value)
+        return value
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e

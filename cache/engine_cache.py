@@ -1,0 +1,222 @@
+"""The two-tier engine cache: L1 on this node, L2 shared; get_or_build builds each key once per fleet."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cache.config import CacheConfig
+from cache.errors import LeaseTimeout, StoreUnavailable
+from cache.events import NO_EVENTS, CacheEvents
+from cache.keys import CacheKey
+from cache.locks import BuildLock, backoff
+from cache.manifest import Manifest
+from cache.stores import open_store
+from cache.stores.local import LocalStore
+from cache.tier import Lease, Tier, emit
+
+logger = logging.getLogger(__name__)
+
+Outcome = Literal["built", "local-hit", "shared-hit", "waited"]
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What ``get_or_build`` returns: the blob, how it was obtained, and how long that took."""
+
+    key: CacheKey
+    blob: bytes
+    outcome: Outcome
+    seconds: float
+    manifest: Manifest | None = None
+
+
+class EngineCache:
+    def __init__(
+        self,
+        local: Tier,
+        shared: Tier | None = None,
+        *,
+        wait_timeout: float = 3600.0,
+        lease_ttl: float = 30.0,
+        events: CacheEvents = NO_EVENTS,
+    ) -> None:
+        if not isinstance(local.store, LocalStore):
+            raise ValueError("the L1 tier must be a local directory (it holds the per-node build locks)")
+        self.local = local
+        self.shared = shared
+        self.wait_timeout = wait_timeout
+        self.lease_ttl = lease_ttl
+        self.events = events
+
+    @classmethod
+    def from_config(cls, config: CacheConfig, events: CacheEvents = NO_EVENTS) -> EngineCache:
+        local = Tier(
+            LocalStore(config.cache_dir),
+            "local",
+            budget_bytes=config.local_budget,
+            secret=config.signing_key,
+            events=events,
+            retry_after=config.retry_after,
+        )
+        shared = None
+        if config.shared_url:
+            shared = Tier(
+                open_store(config.shared_url, config.storage_options),
+                "shared",
+                budget_bytes=config.shared_budget,
+                secret=config.signing_key,
+                events=events,
+                retry_after=config.retry_after,
+            )
+        return cls(local, shared, wait_timeout=config.wait_timeout, lease_ttl=config.lease_ttl, events=events)
+
+    @property
+    def tiers(self) -> list[Tier]:
+        return [self.local] if self.shared is None else [self.local, self.shared]
+
+    def get(self, key: CacheKey) -> tuple[bytes, Manifest, str] | None:
+        """L1, then L2 (copying a hit into L1). Returns (blob, manifest, tier name) or None."""
+        found = self.local.lookup(key)
+        if found is not None:
+            emit(self.events, "hit", self.local.name)
+            return found[0], found[1], self.local.name
+        if self.shared is not None:
+            found = self.shared.lookup(key)
+            if found is not None:
+                emit(self.events, "hit", self.shared.name)
+                blob, manifest = found
+                self.local.publish(key, blob, backend=manifest.backend, versions=manifest.versions, meta=manifest.meta)
+                return blob, manifest, self.shared.name
+        return None
+
+    def put(
+        self,
+        key: CacheKey,
+        blob: bytes,
+        *,
+        backend: str = "",
+        versions: Mapping[str, str] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Manifest | None:
+        """Publish to L2 first (other nodes can use it at once), then L1. Store failures are logged."""
+        manifest = None
+        for tier in reversed(self.tiers):
+            manifest = tier.publish(key, blob, backend=backend, versions=versions, meta=meta) or manifest
+        return manifest
+
+    def get_or_build(
+        self,
+        key: CacheKey,
+        build: Callable[[], bytes],
+        *,
+        backend: str = "",
+        versions: Mapping[str, str] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Fetched:
+        """Return the entry for ``key``, building it with ``build()`` only if no process has it.
+
+        On this node a file lock elects one builder; across nodes a lease in the shared store does.
+        Everyone else waits (with backoff, up to ``wait_timeout``) and then reads the published entry.
+        A shared store that fails is skipped: this process then builds locally and still serves.
+        """
+        t0 = time.perf_counter()
+
+        def done(blob: bytes, outcome: Outcome, manifest: Manifest | None) -> Fetched:
+            return Fetched(key, blob, outcome, time.perf_counter() - t0, manifest)
+
+        hit = self.get(key)
+        if hit is not None:
+            return done(hit[0], "local-hit" if hit[2] == self.local.name else "shared-hit", hit[1])
+        emit(self.events, "miss")
+
+        lock = BuildLock(self.local.store.build_lock_path(key.id))  # type: ignore[attr-defined]
+        waited = lock.acquire(self.wait_timeout)
+        lease: Lease | None = None
+        try:
+            if waited:
+                emit(self.events, "waited", time.perf_counter() - t0)
+                hit = self.get(key)
+                if hit is not None:
+                    return done(hit[0], "waited", hit[1])
+            if self.shared is not None and self.shared.available:
+                got = self._lease_or_entry(key, t0)
+                if isinstance(got, Lease):
+                    lease = got
+                elif got is not None:
+                    blob, manifest = got
+                    self.local.publish(
+                        key, blob, backend=manifest.backend, versions=manifest.versions, meta=manifest.meta
+                    )
+                    return done(blob, "waited", manifest)
+            logger.info("building %s entry %s", backend or "cache", key.short)
+            blob = build()
+            if not isinstance(blob, bytes | bytearray | memoryview):
+                raise TypeError(f"the builder must return bytes, got {type(blob).__name__}")
+            blob = bytes(blob)
+            published = self.put(key, blob, backend=backend, versions=versions, meta=meta)
+            return done(blob, "built", published)
+        finally:
+            if lease is not None:
+                lease.release()
+            lock.release()
+
+    def _lease_or_entry(self, key: CacheKey, t0: float) -> Lease | tuple[bytes, Manifest] | None:
+        """Take the shared build lease, or wait until its holder publishes the entry.
+
+        Returns the lease, the published (blob, manifest), or None when the shared store failed
+        (then the caller builds without a lease).
+        """
+        shared = self.shared
+        if shared is None:  # pragma: no cover - guarded by the caller
+            return None
+        seen: bytes | None = None
+        seen_since = time.monotonic()
+        deadline = time.monotonic() + self.wait_timeout
+        waited = False
+        try:
+            for delay in backoff(cap=min(1.0, self.lease_ttl / 4)):
+                lease = shared.try_lease(key.id, self.lease_ttl)
+                if lease is not None:
+                    if waited:
+                        # The holder may have published just before releasing.
+                        found = shared.lookup(key)
+                        if found is not None:
+                            lease.release()
+                            emit(self.events, "hit", shared.name)
+                            return found
+                    return lease
+                if not waited:
+                    waited = True
+                    logger.info("another node is building %s; waiting", key.short)
+                found = shared.lookup(key)
+                if found is not None:
+                    emit(self.events, "waited", time.perf_counter() - t0)
+                    return found
+                if not shared.available:
+                    return None
+                state = shared.lease_state(key.id)
+                now = time.monotonic()
+                if state != seen:
+                    seen, seen_since = state, now
+                elif state is not None and now - seen_since > self.lease_ttl:
+                    logger.warning(
+                        "lease on %s not renewed for %.0fs; taking over the build", key.short, now - seen_since
+                    )
+                    shared.break_lease(key.id, state)
+                    emit(self.events, "lease_takeover")
+                    continue
+                if now > deadline:
+                    raise LeaseTimeout(f"waited {self.wait_timeout:.0f}s for another node to build {key.short}")
+                time.sleep(delay)
+        except StoreUnavailable as e:
+            logger.warning("shared cache failed while waiting for %s; building locally: %s", key.short, e)
+            return None
+        return None  # pragma: no cover
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            tier.store.close()

@@ -1,0 +1,107 @@
+"""Entry manifests: what an entry was built from, what its blob must hash to, and who signed it."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cache.errors import CacheCorrupt
+from cache.keys import CacheKey, canonical_json
+
+FORMAT = 1
+
+
+def producer() -> str:
+    """``host:pid`` of the process writing an entry, for `warmserve cache ls`."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The commit point of an entry: written after its blob, read before it."""
+
+    key_id: str
+    key: Mapping[str, Any]
+    blob_sha256: str
+    size: int
+    created: float
+    producer: str
+    backend: str = ""
+    versions: Mapping[str, str] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    format: int = FORMAT
+    signature: str | None = None
+
+    @classmethod
+    def for_blob(
+        cls,
+        key: CacheKey,
+        blob: bytes | memoryview,
+        *,
+        backend: str = "",
+        versions: Mapping[str, str] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Manifest:
+        return cls(
+            key_id=key.id,
+            key=key.doc,
+            blob_sha256=hashlib.sha256(blob).hexdigest(),
+            size=len(blob),
+            created=time.time(),
+            producer=producer(),
+            backend=backend,
+            versions=dict(versions or {}),
+            meta=dict(meta or {}),
+        )
+
+    def _signed_part(self) -> bytes:
+        doc = asdict(self)
+        doc.pop("signature")
+        return canonical_json(doc)
+
+    def signed(self, secret: bytes) -> Manifest:
+        """A copy carrying an HMAC-SHA256 over every field, the blob's digest and size included."""
+        mac = hmac.new(secret, self._signed_part(), hashlib.sha256).hexdigest()
+        return Manifest(**{**asdict(self), "signature": mac})
+
+    def check_signature(self, secret: bytes | None) -> None:
+        """Raise ``CacheCorrupt`` unless the signature is valid; with no secret, any entry passes."""
+        if secret is None:
+            return
+        if not self.signature:
+            raise CacheCorrupt(f"entry {self.key_id[:12]} is unsigned and signing is on", reason="unsigned")
+        want = hmac.new(secret, self._signed_part(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(want, self.signature):
+            raise CacheCorrupt(f"entry {self.key_id[:12]} has a bad signature", reason="signature")
+
+    def check_blob(self, blob: bytes | memoryview) -> None:
+        if len(blob) != self.size:
+            raise CacheCorrupt(
+                f"entry {self.key_id[:12]}: blob is {len(blob)} bytes, manifest says {self.size}", reason="size"
+            )
+        if hashlib.sha256(blob).hexdigest() != self.blob_sha256:
+            raise CacheCorrupt(f"entry {self.key_id[:12]}: blob sha256 does not match", reason="digest")
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict):
+                raise TypeError("manifest is not a JSON object")
+            if doc.get("format") != FORMAT:
+                raise CacheCorrupt(f"manifest format {doc.get('format')!r} is not {FORMAT}", reason="format")
+            return cls(**doc)
+        except CacheCorrupt:
+            raise
+        except (ValueError, TypeError) as e:
+            raise CacheCorrupt(f"unreadable manifest: {e}", reason="manifest") from e

@@ -1,0 +1,1 @@
+"""Ray Serve applications and the `warmserve` command line."""

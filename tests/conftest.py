@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import SeaweedFS, seaweedfs
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        server.make_bucket("warmserve")
+        yield server
+
+
+@pytest.fixture
+def s3_url(s3_server: SeaweedFS) -> str:
+    """A fresh prefix per test in the one bucket (each SeaweedFS bucket reserves its own volumes)."""
+    return f"s3://warmserve/t{os.getpid()}-{next(_prefixes)}"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for var in list(os.environ):
+        if var.startswith("WARMSERVE_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))

