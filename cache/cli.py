@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cache = EngineCache.from_config(config_from_args(args))
         return _run(args, cache)
-    except CacheError as e:
+    except (CacheError, ValueError) as e:  # CacheError covers bad keys, stores, corrupt entries
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -87,4 +87,6 @@ def _coerce(name: str, where: str, value: Any) -> Any:
             return float(value)
         return value
     except ValueError as e:
+        if str(e).startswith(where):
+            raise
         raise ValueError(f"{where}: {e}") from e

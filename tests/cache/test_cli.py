@@ -1,0 +1,76 @@
+"""`warmserve cache ...` as a user runs it: a real subprocess, table and JSON output, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from cache.tier import _entry
+from tests.cache.helpers import key, make_cache
+
+
+def warmserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deployments.cli", *args], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def test_ls_stats_verify_evict_gc(tmp_path: Path) -> None:
+    cache, _ = make_cache(tmp_path)
+    for n in range(3):
+        cache.get_or_build(key(n), lambda n=n: b"e" * (1000 + n), backend="aoti")
+    d = ["--cache-dir", str(tmp_path)]
+
+    ls = warmserve("cache", "ls", *d)
+    assert ls.returncode == 0, ls.stderr
+    assert "TIER" in ls.stdout and ls.stdout.count("aoti") == 3
+
+    rows = json.loads(warmserve("cache", "ls", *d, "--json").stdout)
+    assert {r["key"] for r in rows} == {key(n).id for n in range(3)}
+    assert all(r["backend"] == "aoti" and r["problem"] is None for r in rows)
+
+    stats = json.loads(warmserve("cache", "stats", *d, "--json").stdout)
+    assert stats["local"]["entries"] == 3 and stats["local"]["bytes"] > 3000
+
+    ok = warmserve("cache", "verify", *d)
+    assert ok.returncode == 0 and "3 of 3 entries ok" in ok.stdout
+
+    # Flip one byte of one blob: verify names it and exits 1.
+    store = cache.local.store
+    blob = next(n for n in store.listdir(_entry(key(1).id)) if n.startswith("blob-"))
+    data = bytearray(store.read(_entry(key(1).id, blob)))
+    data[0] ^= 0xFF
+    store.write(_entry(key(1).id, blob), bytes(data))
+    bad = warmserve("cache", "verify", *d, "--json")
+    assert bad.returncode == 1
+    assert [r["key"] for r in json.loads(bad.stdout) if not r["ok"]] == [key(1).id]
+
+    ev = warmserve("cache", "evict", *d, "--key", key(1).id)
+    assert ev.returncode == 0 and "removed 1" in ev.stdout
+    assert warmserve("cache", "verify", *d).returncode == 0
+
+    gc = json.loads(warmserve("cache", "gc", *d, "--json", "--older-than", "0").stdout)
+    assert gc[0]["tier"] == "local"
+    assert warmserve("cache", "evict", *d, "--all").returncode == 0
+    assert json.loads(warmserve("cache", "stats", *d, "--json").stdout)["local"]["entries"] == 0
+
+
+def test_bad_input_gets_a_clear_error(tmp_path: Path) -> None:
+    d = ["--cache-dir", str(tmp_path)]
+    r = warmserve("cache", "evict", *d, "--key", "../../etc/passwd")
+    assert r.returncode == 2 and "not a cache key id" in r.stderr
+    r = warmserve("cache", "ls", *d, "--tier", "shared")
+    assert r.returncode != 0 and "--shared-cache" in r.stderr
+    r = warmserve("cache", "ls", *d, "--shared-cache", "nosuchproto://x/y")
+    assert r.returncode == 2 and "nosuchproto" in r.stderr
+    r = warmserve("cache", "ls", env={"WARMSERVE_CACHE_BUDGET": "lots", "PATH": "/usr/bin"})
+    assert r.returncode == 2 and "WARMSERVE_CACHE_BUDGET" in r.stderr
+
+
+def test_help_answers() -> None:
+    r = warmserve("--help")
+    assert r.returncode == 0 and "cache" in r.stdout
+    r = warmserve("cache", "evict", "--help")
+    assert r.returncode == 0 and "--to-budget" in r.stdout
