@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from cache import cli as cache_cli
+from serve import cli as serve_cli
 
 
 def parser() -> argparse.ArgumentParser:
@@ -18,6 +19,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cache_cli.add_parser(sub)
+    serve_cli.add_parser(sub)
     return p
 
 

@@ -1,0 +1,51 @@
+"""Backend registry: names to classes, imported lazily; ``auto`` picks the best one that runs here."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from serve.backends.base import Backend, Engine
+from serve.errors import BackendUnavailable
+
+REGISTRY = {
+    "tensorrt": "serve.backends.tensorrt:TensorRTBackend",
+    "aoti": "serve.backends.aoti:AOTIBackend",
+    "inductor": "serve.backends.inductor:InductorBackend",
+    "eager": "serve.backends.eager:EagerBackend",
+}
+NAMES = ("auto", *REGISTRY)
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name not in REGISTRY:
+        raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    module, _, cls = REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+
+
+def auto_order(device: torch.device) -> list[str]:
+    """Preference for ``auto``: TensorRT on a GPU that has it; else Inductor on CUDA (AOTI packages
+    would not load on the torch 2.11 CUDA image we measured) and AOTInductor on the CPU."""
+    if device.type == "cuda":
+        return ["tensorrt", "inductor", "aoti", "eager"]
+    return ["aoti", "inductor", "eager"]
+
+
+def resolve(name: str, device: torch.device) -> type[Backend]:
+    """The backend class for ``name`` (or the first usable one for ``auto``); a clear error if it cannot run."""
+    if name != "auto":
+        cls = backend_class(name)
+        reason = cls.unavailable(device)
+        if reason:
+            raise BackendUnavailable(f"backend {name!r} cannot run on {device}: {reason}")
+        return cls
+    for candidate in auto_order(device):
+        cls = backend_class(candidate)
+        if cls.unavailable(device) is None:
+            return cls
+    raise BackendUnavailable(f"no backend can run on {device}")  # pragma: no cover - eager always can
+
+
+__all__ = ["NAMES", "Backend", "Engine", "backend_class", "resolve"]

@@ -1,0 +1,67 @@
+"""The compile-backend seam: compile to an artifact, load an artifact, refit a loaded engine."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from serve.spec import InputSpec
+
+
+class Engine(ABC):
+    """A loaded, runnable model. ``__call__`` takes a batch on the engine's device."""
+
+    @abstractmethod
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def refit(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace every weight in place with the tensors of ``state`` (already validated)."""
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    #: "standby": a hot swap loads a second engine, refits it, then switches the reference (no request
+    #: waits). "in-place": the engine is refitted inside an exclusive section (requests wait briefly).
+    swap: ClassVar[Literal["standby", "in-place"]] = "standby"
+    #: False for backends without an artifact (eager): the worker skips the cache.
+    cacheable: ClassVar[bool] = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @classmethod
+    def unavailable(cls, device: torch.device) -> str | None:
+        """Why this backend cannot run on ``device`` (with what to install), or None if it can."""
+        return None
+
+    def settings(self) -> dict[str, Any]:
+        """Compile settings that change the artifact: part of the cache key."""
+        return {}
+
+    def versions(self) -> dict[str, str]:
+        """Library versions the artifact is tied to: part of the cache key."""
+        return {"torch": torch.__version__}
+
+    @abstractmethod
+    def compile(self, model: nn.Module, spec: InputSpec) -> bytes:
+        """Compile ``model`` (weights already on ``self.device``) for ``spec`` and return the artifact."""
+
+    @abstractmethod
+    def load(self, artifact: bytes, model: nn.Module, spec: InputSpec) -> Engine:
+        """Load an artifact. Its weights are unspecified until the caller refits it."""
+
+
+def device_doc(device: torch.device) -> dict[str, Any]:
+    """The hardware an artifact is tied to: part of the cache key."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "sm": f"{major}.{minor}"}
+    import platform
+
+    # The vector ISA decides which instructions compiled CPU code uses (AVX2, AVX512...).
+    return {"type": device.type, "arch": platform.machine(), "isa": torch.backends.cpu.get_cpu_capability()}

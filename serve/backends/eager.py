@@ -1,0 +1,37 @@
+"""Plain PyTorch: no compile, the baseline every compiled backend is measured against."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from serve.backends.base import Backend, Engine
+from serve.spec import InputSpec
+
+
+class EagerEngine(Engine):
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)  # type: ignore[no-any-return]
+
+    @torch.inference_mode()
+    def refit(self, state: Mapping[str, torch.Tensor]) -> None:
+        # copy_ keeps the live tensors' storage (and device); load_state_dict validates names.
+        self.model.load_state_dict(dict(state), strict=True)
+
+
+class EagerBackend(Backend):
+    name = "eager"
+    swap = "in-place"
+    cacheable = False
+
+    def compile(self, model: nn.Module, spec: InputSpec) -> bytes:
+        return b""
+
+    def load(self, artifact: bytes, model: nn.Module, spec: InputSpec) -> Engine:
+        return EagerEngine(model)

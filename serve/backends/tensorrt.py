@@ -1,0 +1,150 @@
+"""Torch-TensorRT: an exported program compiled into refittable TensorRT engines, cached per subgraph.
+
+Written to the documented API of torch-tensorrt 2.11 and 2.13+; type-checked against both sources.
+It cannot run on machines without TensorRT: tests/gpu/ exercises it where TensorRT exists.
+Pitfalls handled here: caching is off unless ``immutable_weights=False``; unknown keyword arguments are
+silently dropped upstream (so every keyword is checked against the installed signature first); a failed
+refit verification is only logged upstream (the worker checks outputs itself after every refit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from cache.engine_cache import EngineCache
+from serve.backends.aoti import export
+from serve.backends.base import Backend, Engine
+from serve.errors import BackendUnavailable
+from serve.spec import InputSpec
+
+logger = logging.getLogger(__name__)
+
+COMPILE_SETTINGS: dict[str, Any] = {
+    "immutable_weights": False,  # refittable engines; without it the engine cache is silently off
+    "cache_built_engines": True,
+    "reuse_cached_engines": True,
+    "min_block_size": 1,
+    "optimization_level": 3,
+}
+
+
+def checked_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Refuse keywords the installed ``torch_tensorrt.dynamo.compile`` would silently ignore."""
+    import torch_tensorrt
+    from torch_tensorrt.dynamo import CompilationSettings
+
+    params = inspect.signature(torch_tensorrt.dynamo.compile).parameters
+    known = set(params) | {f.name for f in dataclasses.fields(CompilationSettings)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise BackendUnavailable(
+            f"torch_tensorrt {torch_tensorrt.__version__} does not accept {unknown}; they would be silently ignored"
+        )
+    return dict(kwargs)
+
+
+def trt_input(spec: InputSpec) -> Any:
+    import torch_tensorrt
+
+    return torch_tensorrt.Input(
+        min_shape=(spec.min_batch, *spec.shape),
+        opt_shape=(spec.export_batch, *spec.shape),
+        max_shape=(spec.max_batch, *spec.shape),
+        dtype=spec.torch_dtype,
+    )
+
+
+class TensorRTEngine(Engine):
+    def __init__(self, module: Any, model: nn.Module, spec: InputSpec, device: torch.device) -> None:
+        self.module = module
+        self.model = model
+        self.spec = spec
+        self.device = device
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(x)
+        return out[0] if isinstance(out, list | tuple) else out  # type: ignore[no-any-return]
+
+    def refit(self, state: Mapping[str, torch.Tensor]) -> None:
+        from torch_tensorrt.dynamo import refit_module_weights
+
+        with torch.no_grad():
+            self.model.load_state_dict(dict(state), strict=True)
+        program = export(self.model, self.spec, self.device)
+        # Modules from torch_tensorrt.load are "inline": in_place=True is refused upstream, so swap in the copy.
+        self.module = refit_module_weights(
+            self.module,
+            program,
+            arg_inputs=[self.spec.example(device=self.device)],
+            verify_output=False,  # upstream only logs a mismatch; the worker compares with eager itself
+            in_place=False,
+        )
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(self, device: torch.device, cache: EngineCache | None = None) -> None:
+        super().__init__(device)
+        self.cache = cache
+
+    @classmethod
+    def unavailable(cls, device: torch.device) -> str | None:
+        if device.type != "cuda":
+            return "the tensorrt backend needs a CUDA GPU"
+        try:
+            import torch_tensorrt  # noqa: F401
+        except Exception as e:  # torch_tensorrt raises a bare Exception when libnvinfer is missing
+            return f"torch_tensorrt cannot be imported ({str(e)[:200]}); install warmserve[tensorrt] on a TensorRT host"
+        return None
+
+    def settings(self) -> dict[str, Any]:
+        return dict(COMPILE_SETTINGS)
+
+    def versions(self) -> dict[str, str]:
+        import tensorrt
+        import torch_tensorrt
+
+        return {
+            "torch": torch.__version__,
+            "torch_tensorrt": torch_tensorrt.__version__,
+            "tensorrt": str(tensorrt.__version__),
+        }
+
+    def compile(self, model: nn.Module, spec: InputSpec) -> bytes:
+        import torch_tensorrt
+
+        kwargs = dict(COMPILE_SETTINGS)
+        if self.cache is not None:
+            from cache.trt import engine_cache_adapter
+
+            kwargs["custom_engine_cache"] = engine_cache_adapter(self.cache, extra={"input": spec.doc()})
+        program = export(model, spec, self.device)
+        module = torch_tensorrt.dynamo.compile(
+            program, arg_inputs=[trt_input(spec)], device=self.device, **checked_kwargs(kwargs)
+        )
+        with tempfile.TemporaryDirectory(prefix="warmserve-trt-") as tmp:
+            path = os.path.join(tmp, "model.ep")
+            torch_tensorrt.save(module, path, output_format="exported_program", arg_inputs=[trt_input(spec)])
+            with open(path, "rb") as f:
+                return f.read()
+
+    def load(self, artifact: bytes, model: nn.Module, spec: InputSpec) -> Engine:
+        import torch_tensorrt
+
+        with tempfile.TemporaryDirectory(prefix="warmserve-trt-") as tmp:
+            path = os.path.join(tmp, "model.ep")
+            with open(path, "wb") as f:
+                f.write(artifact)
+            program = torch_tensorrt.load(path)
+        return TensorRTEngine(program.module(), model, spec, self.device)

@@ -1,0 +1,124 @@
+"""Read weights (safetensors or a torch state dict, from a path or fsspec URL), validate them, make demo ones."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cache.atomic import atomic_write
+from serve.errors import WeightsError
+
+logger = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _read_bytes(uri: str) -> bytes:
+    if "://" not in uri or uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://")).expanduser()
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise WeightsError(f"cannot read weights {uri}: {e.strerror or e}") from e
+    try:
+        import fsspec
+
+        with fsspec.open(uri, "rb") as f:
+            return bytes(f.read())
+    except Exception as e:  # any fsspec backend error: the message names the URL
+        raise WeightsError(f"cannot read weights {uri}: {type(e).__name__}: {e}") from e
+
+
+def load_weights(uri: str) -> StateDict:
+    """A state dict from ``.safetensors`` (preferred) or a ``torch.save`` file; nothing is unpickled."""
+    data = _read_bytes(uri)
+    if uri.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        try:
+            return dict(load(data))
+        except (SafetensorError, ValueError, RuntimeError) as e:
+            raise WeightsError(f"{uri} is not a valid safetensors file: {e}") from e
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise WeightsError(f"{uri} is neither safetensors nor a torch state dict: {type(e).__name__}: {e}") from e
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{uri} does not hold a flat state dict of tensors")
+    return {str(k): v for k, v in obj.items()}
+
+
+def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes the model's state dict must have."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def validate(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """Raise ``WeightsError`` listing every problem: missing/unexpected keys, shapes, dtypes, NaN/inf."""
+    problems: list[str] = []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(
+            f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    for name, (shape, dtype) in expected.items():
+        t = state.get(name)
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            problems.append(f"{name}: shape {tuple(t.shape)}, model needs {shape}")
+        elif t.dtype != dtype:
+            problems.append(f"{name}: dtype {t.dtype}, model needs {dtype}")
+        elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            problems.append(f"{name}: contains NaN or inf")
+    if problems:
+        raise WeightsError("weights do not fit the model: " + "; ".join(problems[:10]))
+
+
+def demo_weights(model: nn.Module, seed: int = 0) -> StateDict:
+    """Seeded random weights of the right shapes (the embedded default: no model hub is reachable)."""
+    g = torch.Generator().manual_seed(seed)
+    out: StateDict = {}
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point():
+            out[name] = torch.zeros(t.shape, dtype=t.dtype)
+        elif name.endswith("running_var"):
+            out[name] = torch.rand(t.shape, generator=g) * 0.5 + 0.75
+        elif name.endswith("running_mean") or name.endswith("bias"):
+            out[name] = torch.randn(t.shape, generator=g) * 0.01
+        elif t.dim() <= 1:  # norm scales
+            out[name] = torch.rand(t.shape, generator=g) * 0.5 + 0.75
+        else:
+            fan_in = max(1, math.prod(t.shape[1:]))
+            out[name] = torch.randn(t.shape, generator=g) * math.sqrt(2.0 / fan_in)
+        out[name] = out[name].to(t.dtype)
+    return out
+
+
+def save_weights(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Write a safetensors file atomically."""
+    from safetensors.torch import save
+
+    atomic_write(path, save({k: v.detach().contiguous().cpu() for k, v in state.items()}))
+
+
+def ensure_demo_weights(model_spec: str, model: nn.Module, directory: Path, seed: int = 0) -> str:
+    """Path of the demo weights for ``model_spec``, written once (atomically) on first use."""
+    name = model_spec.replace(":", "-").replace("/", "_")
+    path = directory / f"demo-{name}-seed{seed}.safetensors"
+    if not path.exists():
+        logger.info("writing seeded demo weights to %s", path)
+        save_weights(demo_weights(model, seed), path)
+    return str(path)

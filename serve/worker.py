@@ -1,0 +1,400 @@
+"""The worker: warm-start an engine from the cache, serve batches, swap weights without a rebuild."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cache.config import CacheConfig
+from cache.engine_cache import EngineCache
+from cache.keys import CacheKey
+from serve import backends
+from serve.backends.base import Backend, Engine, device_doc
+from serve.errors import InputError, NotReady, RefitError, WeightsError
+from serve.metrics import Metrics, MetricsCacheEvents
+from serve.model import architecture_doc, build_model, class_names
+from serve.rwlock import RWLock
+from serve.spec import ModelSpec
+from serve.weights import StateDict, ensure_demo_weights, expected_tensors, load_weights, validate
+
+logger = logging.getLogger(__name__)
+
+KEY_FORMAT = 1
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; use cpu or auto")
+    return d
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.float()
+    scale = float(want.abs().max().clamp_min(1e-12))
+    return float((got.float() - want).abs().max()) / scale
+
+
+class Steps:
+    """Seconds per named step, in order."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t0, 4)
+
+
+@dataclass(frozen=True)
+class StartReport:
+    """How a worker became ready: ``outcome`` is built, local-hit, shared-hit, waited or uncached."""
+
+    model: str
+    backend: str
+    device: str
+    key: str
+    outcome: str
+    seconds: float
+    steps: dict[str, float]
+    weights_version: str
+    probe_error: float | None = None
+    total_seconds: float = 0.0  # including building the module and reading weights
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SwapReport:
+    ok: bool
+    version: str
+    previous: str
+    seconds: float
+    steps: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    probe_error: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Live:
+    engine: Engine
+    version: str
+
+
+class Worker:
+    """One model on one device. ``start()`` once, then ``infer()`` from any number of threads."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        backend: str = "auto",
+        device: str = "auto",
+        cache: EngineCache | None = None,
+        cache_config: CacheConfig | None = None,
+        metrics: Metrics | None = None,
+        verify: bool = True,
+        tolerance: float | None = None,
+    ) -> None:
+        self.spec = spec
+        self.device = pick_device(device)
+        self.backend_cls = backends.resolve(backend, self.device)
+        self.metrics = metrics or Metrics()
+        self.cache_config = cache_config or CacheConfig.load()
+        events = MetricsCacheEvents(self.metrics, self.backend_cls.name)
+        self.cache = cache or EngineCache.from_config(self.cache_config, events)
+        self.backend: Backend = self._make_backend()
+        self.verify = verify
+        self.tolerance = tolerance if tolerance is not None else (1e-3 if spec.precision == "fp32" else 3e-2)
+        self.report: StartReport | None = None
+        self.labels: list[str] = []
+        self._live: _Live | None = None
+        self._rw = RWLock()
+        self._swap_lock = threading.Lock()
+        self._artifact = b""
+        self._expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.model: nn.Module | None = None
+
+    def _make_backend(self) -> Backend:
+        if self.backend_cls.name == "tensorrt":
+            from serve.backends.tensorrt import TensorRTBackend
+
+            return TensorRTBackend(self.device, cache=self.cache)
+        return self.backend_cls(self.device)
+
+    # -- start-up ---------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._live is not None
+
+    @property
+    def version(self) -> str | None:
+        live = self._live
+        return live.version if live else None
+
+    def key_for(self, model: nn.Module) -> CacheKey:
+        """Weight-agnostic: architecture, input spec, precision, backend settings, device and versions."""
+        return CacheKey.from_doc(
+            {
+                "format": KEY_FORMAT,
+                "backend": self.backend.name,
+                "settings": self.backend.settings(),
+                "architecture": architecture_doc(model),
+                "input": self.spec.input.doc(),
+                "precision": self.spec.precision,
+                "device": device_doc(self.device),
+                "versions": self.backend.versions(),
+            }
+        )
+
+    def _weights_uri(self, model: nn.Module) -> str:
+        if self.spec.weights:
+            return self.spec.weights
+        return ensure_demo_weights(self.spec.model, model, Path(self.cache_config.cache_dir) / "weights")
+
+    def _prepare(self, state: Mapping[str, torch.Tensor]) -> StateDict:
+        """Validated weights, cast to the serving precision, on the device."""
+        validate(state, self._expected)
+        dtype = self.spec.torch_dtype
+        return {
+            k: (v.to(device=self.device, dtype=dtype) if v.is_floating_point() else v.to(self.device))
+            for k, v in state.items()
+        }
+
+    def _reference(self, state: StateDict) -> nn.Module:
+        """An eager model sharing ``state``'s tensors (no copy), for probe comparisons."""
+        model = build_model(self.spec.model, meta=True)
+        model.load_state_dict(state, assign=True)
+        return model.eval()
+
+    def _probe(self, engine: Engine, state: StateDict) -> float:
+        x = self.spec.input.example(device=self.device, seed=1234)
+        with torch.inference_mode():
+            got = engine(x)
+            want = self._reference(state)(x)
+        return relative_error(got, want)
+
+    def start(self) -> StartReport:
+        """Fingerprint, get the artifact from the cache (or build it once), load, refit, verify: ready."""
+        t0 = time.perf_counter()
+        steps = Steps()
+        name = self.backend.name
+        with steps("model"):
+            model = build_model(self.spec.model, meta=True)
+            self._expected = expected_tensors(model)
+        with steps("weights"):
+            state = load_weights(self._weights_uri(model))
+            validate(state, self._expected)
+            model.load_state_dict(state, assign=True)
+            model = model.to(device=self.device, dtype=self.spec.torch_dtype).eval()
+            live_state = self._prepare(state)
+        t_key = time.perf_counter()
+        with steps("fingerprint"):
+            key = self.key_for(model)
+        versions = self.backend.versions()
+
+        def build() -> bytes:
+            logger.info("compiling %s with %s (key %s); this can take minutes", self.spec.model, name, key.short)
+            tb = time.perf_counter()
+            artifact = self.backend.compile(model, self.spec.input)
+            self.metrics.observe("warmserve_compile_seconds", time.perf_counter() - tb, backend=name)
+            return artifact
+
+        with steps("cache"):
+            if self.backend.cacheable:
+                fetched = self.cache.get_or_build(
+                    key, build, backend=name, versions=versions, meta={"model": self.spec.model}
+                )
+                outcome: str = fetched.outcome
+                artifact = fetched.blob
+            else:
+                outcome, artifact = "uncached", b""
+        with steps("load"):
+            engine = self.backend.load(artifact, model, self.spec.input)
+        self.metrics.observe("warmserve_engine_load_seconds", steps.seconds["load"], backend=name)
+        with steps("refit"):
+            if self.backend.cacheable:
+                engine.refit(live_state)
+        self.metrics.observe("warmserve_refit_seconds", steps.seconds["refit"], backend=name)
+        probe = None
+        if self.verify and self.backend.cacheable:
+            with steps("verify"):
+                probe = self._probe(engine, live_state)
+            if probe > self.tolerance:
+                raise RefitError(
+                    f"{name} engine disagrees with eager after refit "
+                    f"(relative error {probe:.2e} > {self.tolerance:.0e})"
+                )
+        with torch.inference_mode():
+            num_outputs = int(engine(self.spec.input.example(device=self.device)).shape[-1])
+        self.labels = class_names(self.spec.model, num_outputs)
+        self.model = model
+        self._artifact = artifact
+        self._live = _Live(engine, self.spec.weights_version)
+        seconds = time.perf_counter() - t_key  # fingerprint to a refitted, runnable engine
+        total = time.perf_counter() - t0
+        self.metrics.observe("warmserve_warm_start_seconds", total, path=outcome)
+        self.metrics.set("warmserve_weights_version_info", 1, version=self.spec.weights_version)
+        self.report = StartReport(
+            model=self.spec.model,
+            backend=name,
+            device=str(self.device),
+            key=key.id,
+            outcome=outcome,
+            seconds=round(seconds, 4),
+            steps=steps.seconds,
+            weights_version=self.spec.weights_version,
+            probe_error=probe,
+            total_seconds=round(total, 4),
+        )
+        logger.info("ready: %s via %s in %.2fs (%s)", self.spec.model, outcome, total, steps.seconds)
+        return self.report
+
+    # -- serving ----------------------------------------------------------------------------------
+    def check_input(self, x: Any) -> torch.Tensor:
+        spec = self.spec.input
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"expected a tensor, got {type(x).__name__}")
+        if x.dim() != len(spec.shape) + 1 or tuple(x.shape[1:]) != spec.shape:
+            raise InputError(f"expected shape [batch, {', '.join(map(str, spec.shape))}], got {list(x.shape)}")
+        if x.shape[0] < 1:
+            raise InputError("empty batch")
+        if x.dtype != spec.torch_dtype:
+            raise InputError(f"expected dtype {spec.dtype}, got {str(x.dtype).removeprefix('torch.')}")
+        return x
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Run a batch of any size (split or padded to the engine's range); returns CPU outputs."""
+        return self.infer_versioned(x)[0]
+
+    def infer_versioned(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """``infer``, also returning the weights version that produced every row of the output."""
+        x = self.check_input(x)
+        spec = self.spec.input
+        outs = []
+        t0 = time.perf_counter()
+        # One read section for all chunks: a swap lands before or after the whole batch, never inside it.
+        with self._rw.read():
+            live = self._live
+            if live is None:
+                raise NotReady("the model is still loading")
+            for chunk in torch.split(x, spec.max_batch):
+                n = chunk.shape[0]
+                if n < spec.min_batch:
+                    chunk = torch.cat([chunk, chunk[-1:].expand(spec.min_batch - n, *chunk.shape[1:])])
+                out = live.engine(chunk.to(self.device, non_blocking=True))
+                outs.append(out[:n].float().cpu())
+        self.metrics.observe("warmserve_inference_seconds", time.perf_counter() - t0, backend=self.backend.name)
+        self.metrics.inc("warmserve_inference_items", x.shape[0], backend=self.backend.name)
+        return torch.cat(outs), live.version
+
+    # -- weight swaps -----------------------------------------------------------------------------
+    def swap_weights(self, weights: str | Mapping[str, torch.Tensor], version: str) -> SwapReport:
+        """Validate, refit (a standby engine, or the live one in an exclusive section), verify, switch.
+
+        Never raises for bad weights: the report says why, and the old version keeps serving.
+        """
+        t0 = time.perf_counter()
+        steps = Steps()
+        name = self.backend.name
+        with self._swap_lock:
+            live = self._live
+            if live is None:
+                raise NotReady("start() the worker before swapping weights")
+            previous = live.version
+            try:
+                with steps("read"):
+                    state = load_weights(weights) if isinstance(weights, str) else dict(weights)
+                with steps("validate"):
+                    new_state = self._prepare(state)
+                probe: float | None = None
+                if self.backend.swap == "standby":
+                    with steps("load"):
+                        engine = self.backend.load(self._artifact, self._require_model(), self.spec.input)
+                    with steps("refit"):
+                        engine.refit(new_state)
+                    if self.verify:
+                        with steps("verify"):
+                            probe = self._check_probe(engine, new_state)
+                    with steps("switch"), self._rw.write():
+                        self._live = _Live(engine, version)
+                else:
+                    old_state = {k: v.detach().clone() for k, v in self._require_model().state_dict().items()}
+                    with steps("exclusive"), self._rw.write():
+                        live.engine.refit(new_state)
+                        try:
+                            if self.verify:
+                                probe = self._check_probe(live.engine, new_state)
+                        except RefitError:
+                            live.engine.refit(old_state)
+                            raise
+                        self._live = _Live(live.engine, version)
+            except (WeightsError, RefitError) as e:
+                self.metrics.inc("warmserve_weight_swaps", result="rejected")
+                logger.warning("weights %s rejected; still serving %s: %s", version, previous, e)
+                return SwapReport(False, previous, previous, time.perf_counter() - t0, steps.seconds, str(e))
+            except Exception as e:  # a backend failure: keep serving, report it
+                self.metrics.inc("warmserve_weight_swaps", result="failed")
+                logger.exception("swap to %s failed; still serving %s", version, previous)
+                return SwapReport(
+                    False, previous, previous, time.perf_counter() - t0, steps.seconds, f"{type(e).__name__}: {e}"
+                )
+        self.metrics.observe(
+            "warmserve_refit_seconds", steps.seconds.get("refit", steps.seconds.get("exclusive", 0)), backend=name
+        )
+        self.metrics.inc("warmserve_weight_swaps", result="ok")
+        self.metrics.set("warmserve_weights_version_info", 0, version=previous)
+        self.metrics.set("warmserve_weights_version_info", 1, version=version)
+        logger.info("now serving weights %s (was %s) after %.3fs", version, previous, time.perf_counter() - t0)
+        return SwapReport(True, version, previous, round(time.perf_counter() - t0, 4), steps.seconds, None, probe)
+
+    def _check_probe(self, engine: Engine, state: StateDict) -> float:
+        probe = self._probe(engine, state)
+        if probe > self.tolerance:
+            raise RefitError(
+                f"refitted engine disagrees with eager (relative error {probe:.2e} > {self.tolerance:.0e})"
+            )
+        return probe
+
+    def _require_model(self) -> nn.Module:
+        if self.model is None:
+            raise NotReady("start() the worker first")
+        return self.model
+
+    def describe(self) -> dict[str, Any]:
+        """Model metadata, as the HTTP layer and `warmserve build --json` show it."""
+        spec = self.spec
+        return {
+            "name": spec.name,
+            "model": spec.model,
+            "backend": self.backend.name,
+            "device": str(self.device),
+            "weights_version": self.version,
+            "input": {
+                "shape": [-1, *spec.input.shape],
+                "dtype": spec.input.dtype,
+                "batch": [spec.input.min_batch, spec.input.max_batch],
+            },
+            "outputs": len(self.labels),
+            "ready": self.ready,
+            "start": self.report.to_dict() if self.report else None,
+        }

@@ -1,0 +1,31 @@
+"""Small models for fast tests (referenced as ``tests.serve.models:tiny_cnn``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, width: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def tiny_cnn() -> nn.Module:
+    return TinyCNN()
+
+
+def tiny_cnn_wide() -> nn.Module:
+    """Another architecture: same code, other hyper-parameters."""
+    return TinyCNN(width=12)
+
+
+def not_a_module() -> object:
+    return object()

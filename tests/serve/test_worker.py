@@ -1,0 +1,183 @@
+"""The worker on real compilers: warm start from the cache, refit correctness, keys, hot swap under load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from cache import CacheConfig
+from serve.errors import BackendUnavailable, InputError
+from serve.metrics import Metrics, PrometheusSink
+from serve.model import build_model
+from serve.spec import InputSpec
+from serve.weights import demo_weights, save_weights
+from serve.worker import Worker
+from tests.serve.conftest import tiny_spec
+
+pytestmark = pytest.mark.usefixtures("inductor_cache")
+
+
+def eager_output(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    model = build_model("tests.serve.models:tiny_cnn")
+    model.load_state_dict(state)
+    with torch.inference_mode():
+        return model(x)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def aoti_cache(tmp_path_factory: pytest.TempPathFactory, inductor_cache: Path) -> CacheConfig:
+    """A cache holding the tiny model's AOTI artifact, built once for this module."""
+    config = CacheConfig.load(environ={}, cache_dir=tmp_path_factory.mktemp("aoti-cache"))
+    report = Worker(tiny_spec(), backend="aoti", cache_config=config).start()
+    assert report.outcome == "built"
+    return config
+
+
+def test_second_process_warm_starts_from_the_cache(aoti_cache: CacheConfig, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deployments.cli",
+            "build",
+            "tests.serve.models:tiny_cnn",
+            "--backend",
+            "aoti",
+            "--input-shape",
+            "3,16,16",
+            "--batch",
+            "1:8",
+            "--cache-dir",
+            str(aoti_cache.cache_dir),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cold")},
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["outcome"] == "local-hit" and report["backend"] == "aoti"
+    assert {"key", "seconds", "steps"} <= set(report)
+    assert report["probe_error"] < 1e-5
+
+
+def test_refit_matches_eager_with_new_weights(aoti_cache: CacheConfig, tmp_path: Path) -> None:
+    state = demo_weights(build_model("tests.serve.models:tiny_cnn"), seed=42)
+    save_weights(state, tmp_path / "new.safetensors")
+    worker = Worker(tiny_spec(weights=str(tmp_path / "new.safetensors")), backend="aoti", cache_config=aoti_cache)
+    report = worker.start()
+    assert report.outcome == "local-hit"  # same architecture, other weights: hit + refit, no compile
+    for batch in (1, 5):  # 5 was never seen at export (which traced batch 2)
+        x = torch.randn(batch, 3, 16, 16)
+        assert rel_err(worker.infer(x), eager_output(state, x)) < 1e-5
+
+
+def test_keys_change_with_architecture_and_batch_range(aoti_cache: CacheConfig) -> None:
+    base = Worker(tiny_spec(), backend="aoti", cache_config=aoti_cache)
+    model = build_model("tests.serve.models:tiny_cnn")
+    other_weights = build_model("tests.serve.models:tiny_cnn")
+    assert base.key_for(model) == base.key_for(other_weights)
+    wide = Worker(tiny_spec(model="tests.serve.models:tiny_cnn_wide"), backend="aoti", cache_config=aoti_cache)
+    assert wide.key_for(build_model("tests.serve.models:tiny_cnn_wide")).id != base.key_for(model).id
+    batch = Worker(
+        tiny_spec(input=InputSpec(shape=(3, 16, 16), min_batch=1, max_batch=16)),
+        backend="aoti",
+        cache_config=aoti_cache,
+    )
+    assert batch.key_for(model).id != base.key_for(model).id
+    eager = Worker(tiny_spec(), backend="eager", cache_config=aoti_cache)
+    assert eager.key_for(model).id != base.key_for(model).id
+
+
+def test_bad_requests_are_input_errors(aoti_cache: CacheConfig) -> None:
+    worker = Worker(tiny_spec(), backend="aoti", cache_config=aoti_cache)
+    worker.start()
+    for bad, match in [
+        (torch.zeros(2, 3, 8, 8), "shape"),
+        (torch.zeros(2, 3, 16, 16, dtype=torch.float64), "dtype"),
+        (torch.zeros(0, 3, 16, 16), "empty"),
+        ([1, 2], "tensor"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            worker.infer(bad)  # type: ignore[arg-type]
+    assert worker.infer(torch.randn(19, 3, 16, 16)).shape == (19, 10)  # split into engine-sized chunks
+
+
+def test_unknown_or_unavailable_backend_is_a_clear_error(cache_config: CacheConfig) -> None:
+    with pytest.raises(BackendUnavailable, match="choose one of"):
+        Worker(tiny_spec(), backend="onnx", cache_config=cache_config)
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        Worker(tiny_spec(), backend="tensorrt", cache_config=cache_config)
+
+
+@pytest.mark.parametrize("backend", ["aoti", "inductor", "eager"])
+def test_hot_swap_under_concurrent_inference(backend: str, aoti_cache: CacheConfig, tmp_path: Path) -> None:
+    sink = PrometheusSink()
+    config = aoti_cache if backend == "aoti" else CacheConfig.load(environ={}, cache_dir=tmp_path / "c")
+    worker = Worker(tiny_spec(), backend=backend, cache_config=config, metrics=Metrics(sink))
+    worker.start()
+    assert worker.model is not None
+    x = torch.randn(4, 3, 16, 16)
+    old = worker.infer(x)
+    new_state = demo_weights(build_model("tests.serve.models:tiny_cnn"), seed=99)
+    new = eager_output(new_state, x)
+
+    seen: list[tuple[torch.Tensor, str]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            seen.append(worker.infer_versioned(x))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        # Bad weights first: each is refused and the old version keeps serving.
+        bad = [
+            {k: v for k, v in new_state.items() if k != "conv.weight"},
+            {**new_state, "head.weight": torch.zeros(3, 3)},
+            {**new_state, "head.bias": torch.full((10,), float("nan"))},
+        ]
+        for b in bad:
+            report = worker.swap_weights(b, "bad")
+            assert not report.ok and report.version == "v1" and report.error
+        report = worker.swap_weights(new_state, "v2")
+        assert report.ok, report.error
+        assert worker.version == "v2"
+        for _ in range(20):
+            seen.append(worker.infer_versioned(x))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    versions = {v for _, v in seen}
+    assert versions <= {"v1", "v2"} and "v2" in versions
+    for out, version in seen:
+        want = old if version == "v1" else new
+        assert rel_err(out, want) < 1e-4, (version, rel_err(out, old), rel_err(out, new))
+    text = sink.exposition().decode()
+    assert 'warmserve_weight_swaps_total{result="rejected"} 3.0' in text
+    assert 'warmserve_weight_swaps_total{result="ok"} 1.0' in text
+    assert 'warmserve_weights_version_info{version="v2"} 1.0' in text
+
+
+def test_metrics_record_the_warm_start_path(aoti_cache: CacheConfig) -> None:
+    sink = PrometheusSink()
+    Worker(tiny_spec(), backend="aoti", cache_config=aoti_cache, metrics=Metrics(sink)).start()
+    text = sink.exposition().decode()
+    assert 'warmserve_engine_cache_hits_total{backend="aoti",tier="local"} 1.0' in text
+    assert 'warmserve_warm_start_seconds_count{path="local-hit"} 1.0' in text
+    assert "warmserve_engine_load_seconds_bucket" in text
