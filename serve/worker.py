@@ -89,6 +89,7 @@ class SwapReport:
     steps: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     probe_error: float | None = None
+    requested: str = ""  # the version asked for; equals ``version`` when ok
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -351,7 +352,9 @@ class Worker:
             except (WeightsError, RefitError) as e:
                 self.metrics.inc("warmserve_weight_swaps", result="rejected")
                 logger.warning("weights %s rejected; still serving %s: %s", version, previous, e)
-                return SwapReport(False, previous, previous, time.perf_counter() - t0, steps.seconds, str(e))
+                return SwapReport(
+                    False, previous, previous, time.perf_counter() - t0, steps.seconds, str(e), requested=version
+                )
             except Exception as e:  # a backend failure: keep serving, report it
                 self.metrics.inc("warmserve_weight_swaps", result="failed")
                 logger.exception("swap to %s failed; still serving %s", version, previous)
@@ -365,7 +368,9 @@ class Worker:
         self.metrics.set("warmserve_weights_version_info", 0, version=previous)
         self.metrics.set("warmserve_weights_version_info", 1, version=version)
         logger.info("now serving weights %s (was %s) after %.3fs", version, previous, time.perf_counter() - t0)
-        return SwapReport(True, version, previous, round(time.perf_counter() - t0, 4), steps.seconds, None, probe)
+        return SwapReport(
+            True, version, previous, round(time.perf_counter() - t0, 4), steps.seconds, None, probe, requested=version
+        )
 
     def _check_probe(self, engine: Engine, state: StateDict) -> float:
         probe = self._probe(engine, state)

@@ -1,0 +1,269 @@
+"""The Ray Serve application: Open Inference Protocol v2 and an image endpoint over a warm-started worker."""
+
+# No `from __future__ import annotations` here: FastAPI resolves route parameter types at run time.
+
+import asyncio
+import io
+import logging
+import os
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
+from cache.config import CacheConfig
+from deployments import oip
+from deployments.settings import AppSettings
+from serve.errors import InputError, NotReady
+from serve.metrics import Metrics
+from serve.worker import SwapReport, Worker
+
+logger = logging.getLogger("warmserve.app")
+
+api = FastAPI(
+    title="warmserve",
+    description="PyTorch inference with warm-start engine caching",
+    docs_url="/docs",
+    openapi_url="/openapi.json",
+)
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+class BodyTooLarge(ValueError):
+    pass
+
+
+# The one error boundary: client mistakes are 4xx with a message; anything else is logged and answered 500.
+@api.exception_handler(InputError)
+async def _bad_input(request: Request, e: InputError) -> JSONResponse:
+    return JSONResponse({"error": str(e)}, status_code=400)
+
+
+@api.exception_handler(RequestValidationError)
+async def _bad_params(request: Request, e: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg')}" for err in e.errors())
+    return JSONResponse({"error": f"invalid request: {problems}"}, status_code=400)
+
+
+@api.exception_handler(ModelNotFound)
+async def _not_found(request: Request, e: ModelNotFound) -> JSONResponse:
+    return JSONResponse({"error": str(e)}, status_code=404)
+
+
+@api.exception_handler(BodyTooLarge)
+async def _too_large(request: Request, e: BodyTooLarge) -> JSONResponse:
+    return JSONResponse({"error": str(e)}, status_code=413)
+
+
+@api.exception_handler(NotReady)
+async def _not_ready(request: Request, e: NotReady) -> JSONResponse:
+    return JSONResponse({"error": str(e)}, status_code=503)
+
+
+@api.exception_handler(Exception)
+async def _server_fault(request: Request, e: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse({"error": f"internal error: {type(e).__name__}"}, status_code=500)
+
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def decode_image(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    """JPEG/PNG bytes -> a normalised [C, H, W] tensor: resize the short side, centre crop."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(shape) != 3 or shape[0] != 3:
+        raise InputError(f"/v1/classify needs a model with [3, H, W] inputs; this one takes {list(shape)}")
+    try:
+        img: Image.Image = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"body is not a decodable JPEG or PNG image: {e}") from e
+    img = img.convert("RGB")
+    h, w = shape[1], shape[2]
+    scale = max(h / img.height, w / img.width)
+    img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))))
+    left, top = (img.width - w) // 2, (img.height - h) // 2
+    img = img.crop((left, top, left + w, top + h))
+    import numpy as np
+
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+@serve.deployment(name="WarmModel", max_ongoing_requests=32, health_check_period_s=5, health_check_timeout_s=30)
+@serve.ingress(api)
+class WarmModel:
+    """One replica: warm-starts its engine in the constructor, so it takes traffic only once ready."""
+
+    def __init__(self, args: dict[str, Any] | None = None) -> None:
+        from deployments.ray_metrics import RaySink
+
+        logging.basicConfig(level=logging.INFO)
+        self.settings = AppSettings.from_mapping(args)
+        cache = CacheConfig.load(
+            cache_dir=self.settings.cache_dir,
+            shared_url=self.settings.shared_cache,
+            storage_options=self.settings.storage_options or None,
+        )
+        self.worker = Worker(
+            self.settings.model,
+            backend=self.settings.backend,
+            device=self.settings.device,
+            cache_config=cache,
+            metrics=Metrics(RaySink()),
+            verify=self.settings.verify,
+        )
+        self.start_report = self.worker.start()
+        self.last_swap: SwapReport | None = None
+        self.weights = self.settings.model.weights
+        self._configure_batching(self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
+        logger.info("replica %s ready: %s", os.getpid(), self.start_report.to_dict())
+
+    # -- Serve hooks ---------------------------------------------------------------------------
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Take a new ``user_config``: weights (refit, never a rebuild) and batching. Never raises, so bad
+        weights cannot crash-loop replicas: the report says why and the old version keeps serving."""
+        config = dict(config or {})
+        self._configure_batching(
+            int(config.get("max_batch_size", self.settings.max_batch_size)),
+            float(config.get("batch_wait_timeout_s", self.settings.batch_wait_timeout_s)),
+        )
+        weights, version = config.get("weights"), config.get("weights_version")
+        if weights is None or version is None or version == self.worker.version:
+            return
+        self.last_swap = self.worker.swap_weights(str(weights), str(version))
+        if self.last_swap.ok:
+            self.weights = str(weights)
+
+    def check_health(self) -> None:
+        if not self.worker.ready:
+            raise RuntimeError("engine not loaded")
+
+    def _configure_batching(self, size: int, wait: float) -> None:
+        batcher: Any = self._infer_batch  # serve.batch adds these setters at run time
+        batcher.set_max_batch_size(size)
+        batcher.set_batch_wait_timeout_s(wait)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _infer_batch(self, items: list[torch.Tensor]) -> list[tuple[torch.Tensor, str]]:
+        sizes = [x.shape[0] for x in items]
+        out, version = await asyncio.to_thread(self.worker.infer_versioned, torch.cat(items))
+        return [(o, version) for o in torch.split(out, sizes)]
+
+    async def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+        self.worker.check_input(x)  # reject a bad request alone, before it joins a batch
+        return await self._infer_batch(x)  # type: ignore[no-any-return]
+
+    async def _body(self, request: Request) -> bytes:
+        limit = int(self.settings.max_body_mb * 2**20)
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise BodyTooLarge(f"body of {length} bytes exceeds the limit of {limit}")
+        body = await request.body()
+        if len(body) > limit:
+            raise BodyTooLarge(f"body of {len(body)} bytes exceeds the limit of {limit}")
+        return body
+
+    def _model(self, name: str) -> None:
+        if name != self.settings.model.name:
+            raise ModelNotFound(f"unknown model {name!r}; this server has {self.settings.model.name!r}")
+
+    # -- Open Inference Protocol v2 --------------------------------------------------------------
+    @api.get("/v2")
+    async def server_metadata(self) -> dict[str, Any]:
+        return {"name": "warmserve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+
+    @api.get("/v2/health/live")
+    async def live(self) -> Response:
+        return Response(status_code=200)
+
+    @api.get("/v2/health/ready")
+    async def ready(self) -> Response:
+        return Response(status_code=200 if self.worker.ready else 503)
+
+    @api.get("/v2/models/{name}")
+    async def model_metadata(self, name: str) -> dict[str, Any]:
+        self._model(name)
+        spec = self.settings.model
+        return {
+            "name": spec.name,
+            "versions": [self.worker.version],
+            "platform": f"warmserve_{self.worker.backend.name}",
+            "inputs": [
+                {
+                    "name": "input__0",
+                    "datatype": oip.TORCH_TO_DATATYPE[spec.input.torch_dtype],
+                    "shape": [-1, *spec.input.shape],
+                }
+            ],
+            "outputs": [{"name": "output__0", "datatype": "FP32", "shape": [-1, len(self.worker.labels)]}],
+            "parameters": {
+                "weights_version": self.worker.version,
+                "backend": self.worker.backend.name,
+                "device": str(self.worker.device),
+                "start": self.start_report.to_dict(),
+                "last_swap": self.last_swap.to_dict() if self.last_swap else None,
+                "replica_pid": os.getpid(),
+            },
+        }
+
+    @api.get("/v2/models/{name}/ready")
+    async def model_ready(self, name: str) -> Response:
+        self._model(name)
+        return Response(status_code=200 if self.worker.ready else 503)
+
+    @api.post("/v2/models/{name}/infer")
+    async def v2_infer(self, name: str, request: Request) -> Response:
+        self._model(name)
+        req = oip.parse_request(await self._body(request), request.headers.get(oip.HEADER_LENGTH))
+        if len(req.tensors) != 1:
+            raise InputError(f"this model takes exactly one input tensor, got {len(req.tensors)}")
+        out, version = await self.infer(req.tensors[0])
+        body, headers = oip.encode_response(name, version, req.id, {"output__0": out}, req.binary_output)
+        return Response(body, headers=headers)
+
+    # -- Images ------------------------------------------------------------------------------------
+    @api.post("/v1/classify")
+    async def classify(self, request: Request, top_k: int | None = None) -> dict[str, Any]:
+        k = self.settings.top_k if top_k is None else top_k
+        if not 1 <= k <= len(self.worker.labels):
+            raise InputError(f"top_k must be between 1 and {len(self.worker.labels)}")
+        body = await self._body(request)
+        x = await asyncio.to_thread(decode_image, body, self.settings.model.input.shape)
+        out, version = await self.infer(x.unsqueeze(0).to(self.settings.model.input.torch_dtype))
+        probs = torch.softmax(out[0].float(), dim=0)
+        scores, idx = probs.topk(k)
+        return {
+            "model": self.settings.model.name,
+            "weights_version": version,
+            "top_k": [
+                {"label": self.worker.labels[i], "index": int(i), "score": round(float(s), 6)}
+                for s, i in zip(scores.tolist(), idx.tolist(), strict=True)
+            ],
+        }
+
+    @api.get("/v1/status")
+    async def status(self) -> dict[str, Any]:
+        return {
+            "replica_pid": os.getpid(),
+            "ready": self.worker.ready,
+            "weights_version": self.worker.version,
+            "weights": self.weights,
+            "start": self.start_report.to_dict(),
+            "last_swap": self.last_swap.to_dict() if self.last_swap else None,
+        }
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Application builder for ``import_path: deployments.app:build_app`` (config.yaml ``args``)."""
+    AppSettings.from_mapping(args)  # fail at deploy time, with the offending key, not in every replica
+    return WarmModel.bind(args)  # type: ignore[attr-defined]

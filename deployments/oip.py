@@ -1,0 +1,126 @@
+"""Open Inference Protocol v2 (KServe v2 / Triton REST) tensors: JSON and the binary-data extension."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from serve.errors import InputError
+
+# Protocol datatype <-> numpy/torch
+DATATYPES: dict[str, tuple[Any, torch.dtype]] = {
+    "FP32": (np.float32, torch.float32),
+    "FP16": (np.float16, torch.float16),
+    "FP64": (np.float64, torch.float64),
+    "INT64": (np.int64, torch.int64),
+    "INT32": (np.int32, torch.int32),
+    "INT8": (np.int8, torch.int8),
+    "UINT8": (np.uint8, torch.uint8),
+    "BOOL": (np.bool_, torch.bool),
+}
+TORCH_TO_DATATYPE = {v[1]: k for k, v in DATATYPES.items()}
+TORCH_TO_DATATYPE[torch.bfloat16] = "BF16"
+HEADER_LENGTH = "inference-header-content-length"
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    inputs: list[dict[str, Any]]
+    tensors: list[torch.Tensor]
+    outputs: list[dict[str, Any]]
+    binary_output: bool
+
+
+def parse_request(body: bytes, header_length: str | None) -> InferRequest:
+    """Parse a v2 infer request; with ``Inference-Header-Content-Length`` the tensors follow the JSON."""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError as e:
+            raise InputError(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from e
+        if not 0 < n <= len(body):
+            raise InputError(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
+        head, rest = body[:n], memoryview(body)[n:]
+    else:
+        head, rest = body, memoryview(b"")
+    try:
+        doc = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"request body is not valid JSON: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
+        raise InputError('request must be a JSON object with a non-empty "inputs" list')
+    tensors = []
+    offset = 0
+    for i, item in enumerate(doc["inputs"]):
+        if not isinstance(item, dict):
+            raise InputError(f"inputs[{i}] must be an object with name, shape, datatype and data")
+        name, shape, datatype = item.get("name"), item.get("shape"), item.get("datatype")
+        if not isinstance(name, str) or not isinstance(shape, list) or not isinstance(datatype, str):
+            raise InputError(f"inputs[{i}] needs name (string), shape (list) and datatype (string)")
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise InputError(f"inputs[{i}].shape must be non-negative integers, got {shape}")
+        if datatype not in DATATYPES:
+            raise InputError(f"inputs[{i}].datatype {datatype!r} is not supported; use one of {sorted(DATATYPES)}")
+        np_dtype = DATATYPES[datatype][0]
+        count = int(np.prod(shape)) if shape else 1
+        params = item.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size != count * np.dtype(np_dtype).itemsize:
+                raise InputError(f"inputs[{i}]: binary_data_size {size} does not match shape {shape} of {datatype}")
+            if offset + size > len(rest):
+                raise InputError(f"inputs[{i}]: body ends before its {size} bytes of binary data")
+            array = np.frombuffer(rest[offset : offset + size], dtype=np_dtype).reshape(shape)
+            offset += size
+        else:
+            if "data" not in item:
+                raise InputError(f"inputs[{i}] has no data")
+            try:
+                array = np.asarray(item["data"], dtype=np_dtype)
+            except (TypeError, ValueError) as e:
+                raise InputError(f"inputs[{i}].data is not a list of {datatype} numbers: {e}") from e
+            if array.size != count:
+                raise InputError(f"inputs[{i}] has {array.size} values but shape {shape} needs {count}")
+            array = array.reshape(shape)
+        tensors.append(torch.from_numpy(array.copy()))
+    outputs = doc.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise InputError('"outputs" must be a list')
+    params = doc.get("parameters") or {}
+    binary = bool(isinstance(params, dict) and params.get("binary_data_output")) or any(
+        isinstance(o, dict) and isinstance(o.get("parameters"), dict) and o["parameters"].get("binary_data")
+        for o in outputs
+    )
+    return InferRequest(doc.get("id"), doc["inputs"], tensors, outputs, binary)
+
+
+def encode_response(
+    model: str, version: str, request_id: str | None, outputs: dict[str, torch.Tensor], binary: bool
+) -> tuple[bytes, dict[str, str]]:
+    """The v2 response body and extra headers (binary outputs follow the JSON header)."""
+    items, blobs = [], []
+    for name, tensor in outputs.items():
+        t = tensor.detach().cpu().contiguous()
+        item: dict[str, Any] = {"name": name, "shape": list(t.shape), "datatype": TORCH_TO_DATATYPE[t.dtype]}
+        if binary:
+            raw = t.numpy().tobytes()
+            item["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            item["data"] = t.flatten().tolist()
+        items.append(item)
+    doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": items}
+    if request_id is not None:
+        doc["id"] = request_id
+    head = json.dumps(doc).encode()
+    if not binary:
+        return head, {"content-type": "application/json"}
+    return head + b"".join(blobs), {
+        "content-type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(head)),
+    }

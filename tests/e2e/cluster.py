@@ -1,0 +1,156 @@
+"""A real local Ray cluster for the end-to-end tests: `ray start` processes, the dashboard's REST API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from tests.servers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST_AUTOSCALING = {
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+@dataclass
+class RayCluster:
+    workdir: Path
+    gcs_port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def _env(self, node: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {**os.environ, **FAST_AUTOSCALING, **self.env, **(extra or {})}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["WARMSERVE_CACHE_DIR"] = str(self.workdir / node / "cache")
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(self.workdir / node / "inductor")
+        return env
+
+    def start(self, num_cpus: int = 4) -> RayCluster:
+        cmd = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            f"--port={self.gcs_port}",
+            "--node-ip-address=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--metrics-export-port={self.metrics_port}",
+            f"--num-cpus={num_cpus}",
+            "--disable-usage-stats",
+            '--resources={"node1": 100}',
+            '--system-config={"metrics_report_interval_ms": 1000}',
+        ]
+        subprocess.run(cmd, env=self._env("node1"), check=True, capture_output=True, timeout=120)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{self.dashboard}/api/serve/applications/", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the Ray dashboard did not come up")
+            time.sleep(0.5)
+
+    def add_node(self, name: str, num_cpus: int = 2, env: dict[str, str] | None = None) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            f"--address=127.0.0.1:{self.gcs_port}",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}",
+            "--disable-usage-stats",
+            f'--resources={{"{name}": 100}}',
+            f"--metrics-export-port={free_port()}",
+        ]
+        subprocess.run(cmd, env=self._env(name, env), check=True, capture_output=True, timeout=120)
+
+    def stop(self) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=120
+        )
+
+    # -- Serve ---------------------------------------------------------------------------------
+    def config(self, args: dict[str, Any], deployment: dict[str, Any], name: str = "warmserve") -> dict[str, Any]:
+        return {
+            "proxy_location": "EveryNode",
+            "http_options": {"host": "127.0.0.1", "port": self.http_port},
+            "applications": [
+                {
+                    "name": name,
+                    "route_prefix": "/",
+                    "import_path": "deployments.app:build_app",
+                    "args": args,
+                    "deployments": [{"name": "WarmModel", "ray_actor_options": {"num_cpus": 0.5}, **deployment}],
+                }
+            ],
+        }
+
+    def deploy(self, config: dict[str, Any], timeout: float = 240) -> None:
+        r = requests.put(
+            f"{self.dashboard}/api/serve/applications/",
+            data=json.dumps(config),
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        self.wait_running(config["applications"][0]["name"], timeout)
+
+    def wait_running(self, app: str, timeout: float = 240, replicas: int | None = None) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            details = requests.get(f"{self.dashboard}/api/serve/applications/", timeout=10).json()
+            last = (details.get("applications") or {}).get(app, {})
+            dep = (last.get("deployments") or {}).get("WarmModel", {})
+            running = [r for r in dep.get("replicas") or [] if r.get("state") == "RUNNING"]
+            if last.get("status") == "RUNNING" and (replicas is None or len(running) == replicas):
+                return last
+            if last.get("status") == "DEPLOY_FAILED":
+                raise AssertionError(f"deploy failed: {last.get('message')}")
+            time.sleep(1)
+        raise TimeoutError(f"{app} not RUNNING with {replicas} replicas: {json.dumps(last)[:2000]}")
+
+    def delete_all(self) -> None:
+        requests.delete(f"{self.dashboard}/api/serve/applications/", timeout=30)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            details = requests.get(f"{self.dashboard}/api/serve/applications/", timeout=10).json()
+            if not details.get("applications"):
+                return
+            time.sleep(1)
+
+    def replica_statuses(self, expect: int, timeout: float = 60) -> dict[int, dict[str, Any]]:
+        """``/v1/status`` of every replica (requests land on random replicas; sample until all seen)."""
+        seen: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        while len(seen) < expect and time.monotonic() < deadline:
+            s = requests.get(f"{self.http}/v1/status", timeout=30).json()
+            seen[s["replica_pid"]] = s
+        return seen

@@ -1,0 +1,244 @@
+"""End to end on a real local Ray cluster: HTTP protocol, warm replicas, scale-out, rollout, metrics."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from serve.model import build_model
+from serve.weights import demo_weights, save_weights
+from tests.e2e.cluster import RayCluster
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+TINY = {
+    "model": "tests.serve.models:tiny_cnn",
+    "input_shape": "3,16,16",
+    "batch": "1:8",
+    "backend": "aoti",
+    "max_batch_size": 4,
+}
+
+
+def infer(cluster: RayCluster, x: np.ndarray) -> tuple[np.ndarray, str]:
+    body = {"inputs": [{"name": "input__0", "shape": list(x.shape), "datatype": "FP32", "data": x.flatten().tolist()}]}
+    r = requests.post(f"{cluster.http}/v2/models/tiny_cnn/infer", json=body, timeout=60)
+    r.raise_for_status()
+    out = r.json()
+    return np.asarray(out["outputs"][0]["data"], dtype=np.float32).reshape(out["outputs"][0]["shape"]), out[
+        "model_version"
+    ]
+
+
+def eager(state: dict[str, torch.Tensor], x: np.ndarray) -> np.ndarray:
+    model = build_model("tests.serve.models:tiny_cnn")
+    model.load_state_dict(state)
+    with torch.inference_mode():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def test_http_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
+    import tritonclient.http as th
+    from PIL import Image
+
+    cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
+    client = th.InferenceServerClient(cluster.http.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny_cnn")
+    meta = client.get_model_metadata("tiny_cnn")
+    assert meta["inputs"][0]["shape"] == [-1, 3, 16, 16] and meta["versions"] == ["v1"]
+    x = np.random.default_rng(0).standard_normal((3, 3, 16, 16), dtype=np.float32)
+    for binary in (True, False):  # the binary tensor extension and plain JSON, as tritonclient sends them
+        inp = th.InferInput("input__0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        result = client.infer("tiny_cnn", [inp], outputs=[th.InferRequestedOutput("output__0", binary_data=binary)])
+        assert result.as_numpy("output__0").shape == (3, 10)
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(png, "PNG")
+    top = requests.post(f"{cluster.http}/v1/classify?top_k=3", data=png.getvalue(), timeout=30).json()
+    assert len(top["top_k"]) == 3 and top["top_k"][0]["score"] >= top["top_k"][1]["score"]
+
+    bad = [
+        ("/v2/models/tiny_cnn/infer", b"{not json", 400),
+        ("/v2/models/tiny_cnn/infer", b'{"inputs": []}', 400),
+        (
+            "/v2/models/tiny_cnn/infer",
+            b'{"inputs": [{"name": "x", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [0]}]}',
+            400,
+        ),
+        (
+            "/v2/models/tiny_cnn/infer",
+            b'{"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [0, 1]}]}',
+            400,
+        ),
+        (
+            "/v2/models/tiny_cnn/infer",
+            b'{"inputs": [{"name": "x", "shape": [1, 3, 16, 16], "datatype": "FP64", "data": [0]}]}',
+            400,
+        ),
+        ("/v2/models/other/infer", b"{}", 404),
+        ("/v1/classify", b"\x89PNG but not really", 400),
+        ("/v1/classify?top_k=0", png.getvalue(), 400),
+        ("/v1/classify?top_k=x", png.getvalue(), 400),
+        ("/v1/classify", b"x" * (65 * 2**20), 413),
+    ]
+    for path, body, code in bad:
+        r = requests.post(f"{cluster.http}{path}", data=body, timeout=60)
+        assert r.status_code == code, (path, r.status_code, r.text[:200])
+        assert r.json()["error"]
+    assert client.is_model_ready("tiny_cnn")  # still serving
+
+
+def test_second_replica_starts_warm(cluster: RayCluster, tmp_path: Path) -> None:
+    args = {**TINY, "cache_dir": str(tmp_path / "c")}
+    cluster.deploy(cluster.config(args, {"num_replicas": 1}))
+    first = cluster.replica_statuses(1)
+    assert [s["start"]["outcome"] for s in first.values()] == ["built"]
+    cluster.deploy(cluster.config(args, {"num_replicas": 2}))
+    cluster.wait_running("warmserve", replicas=2)
+    statuses = cluster.replica_statuses(2)
+    second = [s for pid, s in statuses.items() if pid not in first]
+    assert len(second) == 1 and second[0]["start"]["outcome"] == "local-hit", statuses
+    assert "compile" not in second[0]["start"]["steps"]
+    assert second[0]["start"]["seconds"] < next(iter(first.values()))["start"]["seconds"] / 5
+
+
+def test_scale_out_under_load_builds_once(cluster: RayCluster, tmp_path: Path) -> None:
+    args = {**TINY, "cache_dir": str(tmp_path / "c")}
+    autoscaling = {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 1,
+        "upscale_delay_s": 0,
+        "downscale_delay_s": 600,
+        "look_back_period_s": 2,
+    }
+    cluster.deploy(cluster.config(args, {"autoscaling_config": autoscaling, "max_ongoing_requests": 2}))
+    x = np.random.default_rng(1).standard_normal((8, 3, 16, 16), dtype=np.float32)
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                infer(cluster, x)
+            except Exception as e:
+                failures.append(repr(e))
+
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(8):
+            pool.submit(load)
+        try:
+            cluster.wait_running("warmserve", timeout=240, replicas=3)
+        finally:
+            stop.set()
+    assert failures == []
+    statuses = cluster.replica_statuses(3)
+    outcomes = sorted(s["start"]["outcome"] for s in statuses.values())
+    assert outcomes.count("built") == 1 and len(outcomes) == 3, outcomes
+
+
+def test_rollout_under_load(cluster: RayCluster, tmp_path: Path) -> None:
+    model = build_model("tests.serve.models:tiny_cnn")
+    v1, v2 = demo_weights(model, seed=11), demo_weights(model, seed=22)
+    save_weights(v1, tmp_path / "v1.safetensors")
+    save_weights(v2, tmp_path / "v2.safetensors")
+    bad = dict(v2)
+    bad["head.weight"] = torch.zeros(3, 3)
+    save_weights(bad, tmp_path / "bad.safetensors")
+    args = {**TINY, "cache_dir": str(tmp_path / "c"), "weights": str(tmp_path / "v1.safetensors")}
+    cluster.deploy(cluster.config(args, {"num_replicas": 2, "user_config": {"weights": None, "weights_version": "v1"}}))
+    before = cluster.replica_statuses(2)
+    x = np.random.default_rng(2).standard_normal((2, 3, 16, 16), dtype=np.float32)
+    want = {"v1": eager(v1, x), "v2": eager(v2, x)}
+    stop = threading.Event()
+    results: list[tuple[np.ndarray, str]] = []
+    failures: list[str] = []
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                results.append(infer(cluster, x))
+            except Exception as e:
+                failures.append(repr(e))
+
+    def rollout(path: Path, version: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deployments.cli",
+                "rollout",
+                "--weights",
+                str(path),
+                "--version",
+                version,
+                "--address",
+                cluster.dashboard,
+                "--http",
+                cluster.http,
+                "--wait",
+                "120",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        done = rollout(tmp_path / "v2.safetensors", "v2")
+        assert done.returncode == 0, done.stderr
+        refused = rollout(tmp_path / "bad.safetensors", "v3")  # every replica refuses, keeps v2
+        assert refused.returncode == 1 and "refused" in refused.stderr
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    versions = {v for _, v in results}
+    assert versions <= {"v1", "v2"} and "v2" in versions
+    for out, version in results:
+        np.testing.assert_allclose(out, want[version], rtol=1e-4, atol=1e-5)
+    after = cluster.replica_statuses(2)
+    assert set(after) == set(before)  # the same processes: no restart
+    assert all(s["weights_version"] == "v2" and s["start"] == before[pid]["start"] for pid, s in after.items())
+
+
+def test_metrics_on_rays_endpoint(cluster: RayCluster, tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
+    infer(cluster, np.zeros((1, 3, 16, 16), dtype=np.float32))
+    deadline = time.monotonic() + 90
+    found: dict[str, list[Any]] = {}
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10).text
+        found = {f.name: f.samples for f in text_string_to_metric_families(text) if f.name.startswith("ray_warmserve")}
+        if {
+            "ray_warmserve_engine_cache_misses",
+            "ray_warmserve_warm_start_seconds",
+            "ray_warmserve_weights_version_info",
+            "ray_warmserve_inference_seconds",
+        } <= set(found):
+            break
+        time.sleep(2)
+    assert "ray_warmserve_engine_cache_misses" in found, sorted(found)
+    sample = found["ray_warmserve_warm_start_seconds"][0]
+    assert sample.labels["deployment"] == "WarmModel" and sample.labels["replica"]
+    versions = [s for s in found["ray_warmserve_weights_version_info"] if s.value == 1]
+    assert versions and versions[0].labels["version"] == "v1"
