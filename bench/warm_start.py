@@ -48,7 +48,7 @@ def build(model: str, backend: str, cache_dir: str, inductor_dir: str, extra: li
     return report
 
 
-def latency(fn, x: torch.Tensor, warmup: int = 3, iters: int = 10) -> float:
+def latency(fn, x: torch.Tensor, warmup: int = 5, iters: int = 30) -> float:
     with torch.inference_mode():
         for _ in range(warmup):
             fn(x)

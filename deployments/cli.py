@@ -81,6 +81,10 @@ def effective_config(args: argparse.Namespace) -> dict[str, Any]:
             uc = dep.setdefault("user_config", {})
             uc["weights"] = app["args"].get("weights")
             uc["weights_version"] = app["args"].get("weights_version", "v1")
+    if _has_gpu():
+        # A GPU fraction per replica, unless the config already asks for GPUs.
+        for dep in app.get("deployments", []):
+            dep.setdefault("ray_actor_options", {}).setdefault("num_gpus", 0.25)
     if args.replicas:
         for dep in app.get("deployments", []):
             dep.pop("autoscaling_config", None)
@@ -91,6 +95,12 @@ def effective_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.port:
         http["port"] = args.port
     return dict(config)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def run_service(args: argparse.Namespace) -> int:
