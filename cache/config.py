@@ -42,6 +42,7 @@ class CacheConfig:
     wait_timeout: float = 3600.0
     lease_ttl: float = 30.0
     retry_after: float = 30.0
+    single_flight: bool = True  # False: every process builds a missing entry itself (for benchmarks)
 
     # environment variable -> (field, parser)
     ENV = {
@@ -52,6 +53,7 @@ class CacheConfig:
         "WARMSERVE_SHARED_CACHE_BUDGET": "shared_budget",
         "WARMSERVE_CACHE_WAIT_TIMEOUT": "wait_timeout",
         "WARMSERVE_LEASE_TTL": "lease_ttl",
+        "WARMSERVE_SINGLE_FLIGHT": "single_flight",
     }
 
     @classmethod
@@ -85,6 +87,10 @@ def _coerce(name: str, where: str, value: Any) -> Any:
             return parse_size(value, name=where)
         if name in ("wait_timeout", "lease_ttl", "retry_after"):
             return float(value)
+        if name == "single_flight" and isinstance(value, str):
+            if value.lower() not in ("0", "1", "true", "false", "yes", "no"):
+                raise ValueError(f"use 1/0, true/false or yes/no, got {value!r}")
+            return value.lower() in ("1", "true", "yes")
         return value
     except ValueError as e:
         if str(e).startswith(where):

@@ -43,6 +43,7 @@ class EngineCache:
         wait_timeout: float = 3600.0,
         lease_ttl: float = 30.0,
         events: CacheEvents = NO_EVENTS,
+        single_flight: bool = True,
     ) -> None:
         if not isinstance(local.store, LocalStore):
             raise ValueError("the L1 tier must be a local directory (it holds the per-node build locks)")
@@ -51,6 +52,7 @@ class EngineCache:
         self.wait_timeout = wait_timeout
         self.lease_ttl = lease_ttl
         self.events = events
+        self.single_flight = single_flight
 
     @classmethod
     def from_config(cls, config: CacheConfig, events: CacheEvents = NO_EVENTS) -> EngineCache:
@@ -72,7 +74,14 @@ class EngineCache:
                 events=events,
                 retry_after=config.retry_after,
             )
-        return cls(local, shared, wait_timeout=config.wait_timeout, lease_ttl=config.lease_ttl, events=events)
+        return cls(
+            local,
+            shared,
+            wait_timeout=config.wait_timeout,
+            lease_ttl=config.lease_ttl,
+            events=events,
+            single_flight=config.single_flight,
+        )
 
     @property
     def tiers(self) -> list[Tier]:
@@ -132,6 +141,9 @@ class EngineCache:
         if hit is not None:
             return done(hit[0], "local-hit" if hit[2] == self.local.name else "shared-hit", hit[1])
         emit(self.events, "miss")
+        if not self.single_flight:
+            blob = self._build(build)
+            return done(blob, "built", self.put(key, blob, backend=backend, versions=versions, meta=meta))
 
         lock = BuildLock(self.local.store.build_lock_path(key.id))  # type: ignore[attr-defined]
         waited = lock.acquire(self.wait_timeout)
@@ -153,16 +165,20 @@ class EngineCache:
                     )
                     return done(blob, "waited", manifest)
             logger.info("building %s entry %s", backend or "cache", key.short)
-            blob = build()
-            if not isinstance(blob, bytes | bytearray | memoryview):
-                raise TypeError(f"the builder must return bytes, got {type(blob).__name__}")
-            blob = bytes(blob)
+            blob = self._build(build)
             published = self.put(key, blob, backend=backend, versions=versions, meta=meta)
             return done(blob, "built", published)
         finally:
             if lease is not None:
                 lease.release()
             lock.release()
+
+    @staticmethod
+    def _build(build: Callable[[], bytes]) -> bytes:
+        blob = build()
+        if not isinstance(blob, bytes | bytearray | memoryview):
+            raise TypeError(f"the builder must return bytes, got {type(blob).__name__}")
+        return bytes(blob)
 
     def _lease_or_entry(self, key: CacheKey, t0: float) -> Lease | tuple[bytes, Manifest] | None:
         """Take the shared build lease, or wait until its holder publishes the entry.

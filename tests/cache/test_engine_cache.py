@@ -54,6 +54,17 @@ def test_builder_errors_propagate_and_release_the_lock(tmp_path: Path) -> None:
     assert cache.get_or_build(key(1), lambda: b"ok").outcome == "built"
 
 
+def test_single_flight_can_be_switched_off(tmp_path: Path) -> None:
+    from cache import CacheConfig
+
+    assert CacheConfig.load({"WARMSERVE_SINGLE_FLIGHT": "0"}).single_flight is False
+    with pytest.raises(ValueError, match="WARMSERVE_SINGLE_FLIGHT"):
+        CacheConfig.load({"WARMSERVE_SINGLE_FLIGHT": "maybe"})
+    cache, _ = make_cache(tmp_path, single_flight=False)
+    assert cache.get_or_build(key(1), lambda: b"x").outcome == "built"
+    assert cache.get_or_build(key(1), lambda: b"y").outcome == "local-hit"
+
+
 def test_builder_must_return_bytes(tmp_path: Path) -> None:
     cache, _ = make_cache(tmp_path)
     with pytest.raises(TypeError, match="bytes"):
