@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +68,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         if datatype not in DATATYPES:
             raise InputError(f"inputs[{i}].datatype {datatype!r} is not supported; use one of {sorted(DATATYPES)}")
         np_dtype = DATATYPES[datatype][0]
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)
         params = item.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:

@@ -25,8 +25,14 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
 def test_replica_on_second_node_warm_starts_from_the_shared_tier(
     two_nodes: RayCluster, s3_server: SeaweedFS, s3_url: str
 ) -> None:
-    args = {"model": "tests.serve.models:tiny_cnn", "input_shape": "3,16,16", "batch": "1:8", "backend": "aoti",
-            "shared_cache": s3_url, "storage_options": s3_server.storage_options()}
+    args = {
+        "model": "tests.serve.models:tiny_cnn",
+        "input_shape": "3,16,16",
+        "batch": "1:8",
+        "backend": "aoti",
+        "shared_cache": s3_url,
+        "storage_options": s3_server.storage_options(),
+    }
     spread = {"max_replicas_per_node": 1}
     two_nodes.deploy(two_nodes.config(args, {"num_replicas": 1, **spread}))
     first = two_nodes.replica_statuses(1)
