@@ -224,8 +224,6 @@ def main() -> None:
         lat: dict[str, dict[str, float]] = {}
         for b in (1, 32):
             x = spec.input.example(batch=b)
-            if b != spec.input.export_batch:
-                torch._dynamo.mark_dynamic(x, 0)
             lat[str(b)] = {name: latency(fn, x) * 1e3 for name, fn in runners.items()}
         result["latency_ms"] = lat
 

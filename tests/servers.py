@@ -164,3 +164,55 @@ def seaweedfs(workdir: Path) -> Iterator[SeaweedFS]:
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class Prometheus:
+    """A real Prometheus server (Debian's package) scraping ``targets`` every second."""
+
+    workdir: Path
+    targets: list[str]
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Prometheus:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise RuntimeError("prometheus is not installed: apt-get install prometheus (.ci/run does)")
+        self.port = self.port or free_port()
+        config = self.workdir / "prometheus.yml"
+        config.write_text(
+            json.dumps(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": self.targets}]}],
+                }
+            )
+        )
+        with open(self.workdir / "prometheus.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_port(self.port, 60, self.proc)
+        return self
+
+    def query(self, expr: str) -> list[dict[str, object]]:
+        import requests
+
+        r = requests.get(f"http://127.0.0.1:{self.port}/api/v1/query", params={"query": expr}, timeout=10)
+        r.raise_for_status()
+        return list(r.json()["data"]["result"])
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(10)
+        self.proc = None

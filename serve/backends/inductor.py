@@ -21,11 +21,16 @@ logger = logging.getLogger(__name__)
 
 
 def _warm_calls(compiled: Any, spec: InputSpec, device: torch.device) -> None:
-    """Run the shapes a server will see, so that what gets compiled (and cached) covers them."""
-    for batch in sorted({spec.export_batch, spec.max_batch}):
+    """Run the batch sizes a server will see, so that every graph they need is compiled (and cached).
+
+    The batch dimension is only *maybe* dynamic: Inductor may split the range (a CPU convolution on
+    resnet18 guards on batch <= 15, say), and a strict ``mark_dynamic`` would then fail the compile.
+    Batch 1 is always its own graph (PyTorch specialises sizes 0 and 1).
+    """
+    for batch in sorted({spec.min_batch, spec.export_batch, spec.max_batch}):
         x = spec.example(batch=batch, device=device)
         if spec.min_batch != spec.max_batch:
-            torch._dynamo.mark_dynamic(x, 0, min=spec.min_batch, max=spec.max_batch)
+            torch._dynamo.maybe_mark_dynamic(x, 0)
         with torch.inference_mode():
             compiled(x)
 

@@ -242,3 +242,27 @@ def test_metrics_on_rays_endpoint(cluster: RayCluster, tmp_path: Path) -> None:
     assert sample.labels["deployment"] == "WarmModel" and sample.labels["replica"]
     versions = [s for s in found["ray_warmserve_weights_version_info"] if s.value == 1]
     assert versions and versions[0].labels["version"] == "v1"
+
+
+def test_prometheus_reads_warmserve_metrics(cluster: RayCluster, tmp_path: Path) -> None:
+    """A real Prometheus scrapes Ray's metrics endpoint; warmserve's series come back through its query API."""
+    from tests.servers import Prometheus
+
+    prom = Prometheus(tmp_path / "prom", [f"127.0.0.1:{cluster.metrics_port}"])
+    (tmp_path / "prom").mkdir()
+    prom.start()
+    try:
+        cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
+        infer(cluster, np.zeros((2, 3, 16, 16), dtype=np.float32))
+        deadline = time.monotonic() + 120
+        results: list[Any] = []
+        while time.monotonic() < deadline:
+            results = prom.query('sum by (path) (ray_warmserve_warm_start_seconds_count{deployment="WarmModel"})')
+            if results:
+                break
+            time.sleep(2)
+        assert results and results[0]["metric"]["path"] == "built"
+        version = prom.query("ray_warmserve_weights_version_info == 1")
+        assert version and version[0]["metric"]["version"] == "v1"
+    finally:
+        prom.stop()

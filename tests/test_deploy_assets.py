@@ -1,0 +1,69 @@
+"""The files operators use directly: Dockerfile, Serve config, Prometheus config, Grafana dashboard."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+
+from deployments.settings import AppSettings
+from serve.metrics import SPECS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (ROOT / "Dockerfile").read_text()
+    logical, out = "", []
+    for line in text.splitlines():
+        if not logical and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        logical += line.rstrip("\\").strip() + " "
+        if not line.rstrip().endswith("\\"):
+            word, _, rest = logical.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+            logical = ""
+    return out
+
+
+def test_dockerfile_parses_and_copies_what_exists() -> None:
+    instructions = dockerfile_instructions()
+    assert instructions[0][0] == "ARG" and any(word == "FROM" for word, _ in instructions)
+    known = {"ARG", "FROM", "ENV", "RUN", "WORKDIR", "COPY", "VOLUME", "EXPOSE", "CMD", "LABEL", "USER"}
+    assert {word for word, _ in instructions} <= known
+    copies = [shlex.split(rest) for word, rest in instructions if word == "COPY"]
+    assert copies
+    for args in copies:
+        for src in args[:-1]:
+            assert (ROOT / src).exists(), f"COPY source {src} does not exist"
+    cmd = next(rest for word, rest in instructions if word == "CMD")
+    assert json.loads(cmd) == ["serve", "run", "deployments/config.yaml"]
+
+
+def test_serve_config_is_valid() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((ROOT / "deployments" / "config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    app = config["applications"][0]
+    AppSettings.from_mapping(app["args"])
+    assert app["deployments"][0]["user_config"]["weights_version"] == app["args"]["weights_version"]
+
+
+def test_dashboard_and_scrape_config_use_real_metric_names() -> None:
+    dashboard = json.loads((ROOT / "deployments" / "grafana-dashboard.json").read_text())
+    exported = set()
+    for spec in SPECS.values():
+        base = f"ray_{spec.name}"
+        exported |= {f"{base}_total"} if spec.kind == "counter" else {base}
+        if spec.kind == "histogram":
+            exported |= {f"{base}_bucket", f"{base}_sum", f"{base}_count"}
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"ray_warmserve_\w+", target["expr"]):
+                assert name in exported, f"panel {panel['title']!r} uses unknown metric {name}"
+    prom = yaml.safe_load((ROOT / "deployments" / "prometheus.yml").read_text())
+    assert prom["scrape_configs"][0]["job_name"] == "ray"
