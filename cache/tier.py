@@ -37,7 +37,7 @@ def emit(events: CacheEvents, hook: str, *args: Any) -> None:
     """Call a metrics hook; a failing hook is logged, never raised into a cache operation."""
     try:
         getattr(events, hook)(*args)
-    except Exception:
+    except Exception:  # a failing metrics hook never fails a cache operation (logged below)
         logger.exception("cache event hook %s failed", hook)
 
 

@@ -16,6 +16,7 @@ from ray import serve
 
 from cache.config import CacheConfig
 from deployments import oip
+from deployments.auth import admin_token, authorized, rollout_problem
 from deployments.settings import AppSettings
 from serve.errors import InputError, NotReady
 from serve.metrics import Metrics
@@ -39,6 +40,10 @@ class BodyTooLarge(ValueError):
     pass
 
 
+class Unauthorized(PermissionError):
+    pass
+
+
 # The one error boundary: client mistakes are 4xx with a message; anything else is logged and answered 500.
 @api.exception_handler(InputError)
 async def _bad_input(request: Request, e: InputError) -> JSONResponse:
@@ -59,6 +64,11 @@ async def _not_found(request: Request, e: ModelNotFound) -> JSONResponse:
 @api.exception_handler(BodyTooLarge)
 async def _too_large(request: Request, e: BodyTooLarge) -> JSONResponse:
     return JSONResponse({"error": str(e)}, status_code=413)
+
+
+@api.exception_handler(Unauthorized)
+async def _unauthorized(request: Request, e: Unauthorized) -> JSONResponse:
+    return JSONResponse({"error": str(e)}, status_code=401)
 
 
 @api.exception_handler(NotReady)
@@ -139,6 +149,12 @@ class WarmModel:
         )
         weights, version = config.get("weights"), config.get("weights_version")
         if weights is None or version is None or version == self.worker.version:
+            return
+        problem = rollout_problem(config, admin_token())
+        if problem:
+            logger.warning("weights %s not loaded: %s", version, problem)
+            current = self.worker.version or ""
+            self.last_swap = SwapReport(False, current, current, 0.0, error=problem, requested=str(version))
             return
         self.last_swap = self.worker.swap_weights(str(weights), str(version))
         if self.last_swap.ok:
@@ -252,7 +268,9 @@ class WarmModel:
         }
 
     @api.get("/v1/status")
-    async def status(self) -> dict[str, Any]:
+    async def status(self, request: Request) -> dict[str, Any]:
+        if not authorized(request.headers.get("authorization"), admin_token()):
+            raise Unauthorized("this endpoint needs Authorization: Bearer <WARMSERVE_ADMIN_TOKEN>")
         return {
             "replica_pid": os.getpid(),
             "ready": self.worker.ready,

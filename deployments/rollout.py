@@ -13,6 +13,8 @@ from typing import Any
 
 import requests
 
+from deployments.auth import admin_token, sign_rollout
+
 
 class RolloutError(RuntimeError):
     pass
@@ -53,6 +55,10 @@ def with_weights(config: dict[str, Any], app: str, deployment: str, weights: str
         deployments.append(entry)
     user_config = dict(entry.get("user_config") or {})
     user_config.update({"weights": weights, "weights_version": version})
+    user_config.pop("signature", None)
+    token = admin_token()
+    if token:
+        user_config["signature"] = sign_rollout(token, weights, version)
     entry["user_config"] = user_config
     return new
 
@@ -62,7 +68,12 @@ def replica_states(http: str, samples: int) -> dict[int, dict[str, Any]]:
     seen: dict[int, dict[str, Any]] = {}
     for _ in range(samples):
         try:
-            status = requests.get(f"{http}/v1/status", timeout=10).json()
+            token = admin_token()
+            headers = {"authorization": f"Bearer {token}"} if token else {}
+            r = requests.get(f"{http}/v1/status", headers=headers, timeout=10)
+            if r.status_code == 401:
+                raise RolloutError("the replicas require an admin token: set WARMSERVE_ADMIN_TOKEN")
+            status = r.json()
             seen[int(status["replica_pid"])] = status
         except (requests.RequestException, ValueError, KeyError, TypeError):
             continue

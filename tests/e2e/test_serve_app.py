@@ -266,3 +266,59 @@ def test_prometheus_reads_warmserve_metrics(cluster: RayCluster, tmp_path: Path)
         assert version and version[0]["metric"]["version"] == "v1"
     finally:
         prom.stop()
+
+
+def test_admin_token_guards_rollout_and_status(cluster: RayCluster, tmp_path: Path) -> None:
+    model = build_model("tests.serve.models:tiny_cnn")
+    save_weights(demo_weights(model, seed=31), tmp_path / "v2.safetensors")
+    token = "s3cret-admin-token"
+    options = {"num_cpus": 0.5, "runtime_env": {"env_vars": {"WARMSERVE_ADMIN_TOKEN": token}}}
+    cluster.deploy(
+        cluster.config(
+            {**TINY, "cache_dir": str(tmp_path / "c")},
+            {
+                "num_replicas": 1,
+                "ray_actor_options": options,
+                "user_config": {"weights": None, "weights_version": "v1"},
+            },
+        )
+    )
+    assert requests.get(f"{cluster.http}/v1/status", timeout=30).status_code == 401
+    headers = {"authorization": f"Bearer {token}"}
+    assert requests.get(f"{cluster.http}/v1/status", headers=headers, timeout=30).json()["weights_version"] == "v1"
+
+    def rollout(env_token: str | None) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in __import__("os").environ.items() if k != "WARMSERVE_ADMIN_TOKEN"}
+        if env_token:
+            env["WARMSERVE_ADMIN_TOKEN"] = env_token
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deployments.cli",
+                "rollout",
+                "--weights",
+                str(tmp_path / "v2.safetensors"),
+                "--version",
+                "v2",
+                "--address",
+                cluster.dashboard,
+                "--http",
+                cluster.http,
+                "--wait",
+                "60",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+
+    refused = rollout(None)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "WARMSERVE_ADMIN_TOKEN" in refused.stderr
+    status = requests.get(f"{cluster.http}/v1/status", headers=headers, timeout=30).json()
+    assert status["weights_version"] == "v1" and "unsigned" in status["last_swap"]["error"]
+    ok = rollout(token)
+    assert ok.returncode == 0, ok.stderr
+    assert requests.get(f"{cluster.http}/v1/status", headers=headers, timeout=30).json()["weights_version"] == "v2"

@@ -1,0 +1,44 @@
+"""Access control for the admin paths: weight rollouts and replica status.
+
+With ``WARMSERVE_ADMIN_TOKEN`` set on the replicas, a rollout's ``user_config`` must carry an HMAC of its
+weights URI and version made with the same token (``warmserve rollout`` adds it), and ``/v1/status``
+needs ``Authorization: Bearer <token>``. Anyone who can edit the Serve config without the token cannot
+make replicas load other weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
+from typing import Any
+
+TOKEN_ENV = "WARMSERVE_ADMIN_TOKEN"
+
+
+def admin_token(environ: Mapping[str, str] | None = None) -> str | None:
+    return (os.environ if environ is None else environ).get(TOKEN_ENV) or None
+
+
+def sign_rollout(token: str, weights: str, version: str) -> str:
+    return hmac.new(token.encode(), f"{weights}\n{version}".encode(), hashlib.sha256).hexdigest()
+
+
+def rollout_problem(config: Mapping[str, Any], token: str | None) -> str | None:
+    """Why a rollout's user_config must be refused, or None if it may proceed."""
+    if token is None:
+        return None
+    signature = config.get("signature")
+    if not isinstance(signature, str) or not signature:
+        return f"unsigned rollout refused: {TOKEN_ENV} is set on this replica; use `warmserve rollout` with the token"
+    want = sign_rollout(token, str(config.get("weights")), str(config.get("weights_version")))
+    if not hmac.compare_digest(want, signature):
+        return "rollout signature does not match this replica's admin token"
+    return None
+
+
+def authorized(header: str | None, token: str | None) -> bool:
+    if token is None:
+        return True
+    return header is not None and hmac.compare_digest(header, f"Bearer {token}")
