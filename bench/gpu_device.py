@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,35 +23,13 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import build_command, build_env, run_build  # noqa: E402
 
 
 def build(model: str, backend: str, cache_dir: str, inductor_dir: str, timeout: float) -> dict[str, Any]:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_dir, "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "deployments.cli",
-        "build",
-        model,
-        "--backend",
-        backend,
-        "--device",
-        "cuda",
-        "--cache-dir",
-        cache_dir,
-        "--json",
-    ]
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {timeout}s"}
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        why = f"killed by signal {-p.returncode}" if p.returncode < 0 else f"exit {p.returncode}"
-        return {"ok": False, "error": why, "stderr": p.stderr[-1500:], "process_s": wall}
-    report = json.loads(p.stdout)
-    return {"ok": True, **report, "process_s": wall}
+    return run_build(build_command(model, backend, cache_dir, device="cuda"), build_env(inductor_dir), timeout)
 
 
 def engine_latency(fn: Any, x: torch.Tensor, iters: int = 50) -> float:
@@ -147,7 +124,6 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=240)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "model": args.model,

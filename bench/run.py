@@ -27,6 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import build_command, build_env  # noqa: E402
+
 
 def build(
     model: str,
@@ -36,22 +38,14 @@ def build(
     extra_env: dict[str, str] | None = None,
     shared: str | None = None,
 ) -> subprocess.Popen[str]:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor), "PYTHONPATH": str(ROOT), **(extra_env or {})}
-    cmd = [
-        sys.executable,
-        "-m",
-        "deployments.cli",
-        "build",
-        model,
-        "--backend",
-        backend,
-        "--cache-dir",
-        str(cache_dir),
-        "--json",
-    ]
-    if shared:
-        cmd += ["--shared-cache", shared]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    """Start a build in a fresh process (several may run at once: the scale-out measurement)."""
+    return subprocess.Popen(
+        build_command(model, backend, cache_dir, shared=shared),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=build_env(inductor, extra_env),
+    )
 
 
 def finish(p: subprocess.Popen[str]) -> dict[str, Any]:

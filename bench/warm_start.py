@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,32 +19,14 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import build_command, build_env, must, run_build  # noqa: E402
+
 
 def build(model: str, backend: str, cache_dir: str, inductor_dir: str, extra: list[str]) -> dict:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_dir}
-    t0 = time.perf_counter()
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deployments.cli",
-            "build",
-            model,
-            "--backend",
-            backend,
-            "--cache-dir",
-            cache_dir,
-            "--json",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    )
-    report = json.loads(out.stdout)
-    report["process_seconds"] = time.perf_counter() - t0
-    return report
+    return must(run_build(build_command(model, backend, cache_dir, extra=extra), build_env(inductor_dir)))
 
 
 def latency(fn, x: torch.Tensor, warmup: int = 5, iters: int = 30) -> float:

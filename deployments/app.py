@@ -45,35 +45,28 @@ class Unauthorized(PermissionError):
 
 
 # The one error boundary: client mistakes are 4xx with a message; anything else is logged and answered 500.
-@api.exception_handler(InputError)
-async def _bad_input(request: Request, e: InputError) -> JSONResponse:
-    return JSONResponse({"error": str(e)}, status_code=400)
+CLIENT_ERRORS: dict[type[Exception], int] = {
+    InputError: 400,
+    Unauthorized: 401,
+    ModelNotFound: 404,
+    BodyTooLarge: 413,
+    NotReady: 503,
+}
+
+
+async def _client_error(request: Request, e: Exception) -> JSONResponse:
+    status = next(code for cls, code in CLIENT_ERRORS.items() if isinstance(e, cls))
+    return JSONResponse({"error": str(e)}, status_code=status)
+
+
+for _error in CLIENT_ERRORS:
+    api.add_exception_handler(_error, _client_error)
 
 
 @api.exception_handler(RequestValidationError)
 async def _bad_params(request: Request, e: RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg')}" for err in e.errors())
     return JSONResponse({"error": f"invalid request: {problems}"}, status_code=400)
-
-
-@api.exception_handler(ModelNotFound)
-async def _not_found(request: Request, e: ModelNotFound) -> JSONResponse:
-    return JSONResponse({"error": str(e)}, status_code=404)
-
-
-@api.exception_handler(BodyTooLarge)
-async def _too_large(request: Request, e: BodyTooLarge) -> JSONResponse:
-    return JSONResponse({"error": str(e)}, status_code=413)
-
-
-@api.exception_handler(Unauthorized)
-async def _unauthorized(request: Request, e: Unauthorized) -> JSONResponse:
-    return JSONResponse({"error": str(e)}, status_code=401)
-
-
-@api.exception_handler(NotReady)
-async def _not_ready(request: Request, e: NotReady) -> JSONResponse:
-    return JSONResponse({"error": str(e)}, status_code=503)
 
 
 @api.exception_handler(Exception)
