@@ -149,9 +149,9 @@ def _run(args: argparse.Namespace, cache: EngineCache) -> int:
             print(table(rows, ["tier", "entries", "bytes", "budget", "quarantined", "leases", "url"]))
     elif args.verb == "verify":
         for tier in tiers:
-            for key_id in tier.key_ids():
-                problem = tier.verify(key_id)
-                out.append({"tier": tier.name, "key": key_id, "ok": problem is None, "problem": problem})
+            for entry in tier.entries():
+                problem = tier.verify(entry.key_id)
+                out.append({"tier": tier.name, "key": entry.key_id, "ok": problem is None, "problem": problem})
         status = 0 if all(r["ok"] for r in out) else 1
         if not args.json:
             bad = [r for r in out if not r["ok"]]

@@ -217,10 +217,13 @@ class Tier:
         return EntryInfo(key_id, size, last_used, manifest, problem)
 
     def entries(self) -> list[EntryInfo]:
+        """Every entry with at least one file (an emptied directory left by some S3 servers is no entry)."""
         out = []
         for key_id in self.key_ids():
             with contextlib.suppress(FileNotFoundError):
-                out.append(self.entry(key_id))
+                info = self.entry(key_id)
+                if info.size or info.manifest or info.last_used:
+                    out.append(info)
         return out
 
     def total_bytes(self) -> int:

@@ -223,5 +223,10 @@ def test_shared_store_down_mid_run(tmp_path: Path) -> None:
         assert time.monotonic() - t0 < 30  # fails fast, no long retry loops
         # The store comes back: after retry_after the shared tier is used again.
         server.start()
-        node_c, _ = make_cache(tmp_path / "c", url, opts)
-        assert node_c.get_or_build(key(1), lambda: b"never").outcome == "shared-hit"
+        # SeaweedFS answers before its volumes are back: allow it a little time, as a client would.
+        outcome, deadline = "", time.monotonic() + 60
+        while outcome != "shared-hit" and time.monotonic() < deadline:
+            node_c, _ = make_cache(tmp_path / f"c{int(time.monotonic() * 1000)}", url, opts)
+            outcome = node_c.get_or_build(key(1), lambda: b"never").outcome
+            time.sleep(1)
+        assert outcome == "shared-hit"
