@@ -226,9 +226,6 @@ class Tier:
                     out.append(info)
         return out
 
-    def total_bytes(self) -> int:
-        return sum(e.size for e in self.entries())
-
     def evict(self, protect: str | None = None, budget: int | None = None) -> tuple[int, int]:
         """Remove least-recently-used entries until the tier fits its budget. Returns (entries, bytes)."""
         limit = self.budget_bytes if budget is None else budget

@@ -65,6 +65,3 @@ class RaySink(Sink):
                     self._metric(spec).set(value, tags=dict(labels) or None)
                 except Exception:  # a failing exporter never fails serving
                     logger.exception("refreshing gauge %s failed", spec.name)
-
-    def close(self) -> None:
-        self._stop.set()

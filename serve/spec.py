@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -92,9 +92,6 @@ class ModelSpec:
     @property
     def torch_dtype(self) -> torch.dtype:
         return PRECISIONS[self.precision]
-
-    def with_weights(self, weights: str | None, version: str) -> ModelSpec:
-        return replace(self, weights=weights, weights_version=version)
 
     @classmethod
     def from_mapping(cls, doc: Mapping[str, Any]) -> ModelSpec:

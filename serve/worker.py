@@ -204,10 +204,9 @@ class Worker:
             self._expected = expected_tensors(model)
         with steps("weights"):
             state = load_weights(self._weights_uri(model))
-            validate(state, self._expected)
+            live_state = self._prepare(state)  # validates once, before anything uses the weights
             model.load_state_dict(state, assign=True)
             model = model.to(device=self.device, dtype=self.spec.torch_dtype).eval()
-            live_state = self._prepare(state)
         t_key = time.perf_counter()
         with steps("fingerprint"):
             key = self.key_for(model)
