@@ -45,7 +45,13 @@ def build_command(
 
 def build_env(inductor_dir: str | Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """A fresh Inductor cache per process, so that only warmserve's cache can help a warm start."""
-    return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), "PYTHONPATH": str(ROOT), **(extra or {})}
+    return {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir),
+        "PYTHONPATH": str(ROOT),
+        "WARMSERVE_CACHE_KEY": os.environ.get("WARMSERVE_CACHE_KEY", "bench-signing-key"),  # as in production
+        **(extra or {}),
+    }
 
 
 def run_build(cmd: list[str], env: dict[str, str], timeout: float = 1800) -> dict[str, Any]:

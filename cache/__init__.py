@@ -7,8 +7,10 @@ from cache.errors import (
     CacheError,
     InvalidKey,
     LeaseTimeout,
+    StoreFull,
     StoreUnavailable,
     UnknownStore,
+    UntrustedCache,
 )
 from cache.events import CacheEvents
 from cache.keys import CacheKey
@@ -26,7 +28,9 @@ __all__ = [
     "InvalidKey",
     "LeaseTimeout",
     "Manifest",
+    "StoreFull",
     "StoreUnavailable",
     "Tier",
     "UnknownStore",
+    "UntrustedCache",
 ]

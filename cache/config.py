@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from cache.errors import UntrustedCache
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -43,6 +46,7 @@ class CacheConfig:
     lease_ttl: float = 30.0
     retry_after: float = 30.0
     single_flight: bool = True  # False: every process builds a missing entry itself (for benchmarks)
+    trust_shared: bool = False  # True: no signing key needed for a shared store (only trusted writers)
 
     # environment variable -> (field, parser)
     ENV = {
@@ -54,6 +58,7 @@ class CacheConfig:
         "WARMSERVE_CACHE_WAIT_TIMEOUT": "wait_timeout",
         "WARMSERVE_LEASE_TTL": "lease_ttl",
         "WARMSERVE_SINGLE_FLIGHT": "single_flight",
+        "WARMSERVE_TRUST_SHARED_CACHE": "trust_shared",
     }
 
     @classmethod
@@ -76,6 +81,50 @@ class CacheConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
+    def untrusted_stores(self) -> list[str]:
+        """The configured stores that someone else may be able to write to, each with the reason.
+
+        A remote store (S3, GCS...) counts unless ``trust_shared`` says only trusted principals can write
+        to it; the local directory counts when everyone can write to it, a shared directory when its group can.
+        """
+        found = []
+        if _others_can_write(self.cache_dir, group=False):
+            found.append(f"{self.cache_dir} (local cache directory writable by others)")
+        if self.shared_url and not self.trust_shared:
+            if "://" in self.shared_url and not self.shared_url.startswith("file://"):
+                found.append(f"{self.shared_url} (shared store; its access policy cannot be checked from here)")
+            elif _others_can_write(Path(self.shared_url.removeprefix("file://")).expanduser(), group=True):
+                found.append(f"{self.shared_url} (shared directory writable by others)")
+        return found
+
+    def require_trust(self) -> None:
+        """Refuse to run without a signing key when a store others can write to is configured.
+
+        Cache entries hold native code (AOTInductor shared libraries, TensorRT engines) and pickled
+        artifacts that warmserve loads; without a signature a writer to the store could run code in every
+        replica. With ``signing_key`` set, unsigned and forged entries are refused instead.
+        """
+        if self.signing_key is not None:
+            return
+        stores = self.untrusted_stores()
+        if stores:
+            raise UntrustedCache(
+                "refusing to load engines from a cache that others may write to: "
+                + "; ".join(stores)
+                + ". Entries hold code that every replica loads. Set WARMSERVE_CACHE_KEY to a secret shared by"
+                " your replicas (only entries signed with it are used), or, if only trusted principals can"
+                " write to the shared store, set WARMSERVE_TRUST_SHARED_CACHE=1."
+            )
+
+
+def _others_can_write(path: Path, *, group: bool) -> bool:
+    """True if the directory at ``path`` is writable by everyone (or, with ``group``, by its group)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False  # not there yet: created later under this process' umask
+    return bool(mode & (stat.S_IWOTH | (stat.S_IWGRP if group else 0)))
+
 
 def _coerce(name: str, where: str, value: Any) -> Any:
     try:
@@ -87,7 +136,7 @@ def _coerce(name: str, where: str, value: Any) -> Any:
             return parse_size(value, name=where)
         if name in ("wait_timeout", "lease_ttl", "retry_after"):
             return float(value)
-        if name == "single_flight" and isinstance(value, str):
+        if name in ("single_flight", "trust_shared") and isinstance(value, str):
             if value.lower() not in ("0", "1", "true", "false", "yes", "no"):
                 raise ValueError(f"use 1/0, true/false or yes/no, got {value!r}")
             return value.lower() in ("1", "true", "yes")

@@ -29,3 +29,11 @@ class InvalidKey(CacheError, ValueError):
 
 class UnknownStore(CacheError, ValueError):
     """A store URL names a protocol that no installed package provides."""
+
+
+class UntrustedCache(CacheError, PermissionError):
+    """A store others may write to is configured without a signing key (entries hold code that gets loaded)."""
+
+
+class StoreFull(StoreUnavailable):
+    """A write failed because the filesystem is full (ENOSPC / EDQUOT)."""

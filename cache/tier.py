@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from cache.atomic import TEMP_PREFIX
-from cache.errors import CacheCorrupt, StoreUnavailable
+from cache.errors import CacheCorrupt, StoreFull, StoreUnavailable
 from cache.events import NO_EVENTS, CacheEvents
 from cache.keys import CacheKey, check_key_id
 from cache.manifest import Manifest, producer
 from cache.stores.base import Store
 
 logger = logging.getLogger(__name__)
+
+# Headroom asked of a full filesystem beyond the entry's own bytes (block rounding, directories).
+_SLACK = 64 * 2**10
 
 ENTRIES = "entries"
 LEASES = "leases"
@@ -180,11 +183,24 @@ class Tier:
             manifest = manifest.signed(self.secret)
         t0 = time.perf_counter()
         try:
-            # Content-addressed blob name: two processes publishing different bytes for one key
-            # never pair a manifest with the other's blob.
-            self.store.write(_entry(key.id, BLOB_PREFIX + manifest.blob_sha256), blob)
-            self.store.write(_entry(key.id, MANIFEST), manifest.to_bytes())
-            self.store.touch(_entry(key.id, USED))
+            try:
+                self._write_entry(key, blob, manifest)
+            except StoreFull as e:
+                # The filesystem is full (not just over our budget): make room by evicting
+                # least-recently-used entries, then try once more.
+                free = self.store.free_bytes()
+                need = len(blob) + len(manifest.to_bytes()) + _SLACK - (free or 0)
+                total = sum(info.size for info in self.entries() if info.key_id != key.id)
+                if free is None or need > total:
+                    raise  # evicting everything would not make room: keep what is there
+                logger.warning("%s cache: %s; evicting to make room for %d bytes", self.name, e, len(blob))
+                self.evict(protect=key.id, budget=total - need)
+                self._write_entry(key, blob, manifest)
+        except StoreFull as e:
+            # Reads still work, so the tier stays in use; only this entry is not stored here.
+            logger.warning("%s cache: filesystem full, entry %s not stored: %s", self.name, key.short, e)
+            emit(self.events, "store_error", self.name, "write-full")
+            return None
         except StoreUnavailable as e:
             self._failed("write", e)
             return None
@@ -192,6 +208,24 @@ class Tier:
         if self.budget_bytes is not None:
             self.evict(protect=key.id)
         return manifest
+
+    def _write_entry(self, key: CacheKey, blob: bytes, manifest: Manifest) -> None:
+        """Blob, then manifest (the commit point), then the LRU marker. On failure, nothing is left behind."""
+        # Content-addressed blob name: two processes publishing different bytes for one key
+        # never pair a manifest with the other's blob.
+        blob_name = _entry(key.id, BLOB_PREFIX + manifest.blob_sha256)
+        self.store.write(blob_name, blob)
+        try:
+            self.store.write(_entry(key.id, MANIFEST), manifest.to_bytes())
+        except StoreUnavailable:
+            with contextlib.suppress(StoreUnavailable):
+                try:
+                    self.store.info(_entry(key.id, MANIFEST))  # another process committed the same entry
+                except FileNotFoundError:
+                    self.store.delete(blob_name)
+            raise
+        with contextlib.suppress(StoreUnavailable):  # committed; the LRU marker is best effort
+            self.store.touch(_entry(key.id, USED))
 
     # -- listing, eviction, maintenance -------------------------------------------------------
     def key_ids(self) -> list[str]:

@@ -122,7 +122,10 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.cache_config = cache_config or CacheConfig.load()
         events = MetricsCacheEvents(self.metrics, self.backend_cls.name)
-        self.cache = cache or EngineCache.from_config(self.cache_config, events)
+        if cache is None:
+            self.cache_config.require_trust()
+            cache = EngineCache.from_config(self.cache_config, events)
+        self.cache = cache
         self.backend: Backend = self._make_backend()
         self.verify = verify
         self.tolerance = tolerance if tolerance is not None else (1e-3 if spec.precision == "fp32" else 3e-2)

@@ -64,7 +64,7 @@ class Store(ABC):
         self.write(dst, data)
         self.delete(src)
 
-    def usage(self) -> int | None:
+    def free_bytes(self) -> int | None:
         """Bytes free on the backing filesystem, when the store can tell."""
         return None
 

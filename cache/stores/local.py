@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import time
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cache.atomic import atomic_write
-from cache.errors import InvalidKey, StoreUnavailable
+from cache.errors import InvalidKey, StoreFull, StoreUnavailable
 from cache.locks import locked, try_lock, unlock
 from cache.stores.base import ObjectInfo, Store
 
@@ -45,7 +46,8 @@ class LocalStore(Store):
         try:
             atomic_write(self._path(path), data)
         except OSError as e:
-            raise StoreUnavailable(f"{self.root}: cannot write {path}: {e}") from e
+            error = StoreFull if e.errno in (errno.ENOSPC, errno.EDQUOT) else StoreUnavailable
+            raise error(f"{self.root}: cannot write {path}: {e}") from e
 
     def create(self, path: str, data: bytes) -> bool:
         full = self._path(path)
@@ -86,8 +88,12 @@ class LocalStore(Store):
         return ObjectInfo(size=st.st_size, modified=st.st_mtime)
 
     def touch(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):  # the entry was removed meanwhile
+        try:
             self._path(path).touch()
+        except FileNotFoundError:  # the entry was removed meanwhile
+            pass
+        except OSError as e:
+            raise StoreUnavailable(f"{self.root}: cannot touch {path}: {e}") from e
 
     def move(self, src: str, dst: str) -> None:
         target = self._path(dst)
@@ -95,7 +101,7 @@ class LocalStore(Store):
         with contextlib.suppress(FileNotFoundError):
             os.replace(self._path(src), target)
 
-    def usage(self) -> int | None:
+    def free_bytes(self) -> int | None:
         return shutil.disk_usage(self.root).free
 
     # Readers hold a shared flock on the entry's lock file; the evictor needs it exclusively,

@@ -40,7 +40,7 @@ class RecordingEvents(CacheEvents):
         self._add("lease_takeover")
 
     def store_error(self, tier: str, op: str) -> None:
-        self._add("store_error", tier)
+        self._add("store_error", tier, op)
 
     def total(self, name: str) -> int:
         return sum(v for k, v in self.counts.items() if k[0] == name)

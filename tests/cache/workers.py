@@ -75,3 +75,31 @@ def read_entry_slowly(cache_dir: str, key_n: int, hold: float, marker: str) -> N
 def touch_entry(cache_dir: str, key_n: int) -> bool:
     cache, _ = make_cache(Path(cache_dir))
     return cache.local.lookup(key(key_n)) is not None
+
+
+def full_filesystem(l1: str, l2: str) -> dict[str, Any]:
+    """Run with ``l1`` on a 1 MiB tmpfs: fill it, and report what the cache did (see test_full_filesystem)."""
+    cache, events = make_cache(Path(l1), l2, local_budget=None)
+    kib = 350 * 1024
+    out: dict[str, Any] = {}
+    cache.put(key("a"), b"a" * kib)
+    cache.put(key("b"), b"b" * kib)
+    time.sleep(0.05)
+    assert cache.get(key("a")) is not None  # "a" is now more recently used than "b"
+    cache.put(key("c"), b"c" * kib)  # does not fit: the least recently used entry makes room
+    out["after_c"] = _names(cache.local)
+    out["b_in_l2"] = cache.shared is not None and cache.shared.lookup(key("b")) is not None
+    got = cache.get_or_build(key("d"), lambda: b"d" * (2 * 2**20))  # larger than the whole filesystem
+    out["d"] = (got.outcome, len(got.blob))
+    out["after_d"] = _names(cache.local)
+    out["d_in_l2"] = cache.shared is not None and cache.shared.lookup(key("d")) is not None
+    out["local_hit_a"] = cache.local.lookup(key("a")) is not None
+    out["temp_files"] = [str(p) for p in Path(l1).rglob(".tmp-*")]
+    out["events"] = {" ".join(map(str, k)): v for k, v in events.counts.items()}
+    return out
+
+
+def _names(tier: Any) -> list[str]:
+    """The committed entries of a tier, by the names the scenario gave their keys."""
+    names = {key(n).id: n for n in "abcd"}
+    return sorted(names.get(e.key_id, e.key_id) for e in tier.entries() if e.manifest is not None)
