@@ -54,6 +54,26 @@ CLIENT_ERRORS: dict[type[Exception], int] = {
 }
 
 
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the client errors an endpoint can answer (all carry ``{"error": ...}``)."""
+    what = {
+        400: "malformed request",
+        401: "missing or wrong admin token",
+        404: "no such model",
+        413: "body too large",
+        503: "not ready",
+    }
+    return {
+        code: {"description": what[code], "content": {"application/json": {"schema": ERROR_SCHEMA}}} for code in codes
+    }
+
+
+NOT_READY: dict[int | str, dict[str, Any]] = {200: {"description": "ready"}, 503: {"description": "not ready"}}
+
+
 async def _client_error(request: Request, e: Exception) -> JSONResponse:
     status = next(code for cls, code in CLIENT_ERRORS.items() if isinstance(e, cls))
     return JSONResponse({"error": str(e)}, status_code=status)
@@ -191,15 +211,15 @@ class WarmModel:
     async def server_metadata(self) -> dict[str, Any]:
         return {"name": "warmserve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
 
-    @api.get("/v2/health/live")
+    @api.get("/v2/health/live", response_class=Response, responses={200: {"description": "the server is up"}})
     async def live(self) -> Response:
         return Response(status_code=200)
 
-    @api.get("/v2/health/ready")
+    @api.get("/v2/health/ready", response_class=Response, responses=NOT_READY)
     async def ready(self) -> Response:
         return Response(status_code=200 if self.worker.ready else 503)
 
-    @api.get("/v2/models/{name}")
+    @api.get("/v2/models/{name}", responses=errors(400, 404))
     async def model_metadata(self, name: str) -> dict[str, Any]:
         self._model(name)
         spec = self.settings.model
@@ -225,12 +245,42 @@ class WarmModel:
             },
         }
 
-    @api.get("/v2/models/{name}/ready")
+    @api.get("/v2/models/{name}/ready", response_class=Response, responses={**NOT_READY, **errors(400, 404)})
     async def model_ready(self, name: str) -> Response:
         self._model(name)
         return Response(status_code=200 if self.worker.ready else 503)
 
-    @api.post("/v2/models/{name}/infer")
+    @api.post(
+        "/v2/models/{name}/infer",
+        responses={
+            200: {
+                "description": "the outputs (binary when asked for, with Inference-Header-Content-Length)",
+                "content": {
+                    "application/json": {"schema": oip.INFER_RESPONSE_SCHEMA},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
+            **errors(400, 404, 413, 503),
+        },
+        openapi_extra={
+            "parameters": [
+                {
+                    "name": "Inference-Header-Content-Length",
+                    "in": "header",
+                    "required": False,
+                    "description": "binary extension: length of the JSON header; tensor bytes follow it",
+                    "schema": {"type": "integer", "minimum": 0},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": oip.INFER_REQUEST_SCHEMA},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
+        },
+    )
     async def v2_infer(self, name: str, request: Request) -> Response:
         self._model(name)
         req = oip.parse_request(await self._body(request), request.headers.get(oip.HEADER_LENGTH))
@@ -241,7 +291,19 @@ class WarmModel:
         return Response(body, headers=headers)
 
     # -- Images ------------------------------------------------------------------------------------
-    @api.post("/v1/classify")
+    @api.post(
+        "/v1/classify",
+        responses=errors(400, 413, 503),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                    "image/png": {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
+    )
     async def classify(self, request: Request, top_k: int | None = None) -> dict[str, Any]:
         k = self.settings.top_k if top_k is None else top_k
         if not 1 <= k <= len(self.worker.labels):
@@ -260,7 +322,7 @@ class WarmModel:
             ],
         }
 
-    @api.get("/v1/status")
+    @api.get("/v1/status", responses=errors(401))
     async def status(self, request: Request) -> dict[str, Any]:
         if not authorized(request.headers.get("authorization"), admin_token()):
             raise Unauthorized("this endpoint needs Authorization: Bearer <WARMSERVE_ADMIN_TOKEN>")

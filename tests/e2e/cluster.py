@@ -112,7 +112,7 @@ class RayCluster:
             ],
         }
 
-    def deploy(self, config: dict[str, Any], timeout: float = 240) -> None:
+    def deploy(self, config: dict[str, Any], timeout: float = 240, wait: bool = True) -> None:
         r = requests.put(
             f"{self.dashboard}/api/serve/applications/",
             data=json.dumps(config),
@@ -120,7 +120,19 @@ class RayCluster:
             timeout=30,
         )
         assert r.status_code == 200, r.text
-        self.wait_running(config["applications"][0]["name"], timeout)
+        if wait:
+            self.wait_running(config["applications"][0]["name"], timeout)
+
+    def app_status(self, app: str = "warmserve") -> str | None:
+        details = requests.get(f"{self.dashboard}/api/serve/applications/", timeout=10).json()
+        return (details.get("applications") or {}).get(app, {}).get("status")
+
+    def metrics(self, prefix: str = "ray_warmserve") -> dict[str, list[Any]]:
+        """Samples of every metric family on Ray's metrics endpoint whose name starts with ``prefix``."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
+        return {f.name: f.samples for f in text_string_to_metric_families(text) if f.name.startswith(prefix)}
 
     def wait_running(self, app: str, timeout: float = 240, replicas: int | None = None) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -1,0 +1,71 @@
+"""What the end-to-end tests share: the tiny model's settings, one HTTP inference, eager reference, rollout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+
+from serve.model import build_model
+from tests.e2e.cluster import RayCluster
+
+TINY = {
+    "model": "tests.serve.models:tiny_cnn",
+    "input_shape": "3,16,16",
+    "batch": "1:8",
+    "backend": "aoti",
+    "max_batch_size": 4,
+}
+
+
+def infer(cluster: RayCluster, x: np.ndarray) -> tuple[np.ndarray, str]:
+    body = {"inputs": [{"name": "input__0", "shape": list(x.shape), "datatype": "FP32", "data": x.flatten().tolist()}]}
+    r = requests.post(f"{cluster.http}/v2/models/tiny_cnn/infer", json=body, timeout=60)
+    r.raise_for_status()
+    out = r.json()
+    return np.asarray(out["outputs"][0]["data"], dtype=np.float32).reshape(out["outputs"][0]["shape"]), out[
+        "model_version"
+    ]
+
+
+def eager(state: dict[str, torch.Tensor], x: np.ndarray) -> np.ndarray:
+    model = build_model("tests.serve.models:tiny_cnn")
+    model.load_state_dict(state)
+    with torch.inference_mode():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def rollout(
+    cluster: RayCluster, weights: Path, version: str, token: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`warmserve rollout` as an operator runs it (with WARMSERVE_ADMIN_TOKEN only when ``token`` is given)."""
+    env = {k: v for k, v in os.environ.items() if k != "WARMSERVE_ADMIN_TOKEN"}
+    if token:
+        env["WARMSERVE_ADMIN_TOKEN"] = token
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deployments.cli",
+            "rollout",
+            "--weights",
+            str(weights),
+            "--version",
+            version,
+            "--address",
+            cluster.dashboard,
+            "--http",
+            cluster.http,
+            "--wait",
+            "120",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
