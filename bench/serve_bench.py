@@ -106,6 +106,7 @@ def in_process(args: argparse.Namespace, cache_dir: Path, weights: Path) -> dict
     spec = ModelSpec.from_mapping({"model": args.model, "weights": str(weights), "batch": f"1:{args.max_batch}"})
     from cache import CacheConfig
 
+    torch.set_num_threads(args.replica_cpus)
     worker = Worker(spec, backend=args.backend, device=args.device, cache_config=CacheConfig.load(cache_dir=cache_dir))
     report = worker.start()
     x = spec.input.example(batch=args.max_batch, device=worker.device)
@@ -140,7 +141,13 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8, help="Serve's max_batch_size and the in-process batch")
     ap.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
     ap.add_argument("--seconds", type=float, default=20, help="length of each measured phase")
-    ap.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray node")
+    ap.add_argument("--cpus", type=int, default=8, help="logical CPUs of the local Ray node")
+    ap.add_argument(
+        "--replica-cpus",
+        type=int,
+        default=min(torch.get_num_threads(), 4),
+        help="num_cpus per replica (its torch threads); the in-process baseline uses as many threads",
+    )
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     result: dict[str, Any] = {
@@ -151,6 +158,7 @@ def main() -> None:
         "device": args.device,
         "max_batch": args.max_batch,
         "clients": args.clients,
+        "replica_cpus": args.replica_cpus,
     }
     if args.device == "cuda":
         result["machine"] += f", {torch.cuda.get_device_name()}"
@@ -180,7 +188,8 @@ def main() -> None:
                 "max_batch_size": args.max_batch,
                 "batch_wait_timeout_s": 0.01,
             }
-            actor: dict[str, Any] = {"num_cpus": 1}
+            # Ray sets OMP_NUM_THREADS to the actor's num_cpus: the replica's torch uses that many threads.
+            actor: dict[str, Any] = {"num_cpus": args.replica_cpus}
             if args.device == "cuda":
                 actor["num_gpus"] = 0.25
             dep = {
@@ -208,11 +217,18 @@ def main() -> None:
                 time.sleep(args.seconds)
                 t1 = time.perf_counter()
             done = load.between(t0, t1)
+            calls = items = 0.0
+            for sample in cluster.metrics().get("ray_warmserve_inference_seconds", []):
+                if sample.name.endswith("_count"):
+                    calls += sample.value
+            for sample in cluster.metrics().get("ray_warmserve_inference_items", []):
+                items += sample.value
             result["http"] = {
                 "items_per_s": len(done) / (t1 - t0),
                 "p50_ms": pct(done, 50),
                 "p99_ms": pct(done, 99),
                 "failures": len(load.failures),
+                "mean_batch": items / calls if calls else None,  # rows per engine call (Serve's batching)
             }
 
             # A second replica (warm, from this node's cache), then steady load and a rollout under it.
@@ -265,7 +281,8 @@ def markdown(r: dict[str, Any]) -> str:
         [
             f"# warmserve on Ray Serve — {r['date']}",
             "",
-            f"{r['machine']}; {r['model']} via {r['backend']} on {r['device']}; Serve batches up to {r['max_batch']},"
+            f"{r['machine']}; replicas and the in-process baseline use {r['replica_cpus']} torch threads;"
+            f" {r['model']} via {r['backend']} on {r['device']}; Serve batches up to {r['max_batch']},"
             f" {r['clients']} HTTP clients sending batch-1 binary requests.",
             "",
             "| measure | value | ratio / target |",
@@ -274,7 +291,7 @@ def markdown(r: dict[str, Any]) -> str:
             f"| second replica ready ({s['outcome']}) | {s['seconds']:.2f} s | {s['seconds'] / f['seconds']:.1%} of first |",
             f"| in-process, batch {r['max_batch']} | {ip['items_per_s']:.1f} items/s | |",
             f"| HTTP, 1 replica, Serve batching | {h['items_per_s']:.1f} items/s (p50 {h['p50_ms']:.0f} ms,"
-            f" p99 {h['p99_ms']:.0f} ms, {h['failures']} failed) | {r['http_vs_in_process']:.0%} of in-process (target >= 80%) |",
+            f" p99 {h['p99_ms']:.0f} ms, mean batch {h['mean_batch'] or 0:.1f}, {h['failures']} failed) | {r['http_vs_in_process']:.0%} of in-process (target >= 80%) |",
             f"| steady, 2 replicas | p50 {ro['steady_p50_ms']:.0f} ms, p99 {ro['steady_p99_ms']:.0f} ms | |",
             f"| during rollout ({ro['seconds']:.1f} s, {ro['during_requests']} requests) | p50 {ro['during_p50_ms']:.0f} ms,"
             f" p99 {ro['during_p99_ms']:.0f} ms, {ro['failures']} failed | p99 {r['rollout_p99_ratio']:.2f}x steady (target <= 2x) |",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -35,14 +36,36 @@ def _warm_calls(compiled: Any, spec: InputSpec, device: torch.device) -> None:
             compiled(x)
 
 
+# CUDA graphs are recorded and replayed per thread (Inductor keeps one graph tree per thread), and a
+# capture fails if another thread touches the GPU meanwhile: every compiled call that may record or
+# replay a graph runs on this one thread, for every engine of the process.
+_GRAPH_THREAD = ThreadPoolExecutor(1, thread_name_prefix="cudagraphs")
+
+
 class InductorEngine(Engine):
-    def __init__(self, model: nn.Module, compiled: Any) -> None:
+    """A compiled module. With CUDA graphs, every call runs on the graph thread and its output is copied
+    out of the graph's static buffer before the next replay can overwrite it."""
+
+    def __init__(self, model: nn.Module, compiled: Any, cudagraphs: bool = False) -> None:
         self.model = model
         self.compiled = compiled
+        self._thread = _GRAPH_THREAD if cudagraphs else None
 
-    @torch.inference_mode()
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.compiled(x)
+        return out.clone() if self._thread is not None else out  # type: ignore[no-any-return]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.compiled(x)  # type: ignore[no-any-return]
+        if self._thread is None:
+            return self._run(x)
+        return self._thread.submit(self._run, x).result()
+
+    def warm(self, spec: InputSpec, device: torch.device) -> None:
+        if self._thread is None:
+            _warm_calls(self.compiled, spec, device)
+        else:
+            self._thread.submit(_warm_calls, self.compiled, spec, device).result()
 
     @torch.inference_mode()
     def refit(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -56,12 +79,22 @@ class InductorBackend(Backend):
     name = "inductor"
     swap = "in-place"
 
+    @property
+    def cudagraphs(self) -> bool:
+        # CUDA graphs remove the per-kernel launch cost that dominates small batches on a fast GPU
+        # (resnet18 on an H100: batch 1 8x, batch 32 1.4x the throughput of Inductor without them).
+        return self.device.type == "cuda"
+
+    @property
+    def mode(self) -> str:
+        return "reduce-overhead" if self.cudagraphs else "default"
+
     def settings(self) -> dict[str, Any]:
-        return {"mode": "default", "dynamic_batch": True, "cache": "mega-cache"}
+        return {"mode": self.mode, "dynamic_batch": True, "cache": "mega-cache"}
 
     def compile(self, model: nn.Module, spec: InputSpec) -> bytes:
-        compiled = torch.compile(model)
-        _warm_calls(compiled, spec, self.device)
+        compiled = torch.compile(model, mode=self.mode)
+        InductorEngine(model, compiled, cudagraphs=self.cudagraphs).warm(spec, self.device)
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:
             raise RuntimeError("torch.compiler.save_cache_artifacts() returned nothing to cache")
@@ -69,6 +102,6 @@ class InductorBackend(Backend):
 
     def load(self, artifact: bytes, model: nn.Module, spec: InputSpec) -> Engine:
         torch.compiler.load_cache_artifacts(artifact)
-        compiled = torch.compile(model)
-        _warm_calls(compiled, spec, self.device)
-        return InductorEngine(model, compiled)
+        engine = InductorEngine(model, torch.compile(model, mode=self.mode), cudagraphs=self.cudagraphs)
+        engine.warm(spec, self.device)
+        return engine

@@ -63,6 +63,23 @@ def lifecycle(backend: str, tmp_path: Path) -> None:
     assert rel(warm_worker.infer(x), new) < 1e-2
     for out, version in seen:
         assert rel(out, old if version == "v1" else new) < 1e-2
+    # Many threads at once, each with its own batch size: every answer is its own (CUDA graphs replay
+    # into shared static buffers; the engine must copy each output out before the next replay).
+    inputs = {n: torch.randn(n, 3, 224, 224) for n in (1, 3, 8, 32)}
+    want = {n: eager(state, xi) for n, xi in inputs.items()}
+    errors: list[str] = []
+
+    def client(n: int) -> None:
+        for _ in range(10):
+            if rel(warm_worker.infer(inputs[n]), want[n]) >= 1e-2:
+                errors.append(f"batch {n}: wrong answer")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in inputs for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
     bad = {**state, "fc.bias": torch.full((1000,), float("nan"))}
     assert not warm_worker.swap_weights(bad, "bad").ok and warm_worker.version == "v2"
 
