@@ -4,7 +4,8 @@ weight rollout against steady state.
 
 python bench/serve_bench.py [--model torchvision:resnet18] [--backend aoti] [--device cpu] [--out bench/results]
 
-Clients send batch-1 requests with the binary tensor extension (as tritonclient does). The in-process
+Clients send requests of ``--request-batch`` rows (1 by default) with the binary tensor extension, as
+tritonclient does. The in-process
 baseline calls the same Worker at the batch size Serve forms (``--max-batch``) in a loop.
 """
 
@@ -47,7 +48,8 @@ def binary_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
                     "datatype": "FP32",
                     "parameters": {"binary_data_size": x.nbytes},
                 }
-            ]
+            ],
+            "parameters": {"binary_data_output": True},  # as tritonclient asks by default
         }
     ).encode()
     headers = {"Inference-Header-Content-Length": str(len(head)), "content-type": "application/octet-stream"}
@@ -55,7 +57,7 @@ def binary_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
 
 
 class Load:
-    """``clients`` threads sending batch-1 requests back to back; records (start, seconds, version or error)."""
+    """``clients`` threads sending ``x`` back to back; records (start, seconds, version) or failures."""
 
     def __init__(self, url: str, x: np.ndarray, clients: int) -> None:
         self.url, self.clients = url, clients
@@ -95,6 +97,17 @@ class Load:
 
     def between(self, t0: float, t1: float) -> list[float]:
         return [s for start, s, _ in self.records if t0 <= start < t1]
+
+
+def serve_env(pairs: list[str]) -> dict[str, str]:
+    """``["NAME=VALUE", ...]`` from the command line -> environment for every Ray process."""
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--ray-serve-env wants NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
 
 
 def pct(values: list[float], q: float) -> float:
@@ -140,6 +153,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-batch", type=int, default=8, help="Serve's max_batch_size and the in-process batch")
     ap.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
+    ap.add_argument("--request-batch", type=int, default=1, help="rows per HTTP request")
     ap.add_argument("--seconds", type=float, default=20, help="length of each measured phase")
     ap.add_argument("--cpus", type=int, default=8, help="logical CPUs of the local Ray node")
     ap.add_argument(
@@ -149,6 +163,13 @@ def main() -> None:
         help="num_cpus per replica (its torch threads); the in-process baseline uses as many threads",
     )
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument(
+        "--ray-serve-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="Ray Serve setting for the cluster, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (repeatable)",
+    )
     args = ap.parse_args()
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
@@ -159,6 +180,8 @@ def main() -> None:
         "max_batch": args.max_batch,
         "clients": args.clients,
         "replica_cpus": args.replica_cpus,
+        "request_batch": args.request_batch,
+        "ray_serve_env": args.ray_serve_env,
     }
     if args.device == "cuda":
         result["machine"] += f", {torch.cuda.get_device_name()}"
@@ -173,9 +196,8 @@ def main() -> None:
 
         # The Serve cluster comes first: its first replica builds the engine cold.
         env = build_env(tmpdir / "inductor")
-        cluster = RayCluster(
-            tmpdir / "ray", env={k: env[k] for k in ("WARMSERVE_CACHE_KEY", "TORCHINDUCTOR_CACHE_DIR")}
-        )
+        keep = {k: env[k] for k in ("WARMSERVE_CACHE_KEY", "TORCHINDUCTOR_CACHE_DIR")}
+        cluster = RayCluster(tmpdir / "ray", env={**keep, **serve_env(args.ray_serve_env)})
         cluster.start(num_cpus=args.cpus)
         try:
             app = {
@@ -208,7 +230,7 @@ def main() -> None:
                 int(d)
                 for d in requests.get(f"{cluster.http}/v2/models/{name}", timeout=30).json()["inputs"][0]["shape"][1:]
             ]
-            x = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
+            x = np.random.default_rng(0).standard_normal((args.request_batch, *shape), dtype=np.float32)
 
             # HTTP throughput, one replica.
             with Load(url, x, args.clients) as load:
@@ -224,7 +246,7 @@ def main() -> None:
             for sample in cluster.metrics().get("ray_warmserve_inference_items", []):
                 items += sample.value
             result["http"] = {
-                "items_per_s": len(done) / (t1 - t0),
+                "items_per_s": len(done) * args.request_batch / (t1 - t0),
                 "p50_ms": pct(done, 50),
                 "p99_ms": pct(done, 99),
                 "failures": len(load.failures),
@@ -268,7 +290,7 @@ def main() -> None:
     result["rollout_p99_ratio"] = ro["during_p99_ms"] / ro["steady_p99_ms"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"serve-{args.device}-{args.backend}"
+    stem = f"serve-{args.device}-{args.backend}" + (f"-rows{args.request_batch}" if args.request_batch > 1 else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
@@ -283,7 +305,7 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             f"{r['machine']}; replicas and the in-process baseline use {r['replica_cpus']} torch threads;"
             f" {r['model']} via {r['backend']} on {r['device']}; Serve batches up to {r['max_batch']},"
-            f" {r['clients']} HTTP clients sending batch-1 binary requests.",
+            f" {r['clients']} HTTP clients sending binary requests of {r['request_batch']} row(s).",
             "",
             "| measure | value | ratio / target |",
             "|---|---|---|",

@@ -24,7 +24,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import Load  # noqa: E402
+from bench.serve_bench import Load, serve_env  # noqa: E402
 from tests.e2e.cluster import RayCluster  # noqa: E402
 
 SPY = ["py-spy", "record", "--rate", "200", "--format", "raw", "--nonblocking"]
@@ -53,9 +53,17 @@ def main() -> None:
     ap.add_argument("--replica-cpus", type=int, default=1)
     ap.add_argument("--batch-wait", type=float, default=0.01, help="Serve's batch_wait_timeout_s")
     ap.add_argument("--seconds", type=float, default=8)
+    ap.add_argument("--max-ongoing", type=int, default=None, help="the deployment's max_ongoing_requests")
+    ap.add_argument(
+        "--ray-serve-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="Ray Serve setting for the cluster, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (repeatable)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cluster = RayCluster(Path(tmp) / "ray")
+        cluster = RayCluster(Path(tmp) / "ray", env=serve_env(args.ray_serve_env))
         cluster.start(num_cpus=8)
         try:
             app: dict[str, Any] = {
@@ -72,7 +80,10 @@ def main() -> None:
             actor: dict[str, Any] = {"num_cpus": args.replica_cpus}
             if args.device == "cuda":
                 actor["num_gpus"] = 0.25
-            cluster.deploy(cluster.config(app, {"num_replicas": 1, "ray_actor_options": actor}), timeout=900)
+            dep: dict[str, Any] = {"num_replicas": 1, "ray_actor_options": actor}
+            if args.max_ongoing:
+                dep["max_ongoing_requests"] = args.max_ongoing
+            cluster.deploy(cluster.config(app, dep), timeout=900)
             replica = requests.get(f"{cluster.http}/v1/status", timeout=30).json()["replica_pid"]
             proxy = int(subprocess.run(["pgrep", "-f", "ProxyActor"], capture_output=True, text=True).stdout.split()[0])
             name = args.model.rsplit(":", 1)[-1].rsplit(".", 1)[-1]

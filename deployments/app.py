@@ -122,7 +122,7 @@ def decode_image(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
-@serve.deployment(name="WarmModel", max_ongoing_requests=32, health_check_period_s=5, health_check_timeout_s=30)
+@serve.deployment(name="WarmModel", max_ongoing_requests=128, health_check_period_s=5, health_check_timeout_s=30)
 @serve.ingress(api)
 class WarmModel:
     """One replica: warm-starts its engine in the constructor, so it takes traffic only once ready."""
