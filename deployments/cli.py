@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from cache import cli as cache_cli
-from deployments.settings import AppSettings
-from serve import backends
-from serve import cli as serve_cli
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(cache_only: bool = False) -> argparse.ArgumentParser:
+    """The root parser. ``cache_only`` leaves out the commands that need torch, so that
+    `warmserve cache ...` starts in a fraction of a second."""
     p = argparse.ArgumentParser(
         prog="warmserve",
         description="Serve PyTorch models on Ray Serve with a shared warm-start engine cache.",
@@ -25,9 +24,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cache_cli.add_parser(sub)
-    serve_cli.add_parser(sub)
-    add_run_parser(sub)
-    add_rollout_parser(sub)
+    if not cache_only:
+        from serve import cli as serve_cli
+
+        serve_cli.add_parser(sub)
+        add_run_parser(sub)
+        add_rollout_parser(sub)
     return p
 
 
@@ -47,6 +49,8 @@ def add_run_parser(sub: Any) -> None:
     p.add_argument("--weights-version", metavar="V")
     p.add_argument("--input-shape", metavar="C,H,W")
     p.add_argument("--batch", metavar="MIN:MAX")
+    from serve import backends
+
     p.add_argument("--backend", choices=backends.NAMES)
     p.add_argument("--device")
     p.add_argument("--cache-dir", metavar="DIR")
@@ -60,6 +64,8 @@ def add_run_parser(sub: Any) -> None:
 
 def effective_config(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
+
+    from deployments.settings import AppSettings
 
     config = yaml.safe_load(args.config.read_text())
     app = config["applications"][0]
@@ -178,7 +184,9 @@ def run_rollout(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((w for w in words if not w.startswith("-")), None)
+    args = parser(cache_only=command == "cache").parse_args(words)
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "cache":

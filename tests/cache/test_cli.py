@@ -74,3 +74,14 @@ def test_help_answers() -> None:
     assert r.returncode == 0 and "cache" in r.stdout
     r = warmserve("cache", "evict", "--help")
     assert r.returncode == 0 and "--to-budget" in r.stdout
+
+
+def test_cache_commands_do_not_import_torch(tmp_path: Path) -> None:
+    """`warmserve cache ...` is an operator's quick look: it must not pay for importing torch."""
+    code = (
+        "import sys; from deployments.cli import main;"
+        f" rc = main(['-v', 'cache', 'stats', '--cache-dir', {str(tmp_path)!r}]);"
+        " assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
