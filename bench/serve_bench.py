@@ -99,6 +99,16 @@ class Load:
         return [s for start, s, _ in self.records if t0 <= start < t1]
 
 
+def add_ray_serve_env(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--ray-serve-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="Ray Serve setting for the cluster, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (repeatable)",
+    )
+
+
 def serve_env(pairs: list[str]) -> dict[str, str]:
     """``["NAME=VALUE", ...]`` from the command line -> environment for every Ray process."""
     env = {}
@@ -163,13 +173,7 @@ def main() -> None:
         help="num_cpus per replica (its torch threads); the in-process baseline uses as many threads",
     )
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument(
-        "--ray-serve-env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="Ray Serve setting for the cluster, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (repeatable)",
-    )
+    add_ray_serve_env(ap)
     args = ap.parse_args()
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),

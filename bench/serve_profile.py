@@ -24,7 +24,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import Load, serve_env  # noqa: E402
+from bench.serve_bench import Load, add_ray_serve_env, serve_env  # noqa: E402
 from tests.e2e.cluster import RayCluster  # noqa: E402
 
 SPY = ["py-spy", "record", "--rate", "200", "--format", "raw", "--nonblocking"]
@@ -54,13 +54,7 @@ def main() -> None:
     ap.add_argument("--batch-wait", type=float, default=0.01, help="Serve's batch_wait_timeout_s")
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--max-ongoing", type=int, default=None, help="the deployment's max_ongoing_requests")
-    ap.add_argument(
-        "--ray-serve-env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="Ray Serve setting for the cluster, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (repeatable)",
-    )
+    add_ray_serve_env(ap)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cluster = RayCluster(Path(tmp) / "ray", env=serve_env(args.ray_serve_env))

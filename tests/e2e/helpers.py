@@ -69,3 +69,16 @@ def rollout(
         timeout=180,
         env=env,
     )
+
+
+def weight_versions(tmp_path: Path, *seeds: int) -> list[tuple[dict[str, torch.Tensor], Path]]:
+    """Seeded tiny_cnn weights, each saved as ``v<i>.safetensors``: [(state, path), ...]."""
+    from serve.weights import demo_weights, save_weights
+
+    model = build_model("tests.serve.models:tiny_cnn")
+    out = []
+    for i, seed in enumerate(seeds, 1):
+        state = demo_weights(model, seed=seed)
+        save_weights(state, tmp_path / f"v{i}.safetensors")
+        out.append((state, tmp_path / f"v{i}.safetensors"))
+    return out

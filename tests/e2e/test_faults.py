@@ -17,10 +17,8 @@ import pytest
 import requests
 
 from cache.stores.remote import FsspecStore
-from serve.model import build_model
-from serve.weights import demo_weights, save_weights
 from tests.e2e.cluster import RayCluster
-from tests.e2e.helpers import TINY, eager, infer
+from tests.e2e.helpers import TINY, eager, infer, weight_versions
 from tests.servers import SeaweedFS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -96,10 +94,7 @@ def test_replica_killed_during_a_build_another_takes_over_the_lease(
 
 
 def test_replica_killed_during_a_rollout(cluster: RayCluster, tmp_path: Path) -> None:
-    model = build_model("tests.serve.models:tiny_cnn")
-    v1, v2 = demo_weights(model, seed=31), demo_weights(model, seed=32)
-    save_weights(v1, tmp_path / "v1.safetensors")
-    save_weights(v2, tmp_path / "v2.safetensors")
+    (v1, _), (v2, _) = weight_versions(tmp_path, 31, 32)
     args = {**TINY, "cache_dir": str(tmp_path / "c"), "weights": str(tmp_path / "v1.safetensors")}
     cluster.deploy(cluster.config(args, {"num_replicas": 2, "user_config": {"weights": None, "weights_version": "v1"}}))
     before = cluster.replica_statuses(2)

@@ -17,7 +17,7 @@ import torch
 from serve.model import build_model
 from serve.weights import demo_weights, save_weights
 from tests.e2e.cluster import RayCluster
-from tests.e2e.helpers import TINY, eager, infer, rollout
+from tests.e2e.helpers import TINY, eager, infer, rollout, weight_versions
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -124,10 +124,7 @@ def test_scale_out_under_load_builds_once(cluster: RayCluster, tmp_path: Path) -
 
 
 def test_rollout_under_load(cluster: RayCluster, tmp_path: Path) -> None:
-    model = build_model("tests.serve.models:tiny_cnn")
-    v1, v2 = demo_weights(model, seed=11), demo_weights(model, seed=22)
-    save_weights(v1, tmp_path / "v1.safetensors")
-    save_weights(v2, tmp_path / "v2.safetensors")
+    (v1, _), (v2, _) = weight_versions(tmp_path, 11, 22)
     bad = dict(v2)
     bad["head.weight"] = torch.zeros(3, 3)
     save_weights(bad, tmp_path / "bad.safetensors")
