@@ -6,7 +6,8 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 from unittest import mock
 
@@ -89,11 +90,7 @@ class AOTIBackend(Backend):
         # warning, and finding this CPU's ISA compiles and dlopens probe programs with g++ (1.5 s on an
         # AVX-512 VNNI machine, in every process whose Inductor cache is empty). The cache key already
         # pins the ISA (device_doc), so that comparison is skipped.
-        with (
-            tempfile.NamedTemporaryFile(prefix="warmserve-", suffix=".pt2") as f,
-            torch._inductor.config.patch({"cpp.vec_isa_ok": True}),
-            _no_device_comparison(),
-        ):
+        with tempfile.NamedTemporaryFile(prefix="warmserve-", suffix=".pt2") as f, _no_device_comparison():
             f.write(artifact)
             f.flush()
             index = self.device.index if self.device.index is not None else -1
@@ -101,10 +98,20 @@ class AOTIBackend(Backend):
         return AOTIEngine(runner, self.device)
 
 
-def _no_device_comparison() -> contextlib.AbstractContextManager[object]:
+# The patch swaps a module attribute: two loads at once in one process must not interleave it.
+_LOAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_device_comparison() -> Iterator[None]:
     """Skip the loader's device-metadata comparison (a warning only; see ``AOTIBackend.load``)."""
     import torch._inductor.codecache as codecache
 
-    if not hasattr(codecache, "get_device_information"):  # another torch: nothing to skip
-        return contextlib.nullcontext()
-    return mock.patch.object(codecache, "get_device_information", lambda device_type: {})
+    if hasattr(codecache, "get_device_information"):
+        skip: contextlib.AbstractContextManager[object] = mock.patch.object(
+            codecache, "get_device_information", lambda device_type: {}
+        )
+    else:  # a torch without that function: at least skip the ISA probe build
+        skip = torch._inductor.config.patch({"cpp.vec_isa_ok": True})
+    with _LOAD_LOCK, skip:
+        yield

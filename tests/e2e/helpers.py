@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import requests
@@ -71,14 +72,19 @@ def rollout(
     )
 
 
-def weight_versions(tmp_path: Path, *seeds: int) -> list[tuple[dict[str, torch.Tensor], Path]]:
-    """Seeded tiny_cnn weights, each saved as ``v<i>.safetensors``: [(state, path), ...]."""
+def deploy_versions(
+    cluster: RayCluster, tmp_path: Path, seeds: tuple[int, int], x: np.ndarray
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, np.ndarray], dict[int, dict[str, Any]]]:
+    """Two replicas of tiny_cnn serving v1; weights for v1 and v2 (seeded) saved as ``v<i>.safetensors``.
+
+    Returns the two state dicts, eager's answer to ``x`` per version, and the replicas' statuses."""
     from serve.weights import demo_weights, save_weights
 
     model = build_model("tests.serve.models:tiny_cnn")
-    out = []
-    for i, seed in enumerate(seeds, 1):
-        state = demo_weights(model, seed=seed)
+    states = [demo_weights(model, seed=seed) for seed in seeds]
+    for i, state in enumerate(states, 1):
         save_weights(state, tmp_path / f"v{i}.safetensors")
-        out.append((state, tmp_path / f"v{i}.safetensors"))
-    return out
+    args = {**TINY, "cache_dir": str(tmp_path / "c"), "weights": str(tmp_path / "v1.safetensors")}
+    cluster.deploy(cluster.config(args, {"num_replicas": 2, "user_config": {"weights": None, "weights_version": "v1"}}))
+    want = {f"v{i}": eager(state, x) for i, state in enumerate(states, 1)}
+    return states, want, cluster.replica_statuses(2)

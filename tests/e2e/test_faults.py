@@ -18,7 +18,7 @@ import requests
 
 from cache.stores.remote import FsspecStore
 from tests.e2e.cluster import RayCluster
-from tests.e2e.helpers import TINY, eager, infer, weight_versions
+from tests.e2e.helpers import TINY, deploy_versions, infer
 from tests.servers import SeaweedFS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -94,12 +94,8 @@ def test_replica_killed_during_a_build_another_takes_over_the_lease(
 
 
 def test_replica_killed_during_a_rollout(cluster: RayCluster, tmp_path: Path) -> None:
-    (v1, _), (v2, _) = weight_versions(tmp_path, 31, 32)
-    args = {**TINY, "cache_dir": str(tmp_path / "c"), "weights": str(tmp_path / "v1.safetensors")}
-    cluster.deploy(cluster.config(args, {"num_replicas": 2, "user_config": {"weights": None, "weights_version": "v1"}}))
-    before = cluster.replica_statuses(2)
     x = np.random.default_rng(4).standard_normal((2, 3, 16, 16), dtype=np.float32)
-    want = {"v1": eager(v1, x), "v2": eager(v2, x)}
+    _, want, before = deploy_versions(cluster, tmp_path, (31, 32), x)
     stop = threading.Event()
     results: list[tuple[float, np.ndarray, str]] = []
     errors: list[tuple[float, str]] = []  # first attempts that failed
@@ -146,9 +142,11 @@ def test_replica_killed_during_a_rollout(cluster: RayCluster, tmp_path: Path) ->
         while cluster.app_status() == "RUNNING" and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         victim = min(before)
+        killed_while_rolling_out = proc.poll() is None
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
         _, stderr = proc.communicate(timeout=240)
+        assert killed_while_rolling_out, "the rollout finished before the replica was killed"
         assert proc.returncode == 0, stderr
         done_at = time.monotonic()
         cluster.wait_running("warmserve", timeout=240, replicas=2)

@@ -17,7 +17,7 @@ import torch
 from serve.model import build_model
 from serve.weights import demo_weights, save_weights
 from tests.e2e.cluster import RayCluster
-from tests.e2e.helpers import TINY, eager, infer, rollout, weight_versions
+from tests.e2e.helpers import TINY, deploy_versions, infer, rollout
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -124,15 +124,11 @@ def test_scale_out_under_load_builds_once(cluster: RayCluster, tmp_path: Path) -
 
 
 def test_rollout_under_load(cluster: RayCluster, tmp_path: Path) -> None:
-    (v1, _), (v2, _) = weight_versions(tmp_path, 11, 22)
+    x = np.random.default_rng(2).standard_normal((2, 3, 16, 16), dtype=np.float32)
+    (_, v2), want, before = deploy_versions(cluster, tmp_path, (11, 22), x)
     bad = dict(v2)
     bad["head.weight"] = torch.zeros(3, 3)
     save_weights(bad, tmp_path / "bad.safetensors")
-    args = {**TINY, "cache_dir": str(tmp_path / "c"), "weights": str(tmp_path / "v1.safetensors")}
-    cluster.deploy(cluster.config(args, {"num_replicas": 2, "user_config": {"weights": None, "weights_version": "v1"}}))
-    before = cluster.replica_statuses(2)
-    x = np.random.default_rng(2).standard_normal((2, 3, 16, 16), dtype=np.float32)
-    want = {"v1": eager(v1, x), "v2": eager(v2, x)}
     stop = threading.Event()
     results: list[tuple[np.ndarray, str]] = []
     failures: list[str] = []
