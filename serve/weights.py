@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
+import pickle
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,9 +39,43 @@ def _read_bytes(uri: str) -> bytes:
         raise WeightsError(f"cannot read weights {uri}: {type(e).__name__}: {e}") from e
 
 
+def weights_digest(uri: str) -> str:
+    """sha256 of the weights file at ``uri``: the identity a version label is bound to."""
+    return hashlib.sha256(_read_bytes(uri)).hexdigest()
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """A state dict and the sha256 of the file it came from."""
+
+    state: StateDict
+    sha256: str
+
+
+def read_weights(uri: str, sha256: str | None = None) -> LoadedWeights:
+    """Read a weights file once; with ``sha256``, refuse a file whose content is not that digest."""
+    data = _read_bytes(uri)
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise WeightsError(
+            f"{uri} changed: its sha256 is {digest[:16]}..., but these weights were rolled out as "
+            f"{sha256[:16]}...; restore that file or roll the new one out under a new version label"
+        )
+    return LoadedWeights(_parse(uri, data), digest)
+
+
 def load_weights(uri: str) -> StateDict:
     """A state dict from ``.safetensors`` (preferred) or a ``torch.save`` file; nothing is unpickled."""
-    data = _read_bytes(uri)
+    return read_weights(uri).state
+
+
+SAVE_HINT = (
+    "save weights with safetensors.torch.save_file(model.state_dict(), 'weights.safetensors') "
+    "or torch.save(model.state_dict(), 'weights.pt')"
+)
+
+
+def _parse(uri: str, data: bytes) -> StateDict:
     if uri.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load
@@ -45,15 +83,26 @@ def load_weights(uri: str) -> StateDict:
         try:
             return dict(load(data))
         except (SafetensorError, ValueError, RuntimeError) as e:
-            raise WeightsError(f"{uri} is not a valid safetensors file: {e}") from e
+            raise WeightsError(f"{uri} is not a valid safetensors file ({e}); {SAVE_HINT}") from e
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file
-        raise WeightsError(f"{uri} is neither safetensors nor a torch state dict: {type(e).__name__}: {e}") from e
+    except pickle.UnpicklingError as e:
+        # torch's text advises loading with weights_only=False: never right for a server. Say what it held.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:
+            raise WeightsError(f"{uri} is neither safetensors nor a torch state dict; {SAVE_HINT}") from e
+        raise WeightsError(
+            f"{uri} is not a state dict of tensors: it pickles a {found.group(1)} object, and warmserve never "
+            f"unpickles objects; {SAVE_HINT}"
+        ) from e
+    except Exception as e:  # torch raises many types for a file that is not a torch.save archive
+        raise WeightsError(
+            f"{uri} is neither safetensors nor a torch state dict ({type(e).__name__}); {SAVE_HINT}"
+        ) from e
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{uri} does not hold a flat state dict of tensors")
+        raise WeightsError(f"{uri} does not hold a flat state dict of tensors; {SAVE_HINT}")
     return {str(k): v for k, v in obj.items()}
 
 

@@ -24,7 +24,7 @@ from serve.metrics import Metrics, MetricsCacheEvents
 from serve.model import architecture_doc, build_model, class_names
 from serve.rwlock import RWLock
 from serve.spec import ModelSpec
-from serve.weights import StateDict, ensure_demo_weights, expected_tensors, load_weights, validate
+from serve.weights import StateDict, ensure_demo_weights, expected_tensors, read_weights, validate
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ class StartReport:
     weights_version: str
     probe_error: float | None = None
     total_seconds: float = 0.0  # including building the module and reading weights
+    weights: str = ""  # the file the weights came from
+    weights_sha256: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +92,7 @@ class SwapReport:
     error: str | None = None
     probe_error: float | None = None
     requested: str = ""  # the version asked for; equals ``version`` when ok
+    sha256: str = ""  # of the weights now served (when ok)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +102,7 @@ class SwapReport:
 class _Live:
     engine: Engine
     version: str
+    sha256: str  # of the weights file ("" for weights handed over in memory)
 
 
 class Worker:
@@ -155,6 +159,11 @@ class Worker:
         live = self._live
         return live.version if live else None
 
+    @property
+    def weights_sha256(self) -> str | None:
+        live = self._live
+        return live.sha256 if live else None
+
     def key_for(self, model: nn.Module) -> CacheKey:
         """Weight-agnostic: architecture, input spec, precision, backend settings, device and versions."""
         return CacheKey.from_doc(
@@ -206,7 +215,9 @@ class Worker:
             model = build_model(self.spec.model, meta=True)
             self._expected = expected_tensors(model)
         with steps("weights"):
-            state = load_weights(self._weights_uri(model))
+            uri = self._weights_uri(model)
+            loaded = read_weights(uri)
+            state = loaded.state
             live_state = self._prepare(state)  # validates once, before anything uses the weights
             model.load_state_dict(state, assign=True)
             model = model.to(device=self.device, dtype=self.spec.torch_dtype).eval()
@@ -252,7 +263,7 @@ class Worker:
         self.labels = class_names(self.spec.model, num_outputs)
         self.model = model
         self._artifact = artifact
-        self._live = _Live(engine, self.spec.weights_version)
+        self._live = _Live(engine, self.spec.weights_version, loaded.sha256)
         seconds = time.perf_counter() - t_key  # fingerprint to a refitted, runnable engine
         total = time.perf_counter() - t0
         self.metrics.observe("warmserve_warm_start_seconds", total, path=outcome)
@@ -268,6 +279,8 @@ class Worker:
             weights_version=self.spec.weights_version,
             probe_error=probe,
             total_seconds=round(total, 4),
+            weights=uri,
+            weights_sha256=loaded.sha256,
         )
         logger.info("ready: %s via %s in %.2fs (%s)", self.spec.model, outcome, total, steps.seconds)
         return self.report
@@ -311,10 +324,13 @@ class Worker:
         return torch.cat(outs), live.version
 
     # -- weight swaps -----------------------------------------------------------------------------
-    def swap_weights(self, weights: str | Mapping[str, torch.Tensor], version: str) -> SwapReport:
+    def swap_weights(
+        self, weights: str | Mapping[str, torch.Tensor], version: str, sha256: str | None = None
+    ) -> SwapReport:
         """Validate, refit (a standby engine, or the live one in an exclusive section), verify, switch.
 
-        Never raises for bad weights: the report says why, and the old version keeps serving.
+        With ``sha256``, a weights file whose content has another digest is refused. Never raises for bad
+        weights: the report says why, and the old version keeps serving.
         """
         t0 = time.perf_counter()
         steps = Steps()
@@ -326,7 +342,11 @@ class Worker:
             previous = live.version
             try:
                 with steps("read"):
-                    state = load_weights(weights) if isinstance(weights, str) else dict(weights)
+                    if isinstance(weights, str):
+                        loaded = read_weights(weights, sha256)
+                        state, digest = loaded.state, loaded.sha256
+                    else:
+                        state, digest = dict(weights), sha256 or ""
                 with steps("validate"):
                     new_state = self._prepare(state)
                 probe: float | None = None
@@ -339,7 +359,7 @@ class Worker:
                         with steps("verify"):
                             probe = self._check_probe(engine, new_state)
                     with steps("switch"), self._rw.write():
-                        self._live = _Live(engine, version)
+                        self._live = _Live(engine, version, digest)
                 else:
                     old_state = {k: v.detach().clone() for k, v in self._require_model().state_dict().items()}
                     with steps("exclusive"), self._rw.write():
@@ -350,7 +370,7 @@ class Worker:
                         except RefitError:
                             live.engine.refit(old_state)
                             raise
-                        self._live = _Live(live.engine, version)
+                        self._live = _Live(live.engine, version, digest)
             except (WeightsError, RefitError) as e:
                 self.metrics.inc("warmserve_weight_swaps", result="rejected")
                 logger.warning("weights %s rejected; still serving %s: %s", version, previous, e)
@@ -361,7 +381,13 @@ class Worker:
                 self.metrics.inc("warmserve_weight_swaps", result="failed")
                 logger.exception("swap to %s failed; still serving %s", version, previous)
                 return SwapReport(
-                    False, previous, previous, time.perf_counter() - t0, steps.seconds, f"{type(e).__name__}: {e}"
+                    False,
+                    previous,
+                    previous,
+                    time.perf_counter() - t0,
+                    steps.seconds,
+                    f"{type(e).__name__}: {e}",
+                    requested=version,
                 )
         self.metrics.observe(
             "warmserve_refit_seconds", steps.seconds.get("refit", steps.seconds.get("exclusive", 0)), backend=name
@@ -371,7 +397,15 @@ class Worker:
         self.metrics.set("warmserve_weights_version_info", 1, version=version)
         logger.info("now serving weights %s (was %s) after %.3fs", version, previous, time.perf_counter() - t0)
         return SwapReport(
-            True, version, previous, round(time.perf_counter() - t0, 4), steps.seconds, None, probe, requested=version
+            True,
+            version,
+            previous,
+            round(time.perf_counter() - t0, 4),
+            steps.seconds,
+            None,
+            probe,
+            requested=version,
+            sha256=digest,
         )
 
     def _check_probe(self, engine: Engine, state: StateDict) -> float:

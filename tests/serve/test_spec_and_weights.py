@@ -92,3 +92,28 @@ def test_unreadable_weights(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(WeightsError, match="neither safetensors nor"):
         load_weights(str(tmp_path / "junk.pt"))
+
+
+class Note:
+    """An object a checkpoint might pickle next to its tensors."""
+
+
+def test_weights_errors_say_what_to_send(tmp_path: Path) -> None:
+    torch.save({"w": torch.zeros(1), "note": Note()}, tmp_path / "objects.pt")
+    with pytest.raises(WeightsError) as e:
+        load_weights(str(tmp_path / "objects.pt"))
+    text = str(e.value)
+    assert "Note object" in text and "never unpickles" in text and "save_file(model.state_dict()" in text
+    assert "weights_only" not in text  # torch's advice to switch it off is never right for a server
+
+
+def test_a_pinned_digest_refuses_other_content(tmp_path: Path) -> None:
+    from serve.weights import read_weights, weights_digest
+
+    model = build_model(TINY)
+    save_weights(demo_weights(model, seed=1), tmp_path / "w.safetensors")
+    digest = weights_digest(str(tmp_path / "w.safetensors"))
+    assert read_weights(str(tmp_path / "w.safetensors"), digest).sha256 == digest
+    save_weights(demo_weights(model, seed=2), tmp_path / "w.safetensors")  # same name, other content
+    with pytest.raises(WeightsError, match="changed: its sha256 is"):
+        read_weights(str(tmp_path / "w.safetensors"), digest)
