@@ -17,6 +17,7 @@ from ray import serve
 from cache.config import CacheConfig
 from deployments import oip
 from deployments.auth import admin_token, authorized, rollout_problem
+from deployments.errors import BodyTooLarge, ModelNotFound, ReplicaStartError, Unauthorized
 from deployments.settings import AppSettings
 from serve.errors import InputError, NotReady
 from serve.metrics import Metrics
@@ -30,18 +31,6 @@ api = FastAPI(
     docs_url="/docs",
     openapi_url="/openapi.json",
 )
-
-
-class ModelNotFound(LookupError):
-    pass
-
-
-class BodyTooLarge(ValueError):
-    pass
-
-
-class Unauthorized(PermissionError):
-    pass
 
 
 # The one error boundary: client mistakes are 4xx with a message; anything else is logged and answered 500.
@@ -108,8 +97,15 @@ def decode_image(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     try:
         img: Image.Image = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"body is not a decodable JPEG or PNG image: {e}") from e
+    except UnidentifiedImageError as e:
+        raise InputError(
+            f"the body ({len(data)} bytes) is not an image format warmserve reads; "
+            "send a JPEG or PNG file as the request body (curl --data-binary @photo.jpg)"
+        ) from e
+    except Image.DecompressionBombError as e:
+        raise InputError(f"the image is too large to decode safely: {e}") from e
+    except (OSError, ValueError) as e:  # PIL's own words for a truncated or corrupt file name no objects
+        raise InputError(f"the image in the body is truncated or corrupt ({e}); send a whole JPEG or PNG file") from e
     img = img.convert("RGB")
     h, w = shape[1], shape[2]
     scale = max(h / img.height, w / img.width)
@@ -147,31 +143,59 @@ class WarmModel:
         )
         self.start_report = self.worker.start()
         self.last_swap: SwapReport | None = None
-        self.weights = self.settings.model.weights
+        self.weights = self.start_report.weights
+        self._configured = False  # Serve calls reconfigure once before the replica takes traffic
         self._configure_batching(self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
         logger.info("replica %s ready: %s", os.getpid(), self.start_report.to_dict())
 
     # -- Serve hooks ---------------------------------------------------------------------------
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """Take a new ``user_config``: weights (refit, never a rebuild) and batching. Never raises, so bad
-        weights cannot crash-loop replicas: the report says why and the old version keeps serving."""
+        """Take a new ``user_config``: weights (refit, never a rebuild) and batching.
+
+        On a live replica, refused weights never raise (that would crash-loop replicas): the report says
+        why and the old version keeps serving. On a replica that has not taken traffic yet (Serve calls
+        this once before it does), refused weights fail the start: a replica never serves weights other
+        than the configured ones."""
         config = dict(config or {})
+        initial, self._configured = not self._configured, True
         self._configure_batching(
             int(config.get("max_batch_size", self.settings.max_batch_size)),
             float(config.get("batch_wait_timeout_s", self.settings.batch_wait_timeout_s)),
         )
+        problem = self._take_weights(config)
+        if problem and initial:
+            raise ReplicaStartError(
+                f"this replica cannot serve the configured weights {config.get('weights_version')} "
+                f"({config.get('weights')}): {problem}"
+            )
+
+    def _take_weights(self, config: dict[str, Any]) -> str | None:
+        """Swap to the weights ``config`` names, if they are new; the reason they were refused, or None."""
         weights, version = config.get("weights"), config.get("weights_version")
-        if weights is None or version is None or version == self.worker.version:
-            return
-        problem = rollout_problem(config, admin_token())
-        if problem:
-            logger.warning("weights %s not loaded: %s", version, problem)
-            current = self.worker.version or ""
-            self.last_swap = SwapReport(False, current, current, 0.0, error=problem, requested=str(version))
-            return
-        self.last_swap = self.worker.swap_weights(str(weights), str(version))
-        if self.last_swap.ok:
-            self.weights = str(weights)
+        sha256 = config.get("weights_sha256") or None
+        if weights is None or version is None:
+            return None
+        version = str(version)
+        if version == self.worker.version:
+            if sha256 is None or sha256 == self.worker.weights_sha256:
+                return None
+            problem: str | None = (
+                f"version {version} is served here from weights with sha256 "
+                f"{(self.worker.weights_sha256 or '?')[:16]}..., not {sha256[:16]}...: "
+                "a version label names one content"
+            )
+        else:
+            problem = rollout_problem(config, admin_token())
+        if problem is None:
+            self.last_swap = self.worker.swap_weights(str(weights), version, sha256=sha256)
+            if self.last_swap.ok:
+                self.weights = str(weights)
+                return None
+            return self.last_swap.error
+        logger.warning("weights %s not loaded: %s", version, problem)
+        current = self.worker.version or ""
+        self.last_swap = SwapReport(False, current, current, 0.0, error=problem, requested=version)
+        return problem
 
     def check_health(self) -> None:
         if not self.worker.ready:
@@ -328,9 +352,11 @@ class WarmModel:
             raise Unauthorized("this endpoint needs Authorization: Bearer <WARMSERVE_ADMIN_TOKEN>")
         return {
             "replica_pid": os.getpid(),
+            "replica": serve.get_replica_context().replica_id.unique_id,  # the `replica` label of its metrics
             "ready": self.worker.ready,
             "weights_version": self.worker.version,
             "weights": self.weights,
+            "weights_sha256": self.worker.weights_sha256,
             "start": self.start_report.to_dict(),
             "last_swap": self.last_swap.to_dict() if self.last_swap else None,
         }

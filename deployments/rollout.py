@@ -1,64 +1,83 @@
 """`warmserve rollout`: push new weights to every live replica through Serve's declarative config.
 
 Only ``user_config`` changes, so Serve does a lightweight update: each replica's ``reconfigure`` refits
-its engine in place. Nothing restarts and nothing is rebuilt.
+its engine in place. Nothing restarts and nothing is rebuilt. The weights are pinned by their sha256, and
+a version label is bound to one digest for good. If any replica refuses the weights, or the update does
+not finish, the previous config is put back exactly, so a replica started later (a replacement, a
+scale-out) starts on the last good weights, never on the refused ones.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import requests
 
+from cache.config import CacheConfig
+from deployments import ledger
 from deployments.auth import admin_token, sign_rollout
+from deployments.dashboard import Dashboard
+from deployments.errors import DashboardError, RolloutError, VersionConflict
+from serve.spec import ModelSpec
+from serve.weights import weights_digest
 
 
-class RolloutError(RuntimeError):
-    pass
-
-
-def current_config(address: str, timeout: float = 10) -> dict[str, Any]:
-    """The declarative config the cluster runs now, rebuilt from the dashboard's Serve REST API."""
-    try:
-        r = requests.get(f"{address}/api/serve/applications/", timeout=timeout)
-    except requests.RequestException as e:
-        raise RolloutError(f"cannot reach the Ray dashboard at {address}: {e}") from e
-    if r.status_code != 200:
-        raise RolloutError(f"GET /api/serve/applications/ answered {r.status_code}: {r.text[:300]}")
-    details = r.json()
-    apps = [a.get("deployed_app_config") for a in (details.get("applications") or {}).values()]
-    if not apps or any(a is None for a in apps):
-        raise RolloutError(
-            "no application on this cluster was deployed from a config file; "
-            "start it with `warmserve run` or `serve deploy deployments/config.yaml`"
-        )
-    config: dict[str, Any] = {"applications": apps}
-    for k in ("proxy_location", "http_options"):
-        if details.get(k) is not None:
-            config[k] = details[k]
-    return config
-
-
-def with_weights(config: dict[str, Any], app: str, deployment: str, weights: str, version: str) -> dict[str, Any]:
-    new = copy.deepcopy(config)
-    target = next((a for a in new["applications"] if a.get("name") == app), None)
+def _app(config: dict[str, Any], app: str) -> dict[str, Any]:
+    target = next((a for a in config["applications"] if a.get("name") == app), None)
     if target is None:
-        names = [a.get("name") for a in new["applications"]]
-        raise RolloutError(f"no application {app!r} on the cluster (it has {names})")
-    deployments = target.setdefault("deployments", [])
+        names = [a.get("name") for a in config["applications"]]
+        raise RolloutError(f"no application {app!r} on the cluster (it has {names}); pass --app")
+    return target  # type: ignore[no-any-return]
+
+
+def _deployment(config: dict[str, Any], app: str, deployment: str) -> dict[str, Any]:
+    """The deployment's entry in ``config`` (created if absent), to edit in place."""
+    deployments = _app(config, app).setdefault("deployments", [])
     entry = next((d for d in deployments if d.get("name") == deployment), None)
     if entry is None:
         entry = {"name": deployment}
         deployments.append(entry)
+    return entry  # type: ignore[no-any-return]
+
+
+def user_config_of(config: dict[str, Any], app: str, deployment: str) -> dict[str, Any]:
+    return dict(_deployment(copy.deepcopy(config), app, deployment).get("user_config") or {})
+
+
+def versions_of(user_config: dict[str, Any]) -> dict[str, str]:
+    """label -> sha256 of every version this deployment has been given (the current one included)."""
+    known = dict(user_config.get("versions") or {})
+    if user_config.get("weights_version") and user_config.get("weights_sha256"):
+        known[str(user_config["weights_version"])] = str(user_config["weights_sha256"])
+    return known
+
+
+def with_weights(
+    config: dict[str, Any], app: str, deployment: str, weights: str, version: str, sha256: str
+) -> dict[str, Any]:
+    """``config`` with the deployment's user_config pointing at ``weights`` as ``version``.
+
+    Raises ``VersionConflict`` if ``version`` already names weights with another digest."""
+    new = copy.deepcopy(config)
+    entry = _deployment(new, app, deployment)
     user_config = dict(entry.get("user_config") or {})
-    user_config.update({"weights": weights, "weights_version": version})
+    known = versions_of(user_config)
+    if known.get(version, sha256) != sha256:
+        raise VersionConflict(
+            f"version {version} already names other weights (sha256 {known[version][:16]}...), and "
+            f"{weights} has sha256 {sha256[:16]}...: a version label names one content; "
+            "roll these weights out under a new label"
+        )
+    known[version] = sha256
+    user_config.update({"weights": weights, "weights_version": version, "weights_sha256": sha256, "versions": known})
     user_config.pop("signature", None)
     token = admin_token()
     if token:
-        user_config["signature"] = sign_rollout(token, weights, version)
+        user_config["signature"] = sign_rollout(token, weights, version, sha256)
     entry["user_config"] = user_config
     return new
 
@@ -66,10 +85,10 @@ def with_weights(config: dict[str, Any], app: str, deployment: str, weights: str
 def replica_states(http: str, samples: int) -> dict[int, dict[str, Any]]:
     """Sample ``/v1/status`` through the proxy (requests land on random replicas): pid -> status."""
     seen: dict[int, dict[str, Any]] = {}
+    token = admin_token()
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     for _ in range(samples):
         try:
-            token = admin_token()
-            headers = {"authorization": f"Bearer {token}"} if token else {}
             r = requests.get(f"{http}/v1/status", headers=headers, timeout=10)
             if r.status_code == 401:
                 raise RolloutError("the replicas require an admin token: set WARMSERVE_ADMIN_TOKEN")
@@ -78,6 +97,25 @@ def replica_states(http: str, samples: int) -> dict[int, dict[str, Any]]:
         except (requests.RequestException, ValueError, KeyError, TypeError):
             continue
     return seen
+
+
+def _wait(
+    dashboard: Dashboard, app: str, deployment: str, deadline: float, done: Callable[[int], bool]
+) -> tuple[str, int]:
+    """Poll until the app is RUNNING with the deployment HEALTHY and ``done(replicas)``; (status, replicas)."""
+    status = "UNKNOWN"
+    while time.monotonic() < deadline:
+        a = dashboard.app(app)
+        status = a.get("status", "UNKNOWN")
+        dep = (a.get("deployments") or {}).get(deployment, {})
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RolloutError(f"application {app} is {status}: {str(a.get('message', ''))[:500]}")
+        if status == "RUNNING" and dep.get("status") == "HEALTHY":
+            replicas = len(dep.get("replicas") or [])
+            if done(replicas):
+                return status, replicas
+        time.sleep(0.5)
+    raise RolloutError(f"application {app} did not finish the update in time (last status {status})")
 
 
 def rollout(
@@ -89,50 +127,63 @@ def rollout(
     deployment: str = "WarmModel",
     wait_s: float = 300.0,
     http: str | None = None,
+    sha256: str | None = None,
 ) -> dict[str, Any]:
-    """Apply the new user_config, wait until Serve reports the deployment healthy, then (with ``http``)
-    until every replica seen through the proxy serves ``version`` or has refused it."""
-    config = with_weights(current_config(address), app, deployment, weights, version)
-    r = requests.put(
-        f"{address}/api/serve/applications/",
-        data=json.dumps(config),
-        headers={"content-type": "application/json"},
-        timeout=30,
-    )
-    if r.status_code != 200:
-        raise RolloutError(f"PUT /api/serve/applications/ answered {r.status_code}: {r.text[:500]}")
-    deadline = time.monotonic() + wait_s
-    status, replicas = "UNKNOWN", 0
-    while time.monotonic() < deadline:
-        details = requests.get(f"{address}/api/serve/applications/", timeout=10).json()
-        a = (details.get("applications") or {}).get(app, {})
-        status = a.get("status", "UNKNOWN")
-        dep = (a.get("deployments") or {}).get(deployment, {})
-        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise RolloutError(f"application {app} is {status}: {a.get('message', '')[:500]}")
-        if status == "RUNNING" and dep.get("status") == "HEALTHY":
-            replicas = len(dep.get("replicas") or [])
-            if not http:
-                break
-            seen = replica_states(http, samples=max(8, 4 * replicas))
-            pending = {p: s for p, s in seen.items() if s.get("weights_version") != version}
-            refused = {
-                p: (s.get("last_swap") or {}).get("error")
-                for p, s in pending.items()
-                if (s.get("last_swap") or {}).get("requested") == version
-            }
-            if refused:
-                raise RolloutError(f"replicas refused {version} and keep serving their old weights: {refused}")
-            if seen and not pending:
-                break
-        time.sleep(0.5)
-    else:
-        raise RolloutError(f"application {app} did not finish the update in {wait_s:.0f}s (last status {status})")
-    return {
-        "app": app,
-        "deployment": deployment,
-        "weights": weights,
-        "version": version,
-        "status": status,
-        "replicas": replicas,
+    """Apply the new weights, wait until every replica seen through ``http`` serves ``version``; on any
+    refusal or failure put the previous config back and raise ``RolloutError``."""
+    dashboard = Dashboard(address)
+    before = dashboard.config()
+    if sha256 is None:
+        try:
+            sha256 = weights_digest(weights)
+        except ValueError as e:
+            raise RolloutError(f"{e}; warmserve rollout reads the file to pin its sha256 (or pass --sha256)") from e
+    config = with_weights(before, app, deployment, weights, version, sha256)
+    current = user_config_of(before, app, deployment)
+    result = {"app": app, "deployment": deployment, "weights": weights, "version": version, "sha256": sha256}
+    if current.get("weights_version") == version and current.get("weights_sha256") == sha256:
+        return {**result, "status": "unchanged", "replicas": None}
+    dashboard.apply(config)
+    try:
+        status, replicas = _wait(
+            dashboard, app, deployment, time.monotonic() + wait_s, lambda n: not http or _all_serve(http, n, version)
+        )
+    except (RolloutError, DashboardError, KeyboardInterrupt) as e:
+        raise RolloutError(f"{e}; {_restore(dashboard, before, app, deployment)}") from e
+    _record(before, app, weights, version, sha256, versions_of(user_config_of(config, app, deployment)))
+    return {**result, "status": status, "replicas": replicas}
+
+
+def _all_serve(http: str, replicas: int, version: str) -> bool:
+    """True once every replica seen serves ``version``; raises if one refused it."""
+    seen = replica_states(http, samples=max(8, 4 * replicas))
+    pending = {p: s for p, s in seen.items() if s.get("weights_version") != version}
+    refused = {
+        p: (s.get("last_swap") or {}).get("error")
+        for p, s in pending.items()
+        if (s.get("last_swap") or {}).get("requested") == version
     }
+    if refused:
+        raise RolloutError(f"replicas refused {version} and keep serving their old weights: {refused}")
+    return bool(seen) and not pending
+
+
+def _restore(dashboard: Dashboard, before: dict[str, Any], app: str, deployment: str) -> str:
+    """Put the config from before the rollout back; say what happened."""
+    old = user_config_of(before, app, deployment).get("weights_version", "the previous weights")
+    try:
+        dashboard.apply(before)
+        _wait(dashboard, app, deployment, time.monotonic() + 120, lambda n: True)
+    except (RolloutError, DashboardError) as e:
+        return f"restoring the previous config ({old}) failed too: {e}"
+    return f"the previous config ({old}) is restored, so every replica, new ones included, serves {old}"
+
+
+def _record(
+    config: dict[str, Any], app: str, weights: str, version: str, sha256: str, versions: dict[str, str]
+) -> Path:
+    """Record the last good rollout in the cache directory `warmserve run` uses for this app."""
+    args = _app(config, app).get("args") or {}
+    directory = CacheConfig.load(cache_dir=args.get("cache_dir")).cache_dir
+    model = str(args.get("model") or ModelSpec().model)
+    return ledger.record(directory, ledger.Rollout(app, model, weights, version, sha256, versions=versions))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -25,12 +26,33 @@ FAST_AUTOSCALING = {
 
 @dataclass
 class RayCluster:
+    """Token authentication on, as Ray ships it for ``ray.init`` clusters: every dashboard call sends the
+    token. The cluster's HOME holds a stale token file, which the explicit token must win over."""
+
     workdir: Path
     gcs_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     env: dict[str, str] = field(default_factory=dict)
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+
+    @property
+    def auth_env(self) -> dict[str, str]:
+        """What a client of this cluster needs in its environment (`warmserve rollout`, for one)."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"}
+
+    def api(self, method: str, body: dict[str, Any] | None = None) -> requests.Response:
+        """The dashboard's Serve REST API, authenticated."""
+        headers = {**self.headers, "content-type": "application/json"} if body is not None else self.headers
+        data = json.dumps(body) if body is not None else None
+        return requests.request(
+            method, f"{self.dashboard}/api/serve/applications/", headers=headers, data=data, timeout=30
+        )
 
     @property
     def dashboard(self) -> str:
@@ -41,7 +63,10 @@ class RayCluster:
         return f"http://127.0.0.1:{self.http_port}"
 
     def _env(self, node: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-        env = {**os.environ, **FAST_AUTOSCALING, **self.env, **(extra or {})}
+        home = self.workdir / "home"
+        (home / ".ray").mkdir(parents=True, exist_ok=True)
+        (home / ".ray" / "auth_token").write_text("a-stale-token-from-another-cluster")
+        env = {**os.environ, **FAST_AUTOSCALING, **self.auth_env, **self.env, **(extra or {}), "HOME": str(home)}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env["WARMSERVE_CACHE_DIR"] = str(self.workdir / node / "cache")
         env["TORCHINDUCTOR_CACHE_DIR"] = str(self.workdir / node / "inductor")
@@ -66,14 +91,17 @@ class RayCluster:
         ]
         subprocess.run(cmd, env=self._env("node1"), check=True, capture_output=True, timeout=120)
         deadline = time.monotonic() + 60
+        code = None
         while True:
             try:
-                if requests.get(f"{self.dashboard}/api/serve/applications/", timeout=2).status_code == 200:
+                code = self.api("GET").status_code
+                if code == 200:
                     return self
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError("the Ray dashboard did not come up")
+                self.stop()  # never leave a cluster behind
+                raise TimeoutError(f"the Ray dashboard did not come up (last answer: {code})")
             time.sleep(0.5)
 
     def add_node(self, name: str, num_cpus: int = 2, env: dict[str, str] | None = None) -> None:
@@ -93,7 +121,10 @@ class RayCluster:
 
     def stop(self) -> None:
         subprocess.run(
-            [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=120
+            [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
+            capture_output=True,
+            timeout=120,
+            env=self._env("node1"),
         )
 
     # -- Serve ---------------------------------------------------------------------------------
@@ -113,18 +144,13 @@ class RayCluster:
         }
 
     def deploy(self, config: dict[str, Any], timeout: float = 240, wait: bool = True) -> None:
-        r = requests.put(
-            f"{self.dashboard}/api/serve/applications/",
-            data=json.dumps(config),
-            headers={"content-type": "application/json"},
-            timeout=30,
-        )
+        r = self.api("PUT", config)
         assert r.status_code == 200, r.text
         if wait:
             self.wait_running(config["applications"][0]["name"], timeout)
 
     def app_status(self, app: str = "warmserve") -> str | None:
-        details = requests.get(f"{self.dashboard}/api/serve/applications/", timeout=10).json()
+        details = self.api("GET").json()
         return (details.get("applications") or {}).get(app, {}).get("status")
 
     def metrics(self, prefix: str = "ray_warmserve") -> dict[str, list[Any]]:
@@ -138,7 +164,7 @@ class RayCluster:
         deadline = time.monotonic() + timeout
         last: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            details = requests.get(f"{self.dashboard}/api/serve/applications/", timeout=10).json()
+            details = self.api("GET").json()
             last = (details.get("applications") or {}).get(app, {})
             dep = (last.get("deployments") or {}).get("WarmModel", {})
             running = [r for r in dep.get("replicas") or [] if r.get("state") == "RUNNING"]
@@ -150,10 +176,10 @@ class RayCluster:
         raise TimeoutError(f"{app} not RUNNING with {replicas} replicas: {json.dumps(last)[:2000]}")
 
     def delete_all(self) -> None:
-        requests.delete(f"{self.dashboard}/api/serve/applications/", timeout=30)
+        self.api("DELETE")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            details = requests.get(f"{self.dashboard}/api/serve/applications/", timeout=10).json()
+            details = self.api("GET").json()
             if not details.get("applications"):
                 return
             time.sleep(1)

@@ -13,7 +13,10 @@ import requests
 import torch
 
 from serve.model import build_model
-from tests.e2e.cluster import RayCluster
+from tests.e2e.cluster import ROOT, RayCluster
+
+# Replicas import the test models from the checkout.
+ROOT_ENV = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
 
 TINY = {
     "model": "tests.serve.models:tiny_cnn",
@@ -45,7 +48,7 @@ def rollout(
     cluster: RayCluster, weights: Path, version: str, token: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """`warmserve rollout` as an operator runs it (with WARMSERVE_ADMIN_TOKEN only when ``token`` is given)."""
-    env = {k: v for k, v in os.environ.items() if k != "WARMSERVE_ADMIN_TOKEN"}
+    env = {**{k: v for k, v in os.environ.items() if k != "WARMSERVE_ADMIN_TOKEN"}, **cluster.auth_env}
     if token:
         env["WARMSERVE_ADMIN_TOKEN"] = token
     return subprocess.run(

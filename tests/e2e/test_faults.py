@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,10 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
+import torch
 
 from cache.stores.remote import FsspecStore
+from serve.weights import save_weights
 from tests.e2e.cluster import RayCluster
-from tests.e2e.helpers import TINY, deploy_versions, infer
+from tests.e2e.helpers import TINY, deploy_versions, infer, rollout
 from tests.servers import SeaweedFS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -135,7 +138,7 @@ def test_replica_killed_during_a_rollout(cluster: RayCluster, tmp_path: Path) ->
             "--wait",
             "180",
         ]
-        env = {k: v for k, v in os.environ.items() if k != "WARMSERVE_ADMIN_TOKEN"}
+        env = {**{k: v for k, v in os.environ.items() if k != "WARMSERVE_ADMIN_TOKEN"}, **cluster.auth_env}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         # Kill one replica as soon as Serve starts applying the new config.
         deadline = time.monotonic() + 60
@@ -168,3 +171,60 @@ def test_replica_killed_during_a_rollout(cluster: RayCluster, tmp_path: Path) ->
     (replacement,) = [s for pid, s in after.items() if pid not in before]
     assert replacement["start"]["outcome"] == "local-hit", replacement
     assert {v for at, _, v in results if at > done_at} == {"v2"}, "after the rollout only v2 is served"
+
+
+def kill_and_replace(cluster: RayCluster, victim: int) -> dict[int, dict[str, Any]]:
+    """SIGKILL one replica and wait until Serve runs two again; the statuses of the two."""
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        with contextlib.suppress(requests.RequestException, TimeoutError, ValueError, KeyError):
+            statuses = cluster.replica_statuses(2, timeout=20)
+            if len(statuses) == 2 and victim not in statuses:
+                return statuses
+        time.sleep(1)
+    raise AssertionError("Serve did not replace the killed replica")
+
+
+def test_refused_rollout_then_replica_killed_serves_the_last_good_weights(cluster: RayCluster, tmp_path: Path) -> None:
+    """v2 (good), v8 (refused by every replica), then a replica dies: its replacement serves v2, never the
+    refused weights and never the base weights. A label reused for other content is refused up front. A
+    weights file changed behind the rollout's back keeps a replacement unready, saying why."""
+    x = np.random.default_rng(5).standard_normal((2, 3, 16, 16), dtype=np.float32)
+    (_, v2), want, before = deploy_versions(cluster, tmp_path, (41, 42), x)
+    nan = dict(v2)
+    nan["head.bias"] = torch.full_like(v2["head.bias"], float("nan"))
+    save_weights(nan, tmp_path / "nan.safetensors")
+
+    assert rollout(cluster, tmp_path / "v2.safetensors", "v2").returncode == 0
+    refused = rollout(cluster, tmp_path / "nan.safetensors", "v8")
+    assert refused.returncode == 1 and "refused v8" in refused.stderr, refused.stderr
+    assert "previous config (v2) is restored" in refused.stderr
+    reused = rollout(cluster, tmp_path / "nan.safetensors", "v2")
+    assert reused.returncode == 2 and "v2 already names other weights" in reused.stderr, reused.stderr
+    live = cluster.api("GET").json()["applications"]["warmserve"]["deployed_app_config"]["deployments"][0]
+    assert live["user_config"]["weights"] == str(tmp_path / "v2.safetensors")
+    assert live["user_config"]["weights_version"] == "v2"
+
+    after = kill_and_replace(cluster, min(before))
+    assert all(s["weights_version"] == "v2" for s in after.values()), after
+    for _ in range(8):  # every answer, from either replica, is v2's
+        out, version = infer(cluster, x)
+        assert version == "v2"
+        np.testing.assert_allclose(out, want["v2"], rtol=1e-4, atol=1e-5)
+
+    # Someone overwrites the v2 file; the next replacement must not serve those weights as v2.
+    save_weights(nan, tmp_path / "v2.safetensors")
+    survivor, victim = sorted(after)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 180
+    message = ""
+    while time.monotonic() < deadline and "changed" not in message:
+        app = cluster.api("GET").json()["applications"]["warmserve"]
+        message = json.dumps(app.get("deployments", {}).get("WarmModel", {}).get("message", ""))
+        time.sleep(2)
+    assert "changed" in message and "v2.safetensors" in message, message
+    assert set(cluster.replica_statuses(2, timeout=10)) == {survivor}  # only the good replica takes traffic
+    out, version = infer(cluster, x)
+    assert version == "v2"
+    np.testing.assert_allclose(out, want["v2"], rtol=1e-4, atol=1e-5)
