@@ -40,13 +40,17 @@ def add_run_parser(sub: Any) -> None:
     p = sub.add_parser(
         "run",
         help="run the HTTP service on Ray Serve (starts a local Ray unless RAY_ADDRESS is set)",
-        description="Run deployments/config.yaml (or --config) with `serve run`, after applying the options "
-        "below. With no options: resnet18 with demo weights, the best backend here, a local cache directory.",
+        description="Run deployments/config.yaml (or --config) on Ray Serve, after applying the options "
+        "below. With no options: resnet18 with seeded demo weights (random labels), the best backend here, a "
+        "local cache directory. Mistakes (model, weights, backend, port, cache trust) are reported before Ray "
+        "starts; a deployment that fails anyway ends the command with its reason (exit 1).",
+        epilog="After `warmserve rollout`, a restart serves the last rolled-out weights (recorded under the cache "
+        "directory) unless --weights or --no-resume is given.",
     )
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file (default: the embedded one)")
-    p.add_argument("--model", help="torchvision:<name> or package.module:factory")
-    p.add_argument("--weights", metavar="URI")
-    p.add_argument("--weights-version", metavar="V")
+    p.add_argument("--model", help="torchvision:<name> or package.module:factory (default torchvision:resnet18)")
+    p.add_argument("--weights", metavar="URI", help="safetensors or torch state dict (default: seeded demo weights)")
+    p.add_argument("--weights-version", metavar="V", help="label of --weights (default v1)")
     p.add_argument("--input-shape", metavar="C,H,W")
     p.add_argument("--batch", metavar="MIN:MAX")
     from serve import backends
@@ -58,17 +62,15 @@ def add_run_parser(sub: Any) -> None:
     p.add_argument("--replicas", type=int, metavar="N", help="fixed replica count instead of autoscaling")
     p.add_argument("--host", help="HTTP host (default from the config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")
+    p.add_argument("--no-resume", action="store_true", help="serve the config's weights, not the last rollout's")
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     p.set_defaults(func=run_service)
 
 
-def effective_config(args: argparse.Namespace) -> dict[str, Any]:
-    import yaml
+def effective_config(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
+    """The config `warmserve run` deploys, and a note on the weights it resumed (or did not)."""
+    from deployments.runner import app_entry, effective_config, load_config, resume_last_rollout
 
-    from deployments.settings import AppSettings
-
-    config = yaml.safe_load(args.config.read_text())
-    app = config["applications"][0]
     overrides = {
         "model": args.model,
         "weights": args.weights,
@@ -80,13 +82,16 @@ def effective_config(args: argparse.Namespace) -> dict[str, Any]:
         "cache_dir": args.cache_dir,
         "shared_cache": args.shared_cache,
     }
-    app.setdefault("args", {}).update({k: v for k, v in overrides.items() if v is not None})
-    AppSettings.from_mapping(app["args"])
+    config = effective_config(load_config(args.config), overrides)
+    app = app_entry(config)
     if args.weights or args.weights_version:
         for dep in app.get("deployments", []):
             uc = dep.setdefault("user_config", {})
             uc["weights"] = app["args"].get("weights")
             uc["weights_version"] = app["args"].get("weights_version", "v1")
+            for stale in ("weights_sha256", "signature"):
+                uc.pop(stale, None)
+    note = resume_last_rollout(config, explicit_weights=bool(args.weights), resume=not args.no_resume)
     if _has_gpu():
         # A GPU fraction per replica, unless the config already asks for GPUs.
         for dep in app.get("deployments", []):
@@ -100,7 +105,7 @@ def effective_config(args: argparse.Namespace) -> dict[str, Any]:
         http["host"] = args.host
     if args.port:
         http["port"] = args.port
-    return dict(config)
+    return config, note
 
 
 def _has_gpu() -> bool:
@@ -110,30 +115,26 @@ def _has_gpu() -> bool:
 
 
 def run_service(args: argparse.Namespace) -> int:
-    import tempfile
-
     import yaml
 
+    from deployments import runner
+    from deployments.errors import ServiceError
+
     try:
-        config = effective_config(args)
-    except (OSError, ValueError, KeyError) as e:
+        config, note = effective_config(args)
+    except (ServiceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         print(yaml.safe_dump(config, sort_keys=False))
         return 0
-    http = config.get("http_options", {})
-    print(
-        f"warmserve: starting on http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)} "
-        "(first start compiles the model; later replicas start warm from the cache)",
-        file=sys.stderr,
-    )
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="warmserve-", delete=False) as f:
-        yaml.safe_dump(config, f, sort_keys=False)
-    from ray.serve.scripts import cli as serve_cli
-
-    serve_cli.main(["run", f.name], standalone_mode=True)
-    return 0
+    if note:
+        runner.say(note)
+    try:
+        return runner.serve(config, verbose=args.verbose > 0)
+    except ServiceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 def add_rollout_parser(sub: Any) -> None:
@@ -141,8 +142,13 @@ def add_rollout_parser(sub: Any) -> None:
         "rollout",
         help="deploy new weights to every live replica (refit in place, no restart, no rebuild)",
         description="Change the weights in the running application's user_config through the Ray dashboard's "
-        "Serve REST API; every replica validates, refits, checks against eager and switches atomically. Bad "
-        "weights are refused by each replica, which keeps serving the old version.",
+        "Serve REST API (with Ray's token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); every "
+        "replica validates, refits, checks against eager and switches atomically. The weights are pinned by "
+        "their sha256 and a version label names one content. If any replica refuses the weights, the previous "
+        "config is restored, so replicas started later serve the last good version too.",
+        epilog="Exit codes: 0 every replica serves the new weights; 1 refused or not finished (previous config "
+        "restored); 2 usage (e.g. a version label reused for other weights); 3 the dashboard is unreachable or "
+        "refuses Ray's token.",
     )
     p.add_argument("--weights", required=True, metavar="URI", help="path or fsspec URL every replica can read")
     p.add_argument("--version", required=True, metavar="V", help="label of the new weights (e.g. v2)")
@@ -155,6 +161,11 @@ def add_rollout_parser(sub: Any) -> None:
     p.add_argument("--deployment", default="WarmModel")
     p.add_argument("--wait", type=float, default=300.0, metavar="S", help="seconds to wait for the update (300)")
     p.add_argument(
+        "--sha256",
+        metavar="HEX",
+        help="the weights' sha256, when this machine cannot read --weights (default: read the file and hash it)",
+    )
+    p.add_argument(
         "--http",
         default="http://127.0.0.1:8000",
         metavar="URL",
@@ -164,7 +175,8 @@ def add_rollout_parser(sub: Any) -> None:
 
 
 def run_rollout(args: argparse.Namespace) -> int:
-    from deployments.rollout import RolloutError, rollout
+    from deployments.errors import ServiceError
+    from deployments.rollout import rollout
 
     try:
         result = rollout(
@@ -175,10 +187,11 @@ def run_rollout(args: argparse.Namespace) -> int:
             deployment=args.deployment,
             wait_s=args.wait,
             http=args.http or None,
+            sha256=args.sha256,
         )
-    except RolloutError as e:
+    except ServiceError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     print(json.dumps(result))
     return 0
 

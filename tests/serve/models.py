@@ -29,3 +29,12 @@ def tiny_cnn_wide() -> nn.Module:
 
 def not_a_module() -> object:
     return object()
+
+
+def tiny_cnn_fails_in_replicas() -> nn.Module:
+    """tiny_cnn, except in a process whose environment says it is a replica (for start-failure tests)."""
+    import os
+
+    if os.environ.get("TINY_CNN_FAIL"):
+        raise RuntimeError("tiny_cnn refuses to build here (TINY_CNN_FAIL is set)")
+    return TinyCNN()

@@ -1,0 +1,309 @@
+"""`warmserve run`: check what can be checked before Ray starts, deploy the config, exit clearly if it fails.
+
+The order is the one an operator wants: a mistake in the model, the weights, the backend, the cache's trust or
+the port is reported in one line before any Ray process exists; a deployment that fails anyway ends the command
+with the replica's own reason, and Ray is shut down again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import requests
+
+from cache.config import CacheConfig
+from cache.errors import CacheError
+from deployments import ledger
+from deployments.errors import StartError
+from deployments.settings import AppSettings
+from serve.errors import WarmserveError
+
+SERVE_NAMESPACE = "serve"
+
+
+def say(message: str, stream: TextIO | None = None) -> None:
+    print(f"warmserve: {message}", file=stream or sys.stderr, flush=True)
+
+
+def app_entry(config: dict[str, Any]) -> dict[str, Any]:
+    apps = config.get("applications") or []
+    if len(apps) != 1:
+        raise StartError(f"the config must hold exactly one application, it holds {len(apps)}")
+    return apps[0]  # type: ignore[no-any-return]
+
+
+def resume_last_rollout(config: dict[str, Any], explicit_weights: bool, resume: bool) -> str | None:
+    """Point every deployment at the last good rollout recorded for this app and model, unless weights were
+    given explicitly or ``resume`` is off. Returns what to tell the operator, or None."""
+    app = app_entry(config)
+    settings = AppSettings.from_mapping(app.get("args"))
+    directory = CacheConfig.load(cache_dir=settings.cache_dir).cache_dir
+    found = ledger.last(directory, str(app.get("name", "warmserve")), settings.model.model)
+    if found is None:
+        return None
+    rollout, path = found
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(rollout.at))
+    if explicit_weights or not resume:
+        why = "--weights was given" if explicit_weights else "--no-resume"
+        return f"not resuming the last rollout ({rollout.version}, {when}, recorded in {path}): {why}"
+    for dep in app.get("deployments") or []:
+        dep["user_config"] = {**(dep.get("user_config") or {}), **rollout.user_config()}
+    return (
+        f"resuming the last rollout: weights {rollout.version} ({rollout.weights}, sha256 {rollout.sha256[:12]}, "
+        f"rolled out {when}; recorded in {path}); --no-resume serves the config's weights instead"
+    )
+
+
+def preflight(config: dict[str, Any], *, local: bool) -> AppSettings:
+    """Everything a replica would fail on, checked here first: settings, model, weights (readable, digest,
+    fitting the model), and on this machine the backend, the cache's trust and the HTTP port."""
+    from serve import backends
+    from serve.model import build_model
+    from serve.weights import expected_tensors, read_weights, validate
+    from serve.worker import pick_device
+
+    app = app_entry(config)
+    try:
+        settings = AppSettings.from_mapping(app.get("args"))
+        model = build_model(settings.model.model, meta=True)
+        expected = expected_tensors(model)
+        wanted = [(settings.model.weights, None, "--weights")]
+        for dep in app.get("deployments") or []:
+            uc = dep.get("user_config") or {}
+            wanted.append((uc.get("weights"), uc.get("weights_sha256"), "the deployment's user_config weights"))
+        checked = set()
+        for uri, sha256, where in wanted:
+            if uri and (uri, sha256) not in checked:
+                checked.add((uri, sha256))
+                try:
+                    validate(read_weights(str(uri), sha256).state, expected)
+                except WarmserveError as e:
+                    raise StartError(f"{where}: {e}") from e
+        if local:
+            device = pick_device(settings.device)
+            backends.resolve(settings.backend, device)
+            CacheConfig.load(
+                cache_dir=settings.cache_dir,
+                shared_url=settings.shared_cache,
+                storage_options=settings.storage_options or None,
+            ).require_trust()
+    except StartError:
+        raise
+    except (WarmserveError, CacheError, ValueError) as e:
+        raise StartError(str(e)) from e
+    if local:
+        http = config.get("http_options") or {}
+        check_port(str(http.get("host", "127.0.0.1")), int(http.get("port", 8000)))
+    return settings
+
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise StartError(
+                    f"port {port} on {host} is already in use (another warmserve or server?); "
+                    "pick a free one with --port"
+                ) from e
+            raise StartError(f"cannot listen on {host}:{port} ({e.strerror}); choose --host/--port") from e
+
+
+def ray_address(environ: dict[str, str] | None = None) -> tuple[str | None, str]:
+    """The Ray cluster ``ray.init`` would join (None: it starts a local one) and where that address came
+    from. An address that does not answer is an error now, not minutes of retries later."""
+    import os
+
+    env = os.environ if environ is None else environ
+    address, source = env.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
+    if address == "local":
+        return None, ""
+    if address in (None, "auto"):
+        from ray._private.utils import read_ray_address
+
+        address, source = read_ray_address(), "the last `ray start` on this machine"
+        if not address:
+            return None, ""
+    if "://" in address:  # ray:// clients and the like: leave them to Ray
+        return address, source
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3):
+            pass
+    except (OSError, ValueError) as e:
+        fix = (
+            "start that cluster, or unset RAY_ADDRESS to start a local one"
+            if source == "RAY_ADDRESS"
+            else "run `ray stop --force` to forget it (a local cluster then starts), or start it again"
+        )
+        raise StartError(f"the Ray cluster at {address} (from {source}) does not answer ({e}); {fix}") from e
+    return address, source
+
+
+def failure_reason(message: str) -> str:
+    """The one line that says why a deployment failed, out of Ray's message and tracebacks."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Unavailable|Refused)\w*: ", ln)]
+    ours = [ln for ln in errors if "Traceback" not in ln and not ln.startswith(("RuntimeError: Traceback",))]
+    if ours:
+        return re.sub(r"^(?:[\w]+\.)+", "", ours[-1])
+    return lines[-1] if lines else "unknown reason (see the Serve logs)"
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C, so `kill` shuts Serve down too."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def serve(config: dict[str, Any], *, verbose: bool = False, ready_timeout: float | None = None) -> int:
+    """Start (or join) Ray, deploy ``config``, report readiness, then serve until interrupted."""
+    address, source = ray_address()
+    local = address is None
+    settings = preflight(config, local=local)
+    http = config.get("http_options") or {}
+    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    app = app_entry(config)
+    name = str(app.get("name", "warmserve"))
+
+    import ray
+    from ray import serve as ray_serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    say(f"starting a local Ray cluster for {url}" if local else f"joining the Ray cluster at {address} ({source})")
+    try:
+        ray.init(address=address or "local", namespace=SERVE_NAMESPACE, log_to_driver=verbose)
+    except KeyboardInterrupt:
+        return 0
+    # After ray.init, which installs a crash handler for SIGTERM: `kill` must shut down cleanly too.
+    with _stop_on_signals():
+        try:
+            schema = ServeDeploySchema.model_validate(config)
+            client = serve_api.serve_start(
+                http_options=schema.http_options.model_dump(),
+                proxy_location=schema.proxy_location,
+                grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+            )
+            client.deploy_apps(schema, _blocking=False)
+            _wait_ready(ray_serve, name, ready_timeout)
+            say(f"ready on {url}: {_describe(url, settings)}")
+            if settings.model.weights is None and not _user_weights(app):
+                say("these are seeded demo weights, so labels are random; serve yours with --weights FILE")
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            say("shutting down")
+            return 0
+        except StartError as e:
+            say(f"error: {e}")
+            return 1
+        finally:
+            _shutdown(ray, ray_serve, name if not local else None)
+
+
+def _shutdown(ray: Any, ray_serve: Any, app: str | None, timeout: float = 60.0) -> None:
+    """Stop Serve (or only ``app`` on a cluster we joined) and Ray, within ``timeout``: a Ray whose
+    processes are already gone must not keep the command from exiting."""
+
+    def stop() -> None:
+        with contextlib.suppress(Exception):
+            if app is None:
+                ray_serve.shutdown()
+            else:
+                ray_serve.delete(app)
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+
+    worker = threading.Thread(target=stop, daemon=True, name="shutdown")
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        say(f"Ray did not shut down within {timeout:.0f}s; exiting anyway (`ray stop --force` cleans up)")
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _user_weights(app: dict[str, Any]) -> bool:
+    return any((d.get("user_config") or {}).get("weights") for d in app.get("deployments") or [])
+
+
+def _wait_ready(ray_serve: Any, name: str, timeout: float | None) -> None:
+    """Until the application is RUNNING; a failed deployment raises ``StartError`` with its reason."""
+    t0 = time.monotonic()
+    last_note = t0
+    while True:
+        status = ray_serve.status().applications.get(name)
+        state = str(getattr(status, "status", "NOT_STARTED"))
+        if state.endswith("RUNNING"):
+            return
+        if state.endswith(("DEPLOY_FAILED", "UNHEALTHY")):
+            messages = [status.message, *(d.message for d in status.deployments.values())]
+            raise StartError(f"the deployment failed: {failure_reason(chr(10).join(m for m in messages if m))}")
+        elapsed = time.monotonic() - t0
+        if timeout is not None and elapsed > timeout:
+            raise StartError(f"the application was not ready after {timeout:.0f}s (state {state})")
+        if time.monotonic() - last_note >= 15:
+            say(f"still starting after {elapsed:.0f}s (a first start compiles the model; later ones load it)")
+            last_note = time.monotonic()
+        time.sleep(0.5)
+
+
+def _describe(url: str, settings: AppSettings) -> str:
+    """One line on what serves: model, backend, weights version, how the first replica started."""
+    try:
+        meta = requests.get(f"{url}/v2/models/{settings.model.name}", timeout=10).json()
+        p = meta["parameters"]
+        start = p["start"]
+        return (
+            f"{start['model']} via {p['backend']} on {p['device']}, weights {p['weights_version']}; "
+            f"engine {start['outcome']} in {start['total_seconds']:.1f}s"
+        )
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return settings.model.model
+
+
+def effective_config(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the command line's model/cache ``overrides`` applied to the app's ``args``."""
+    config = copy.deepcopy(config)
+    app = app_entry(config)
+    app.setdefault("args", {}).update({k: v for k, v in overrides.items() if v is not None})
+    AppSettings.from_mapping(app["args"])
+    return config
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise StartError(f"cannot read the config {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise StartError(f"the config {path} is not valid YAML: {e}") from e
+    if not isinstance(doc, dict) or not doc.get("applications"):
+        raise StartError(f"the config {path} has no `applications:` list (see deployments/config.yaml)")
+    return doc

@@ -1,0 +1,145 @@
+"""`warmserve run` with the mistakes people make: one clear line and an exit, before any Ray process starts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from deployments import cli, runner
+from deployments.errors import StartError
+from serve.model import build_model
+from serve.weights import demo_weights, save_weights
+from tests.servers import free_port
+
+TINY = ["--model", "tests.serve.models:tiny_cnn", "--input-shape", "3,16,16", "--batch", "1:8"]
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Fail the test if anything tries to start or join Ray; no stale cluster address from elsewhere."""
+    import ray
+
+    def refuse(*args: object, **kw: object) -> None:
+        raise AssertionError("Ray was started although the run should have stopped before")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "raytmp"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    yield
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    t0 = time.monotonic()
+    code = cli.main(["run", *argv])
+    err = capsys.readouterr().err
+    assert time.monotonic() - t0 < 60, "a mistake must not wait for anything"
+    return code, err
+
+
+def test_mistakes_are_reported_before_ray_starts(
+    no_ray: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    cache = ["--cache-dir", str(tmp_path / "c"), "--port", str(free_port())]
+    wide = tmp_path / "wide.safetensors"
+    save_weights(demo_weights(build_model("tests.serve.models:tiny_cnn_wide")), wide)
+    (tmp_path / "notes.pt").write_bytes(b"not weights at all")
+    cases = [
+        (["--model", "torchvision:resnet_nope", *cache], "torchvision has no model 'resnet_nope'"),
+        ([*TINY, "--weights", str(tmp_path / "absent.safetensors"), *cache], "cannot read weights"),
+        ([*TINY, "--weights", str(wide), *cache], "weights do not fit the model"),
+        ([*TINY, "--weights", str(tmp_path / "notes.pt"), *cache], "neither safetensors nor a torch state dict"),
+        ([*TINY, "--backend", "tensorrt", *cache], "backend 'tensorrt' cannot run on cpu"),
+        ([*TINY, "--shared-cache", "s3://bucket/warmserve", *cache], "WARMSERVE_CACHE_KEY"),
+        ([*TINY, "--batch", "8:1", *cache], "batch range"),
+    ]
+    for argv, message in cases:
+        code, err = run(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert message in err, (argv, err)
+        assert "Traceback" not in err
+
+
+def test_a_busy_port_names_the_option(no_ray: None, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        code, err = run(capsys, *TINY, "--cache-dir", str(tmp_path / "c"), "--port", str(s.getsockname()[1]))
+    assert code == 2 and "already in use" in err and "--port" in err
+
+
+def test_a_stale_cluster_address_is_named_with_the_fix(
+    no_ray: None, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    (tmp_path / "raytmp" / "ray").mkdir(parents=True)
+    (tmp_path / "raytmp" / "ray" / "ray_current_cluster").write_text(dead)  # where `ray start` notes it
+    code, err = run(capsys, *TINY, "--cache-dir", str(tmp_path / "c"), "--port", str(free_port()))
+    assert code == 2 and dead in err and "ray stop --force" in err
+    monkeypatch.setenv("RAY_ADDRESS", dead)
+    code, err = run(capsys, *TINY, "--cache-dir", str(tmp_path / "c"), "--port", str(free_port()))
+    assert code == 2 and "RAY_ADDRESS" in err and "unset RAY_ADDRESS" in err
+
+
+def test_the_command_line_prints_one_line_and_no_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "raytmp"), "HOME": str(tmp_path)}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "deployments.cli", "run", "--model", "torchvision:resnet_nope", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: torchvision has no model 'resnet_nope' (some that exist: " + out.stderr.split("exist: ")[1].strip()
+    ]
+    assert not (tmp_path / "raytmp").exists(), "Ray left files behind: it was started"
+
+
+def test_deployment_failure_reason_is_one_line() -> None:
+    message = (
+        "Deploying application warmserve failed: The deployment failed to start 3 times in a row. This may be "
+        "due to a problem with its constructor or initial health check failing. See controller logs for "
+        "details. Error:\nray::ServeReplica:warmserve:WarmModel.initialize_and_get_metadata() (pid=1, ip=x)\n"
+        '  File "replica.py", line 1, in initialize\n    raise RuntimeError(traceback.format_exc()) from None\n'
+        "RuntimeError: Traceback (most recent call last):\n"
+        '  File "app.py", line 3, in __init__\n'
+        "deployments.errors.ReplicaStartError: this replica cannot serve the configured weights v2 (/w): "
+        "/w changed\n"
+    )
+    assert runner.failure_reason(message) == (
+        "ReplicaStartError: this replica cannot serve the configured weights v2 (/w): /w changed"
+    )
+
+
+def test_checks_are_exact_about_where_the_weights_come_from(tmp_path: Path) -> None:
+    good = tmp_path / "v2.safetensors"
+    state = demo_weights(build_model("tests.serve.models:tiny_cnn"), seed=2)
+    save_weights(state, good)
+    config = {
+        "applications": [
+            {
+                "name": "warmserve",
+                "args": {"model": "tests.serve.models:tiny_cnn", "input_shape": "3,16,16", "batch": "1:8"},
+                "deployments": [
+                    {"name": "WarmModel", "user_config": {"weights": str(good), "weights_sha256": "0" * 64}}
+                ],
+            }
+        ]
+    }
+    with pytest.raises(StartError, match=r"user_config weights: .* changed"):
+        runner.preflight(config, local=False)
+    state["head.bias"] = torch.full_like(state["head.bias"], float("nan"))
+    save_weights(state, good)
+    config["applications"][0]["deployments"][0]["user_config"].pop("weights_sha256")
+    with pytest.raises(StartError, match="NaN"):
+        runner.preflight(config, local=False)

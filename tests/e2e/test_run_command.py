@@ -1,0 +1,215 @@
+"""`warmserve run` and `warmserve rollout` exactly as the README has a new user type them: a fresh HOME, the
+Ray cluster that `warmserve run` starts itself (token authentication on, as Ray ships it), a restart."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from serve.model import build_model
+from serve.weights import demo_weights, save_weights
+from tests.e2e.helpers import ROOT_ENV
+from tests.servers import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TINY = ["--model", "tests.serve.models:tiny_cnn", "--input-shape", "3,16,16", "--batch", "1:8", "--backend", "aoti"]
+
+
+@dataclass
+class User:
+    """A shell of a new user: a fresh HOME, no Ray token anywhere, a Ray temp dir of its own."""
+
+    home: Path
+    raytmp: Path
+    port: int = field(default_factory=free_port)
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WARMSERVE_"))}
+        return {**env, **ROOT_ENV, "HOME": str(self.home), "RAY_TMPDIR": str(self.raytmp)}
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def warmserve(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "deployments.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+        )
+
+    def ray_processes(self) -> list[str]:
+        """Command lines of live Ray processes that belong to this user's Ray temp dir."""
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if str(self.raytmp) in cmd and "deployments.cli" not in cmd:
+                found.append(cmd[:120])
+        return found
+
+
+@dataclass
+class Service:
+    """A running `warmserve run`, its stderr lines collected as they come."""
+
+    proc: subprocess.Popen[str]
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    seen: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        def pump() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.lines.put(line.rstrip("\n"))
+
+        self._pump = threading.Thread(target=pump, daemon=True)
+        self._pump.start()
+
+    def wait_for(self, text: str, timeout: float = 240) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            self.seen.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"{text!r} never appeared; warmserve run said:\n" + "\n".join(self.seen[-40:]))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._pump.join(10)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+        return code
+
+
+@pytest.fixture
+def user(tmp_path: Path) -> Iterator[User]:
+    # Ray's socket paths must stay short: its temp dir lives directly under the system temp dir.
+    raytmp = Path(tempfile.mkdtemp(prefix="wsray-"))
+    (tmp_path / "home").mkdir()
+    u = User(tmp_path / "home", raytmp)
+    try:
+        yield u
+    finally:
+        subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
+            env=u.env,
+            capture_output=True,
+            timeout=120,
+        )
+
+
+def start(user: User, *args: str) -> Service:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deployments.cli", "run", *TINY, "--port", str(user.port), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=user.env,
+    )
+    return Service(proc)
+
+
+def status(user: User) -> dict[str, object]:
+    return dict(requests.get(f"{user.http}/v1/status", timeout=30).json())
+
+
+def test_run_rollout_restart_as_the_readme_says(user: User, tmp_path: Path) -> None:
+    model = build_model("tests.serve.models:tiny_cnn")
+    v2, bad = demo_weights(model, seed=2), demo_weights(model, seed=3)
+    bad["head.bias"] = torch.full_like(bad["head.bias"], float("nan"))
+    save_weights(v2, tmp_path / "v2.safetensors")
+    save_weights(bad, tmp_path / "bad.safetensors")
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+
+    service = start(user, *cache)
+    try:
+        ready = service.wait_for("ready on")
+        assert "weights v1" in ready
+        service.wait_for("seeded demo weights")
+        assert (user.home / ".ray" / "auth_token").exists(), "Ray did not turn token authentication on"
+        x = np.zeros((1, 3, 16, 16), dtype=np.float32)
+        body = {"inputs": [{"name": "x", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": x.flatten().tolist()}]}
+        assert requests.post(f"{user.http}/v2/models/tiny_cnn/infer", json=body, timeout=30).status_code == 200
+
+        # The token comes from the file Ray wrote in this HOME: nothing else to set up.
+        def rollout(weights: str, version: str) -> subprocess.CompletedProcess[str]:
+            argv = ["--weights", str(tmp_path / weights), "--version", version, "--http", user.http]
+            return user.warmserve("rollout", *argv)
+
+        done = rollout("v2.safetensors", "v2")
+        assert done.returncode == 0, done.stderr
+        refused = rollout("bad.safetensors", "v8")
+        assert refused.returncode == 1, refused.stderr
+        assert "NaN" in refused.stderr and "previous config (v2) is restored" in refused.stderr
+        assert status(user)["weights_version"] == "v2"
+        assert service.stop() == 0
+        service.wait_for("shutting down", timeout=10)
+        deadline = time.monotonic() + 30
+        while user.ray_processes() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert user.ray_processes() == [], "warmserve run left Ray processes behind"
+
+        # A restart serves the last good rollout, and says so.
+        service = start(user, *cache)
+        note = service.wait_for("resuming the last rollout")
+        assert "weights v2" in note
+        assert "weights v2" in service.wait_for("ready on")
+        s = status(user)
+        assert s["weights_version"] == "v2" and s["weights"] == str(tmp_path / "v2.safetensors")
+    finally:
+        if service.proc.poll() is None:
+            service.stop()
+
+
+def test_a_failed_deployment_ends_the_command_with_its_reason(user: User, tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+http_options: {{host: 127.0.0.1, port: {user.port}}}
+applications:
+  - name: warmserve
+    route_prefix: /
+    import_path: deployments.app:build_app
+    args: {{model: "tests.serve.models:tiny_cnn_fails_in_replicas", input_shape: "3,16,16", batch: "1:8",
+            cache_dir: "{tmp_path / "cache"}"}}
+    deployments:
+      - name: WarmModel
+        num_replicas: 1
+        ray_actor_options: {{num_cpus: 1, runtime_env: {{env_vars: {{TINY_CNN_FAIL: "1"}}}}}}
+"""
+    )
+    out = user.warmserve("run", "--config", str(config), timeout=240)
+    assert out.returncode == 1, out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error" in line.lower() and "raylet" not in line]
+    assert errors == [
+        "warmserve: error: the deployment failed: RuntimeError: tiny_cnn refuses to build here (TINY_CNN_FAIL is set)"
+    ], out.stderr
+    assert "Traceback" not in out.stderr
