@@ -36,12 +36,12 @@ def add_parser(sub: Any) -> None:
         p = verbs.add_parser(name, help=text, description=text)
         add_cache_options(p)
         p.add_argument("--tier", choices=("local", "shared", "all"), default="all", help="which tier (default: all)")
-        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
         return p
 
     verb("ls", "list entries: key, backend, size, age, last use, producer")
     verb("stats", "totals per tier: entries, bytes, budget, quarantined entries, open leases")
-    verb("verify", "check every entry (size, sha256, signature, key); exit 1 if any is bad")
+    verb("verify", "check every entry (size, sha256, signature, key); quarantine bad ones and exit 1")
     p = verb("evict", "remove entries by key, all of them, or down to the budget")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--key", action="append", metavar="K", help="a key id (full 64 hex chars); repeatable")
@@ -83,7 +83,15 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        cache = EngineCache.from_config(config_from_args(args))
+        config = config_from_args(args)
+        if not config.cache_dir.is_dir():
+            print(
+                f"error: there is no cache directory at {config.cache_dir} (nothing was cached there); "
+                "--cache-dir or $WARMSERVE_CACHE_DIR names the directory replicas use",
+                file=sys.stderr,
+            )
+            return 2
+        cache = EngineCache.from_config(config)
         return _run(args, cache)
     except (CacheError, ValueError) as e:  # CacheError covers bad keys, stores, corrupt entries
         print(f"error: {e}", file=sys.stderr)
@@ -96,6 +104,21 @@ def _run(args: argparse.Namespace, cache: EngineCache) -> int:
     status = 0
     if args.verb == "ls":
         for tier in tiers:
+            for q in tier.quarantined():
+                out.append(
+                    {
+                        "tier": tier.name,
+                        "key": q.key_id,
+                        "backend": "?",
+                        "bytes": q.size,
+                        "created": None,
+                        "last_used": 0.0,
+                        "producer": "?",
+                        "signed": False,
+                        "problem": f"quarantined {_ago(q.since)}: {q.reason}",
+                        "quarantined_at": q.since,
+                    }
+                )
             for e in tier.entries():
                 m = e.manifest
                 out.append(
@@ -151,12 +174,14 @@ def _run(args: argparse.Namespace, cache: EngineCache) -> int:
         for tier in tiers:
             for entry in tier.entries():
                 problem = tier.verify(entry.key_id)
+                if problem is not None:  # as a lookup would: moved aside, so no replica can load it
+                    tier.quarantine(entry.key_id, problem.partition(":")[0])
                 out.append({"tier": tier.name, "key": entry.key_id, "ok": problem is None, "problem": problem})
         status = 0 if all(r["ok"] for r in out) else 1
         if not args.json:
             bad = [r for r in out if not r["ok"]]
             for r in bad:
-                print(f"BAD  {r['tier']:6}  {r['key']}  {r['problem']}")
+                print(f"BAD  {r['tier']:6}  {r['key']}  {r['problem']} (moved to quarantine)")
             print(f"{len(out) - len(bad)} of {len(out)} entries ok" + (f", {len(bad)} bad" if bad else ""))
     elif args.verb == "evict":
         for tier in tiers:
@@ -179,5 +204,5 @@ def _run(args: argparse.Namespace, cache: EngineCache) -> int:
             for r in out:
                 print(f"{r['tier']}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k != "tier"))
     if args.json:
-        print(json.dumps(out if args.verb != "stats" else {r["tier"]: r for r in out}, indent=1))
+        print(json.dumps(out if args.verb != "stats" else {r["tier"]: r for r in out}))
     return status

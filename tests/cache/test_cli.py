@@ -45,11 +45,18 @@ def test_ls_stats_verify_evict_gc(tmp_path: Path) -> None:
     store.write(_entry(key(1).id, blob), bytes(data))
     bad = warmserve("cache", "verify", *d, "--json")
     assert bad.returncode == 1
+    assert len(bad.stdout.splitlines()) == 1  # machine output: one JSON document per line
     assert [r["key"] for r in json.loads(bad.stdout) if not r["ok"]] == [key(1).id]
-
-    ev = warmserve("cache", "evict", *d, "--key", key(1).id)
-    assert ev.returncode == 0 and "removed 1" in ev.stdout
+    # What verify found shows in ls: the bad entry is quarantined (no replica can load it), the rest ok.
+    rows = {r["key"]: r for r in json.loads(warmserve("cache", "ls", *d, "--json").stdout)}
+    assert rows[key(1).id]["problem"].startswith("quarantined") and "digest" in rows[key(1).id]["problem"]
+    assert rows[key(0).id]["problem"] is None
+    table = warmserve("cache", "ls", *d).stdout
+    assert next(line for line in table.splitlines() if line.split()[1] == key(1).id[:16]).split()[-1] == "digest"
     assert warmserve("cache", "verify", *d).returncode == 0
+
+    ev = warmserve("cache", "evict", *d, "--key", key(2).id)
+    assert ev.returncode == 0 and "removed 1" in ev.stdout
 
     gc = json.loads(warmserve("cache", "gc", *d, "--json", "--older-than", "0").stdout)
     assert gc[0]["tier"] == "local"
@@ -67,6 +74,10 @@ def test_bad_input_gets_a_clear_error(tmp_path: Path) -> None:
     assert r.returncode == 2 and "nosuchproto" in r.stderr
     r = warmserve("cache", "ls", env={"WARMSERVE_CACHE_BUDGET": "lots", "PATH": "/usr/bin"})
     assert r.returncode == 2 and "WARMSERVE_CACHE_BUDGET" in r.stderr
+    for verb in ("verify", "ls", "stats"):  # a mistyped directory is not an empty cache
+        r = warmserve("cache", verb, "--cache-dir", str(tmp_path / "does-not-exist"))
+        assert r.returncode == 2 and "there is no cache directory at" in r.stderr, (verb, r.stdout)
+    assert not (tmp_path / "does-not-exist").exists()
 
 
 def test_help_answers() -> None:

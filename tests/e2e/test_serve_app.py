@@ -169,6 +169,7 @@ def test_metrics_on_rays_endpoint(cluster: RayCluster, tmp_path: Path) -> None:
 
     cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
     infer(cluster, np.zeros((1, 3, 16, 16), dtype=np.float32))
+    replica = next(iter(cluster.replica_statuses(1).values()))["replica"]
     deadline = time.monotonic() + 90
     found: dict[str, list[Any]] = {}
     while time.monotonic() < deadline:
@@ -179,20 +180,28 @@ def test_metrics_on_rays_endpoint(cluster: RayCluster, tmp_path: Path) -> None:
             "ray_warmserve_warm_start_seconds",
             "ray_warmserve_weights_version_info",
             "ray_warmserve_inference_seconds",
+            "ray_warmserve_last_warm_start_seconds",
         } <= set(found):
             break
         time.sleep(2)
     assert "ray_warmserve_engine_cache_misses" in found, sorted(found)
-    sample = found["ray_warmserve_warm_start_seconds"][0]
-    assert sample.labels["deployment"] == "WarmModel" and sample.labels["replica"]
-    versions = [s for s in found["ray_warmserve_weights_version_info"] if s.value == 1]
-    assert versions and versions[0].labels["version"] == "v1"
+    # Earlier tests' replicas reported to the same agent: read this replica's series.
+    mine = {name: [s for s in samples if s.labels.get("replica") == replica] for name, samples in found.items()}
+    sample = mine["ray_warmserve_warm_start_seconds"][0]
+    assert sample.labels["deployment"] == "WarmModel"
+    versions = [s for s in mine["ray_warmserve_weights_version_info"] if s.value == 1]
+    assert [s.labels["version"] for s in versions] == ["v1"]
+    # The exact figures: the last start's seconds, as the replica measured them (histograms are bucketed).
+    last = [s for s in mine["ray_warmserve_last_warm_start_seconds"] if s.labels["path"] == "built"]
+    start = next(iter(cluster.replica_statuses(1).values()))["start"]
+    assert last and last[0].value == pytest.approx(start["total_seconds"], rel=1e-3)
 
 
 def test_prometheus_reads_warmserve_metrics(cluster: RayCluster, tmp_path: Path) -> None:
     """A real Prometheus scrapes Ray's metrics endpoint; warmserve's series come back through its query API."""
-    from tests.servers import Prometheus
+    from tests.servers import Prometheus, require
 
+    require("prometheus", "apt-get install prometheus")  # before a cluster deploy that would be wasted
     prom = Prometheus(tmp_path / "prom", [f"127.0.0.1:{cluster.metrics_port}"])
     (tmp_path / "prom").mkdir()
     prom.start()

@@ -67,6 +67,7 @@ def test_second_process_warm_starts_from_the_cache(aoti_cache: CacheConfig, tmp_
         env={**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cold")},
     )
     assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == 1, out.stdout  # one JSON line, as documented
     report = json.loads(out.stdout)
     assert report["outcome"] == "local-hit" and report["backend"] == "aoti"
     assert {"key", "seconds", "steps"} <= set(report)
