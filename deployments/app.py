@@ -194,7 +194,9 @@ class WarmModel:
             return self.last_swap.error
         logger.warning("weights %s not loaded: %s", version, problem)
         current = self.worker.version or ""
-        self.last_swap = SwapReport(False, current, current, 0.0, error=problem, requested=version)
+        self.last_swap = SwapReport(
+            False, current, current, 0.0, error=problem, requested=version, requested_sha256=sha256 or ""
+        )
         return problem
 
     def check_health(self) -> None:
@@ -357,6 +359,7 @@ class WarmModel:
             "weights_version": self.worker.version,
             "weights": self.weights,
             "weights_sha256": self.worker.weights_sha256,
+            "unexpected_compiles": self.worker.fence.unexpected if self.worker.fence else None,
             "start": self.start_report.to_dict(),
             "last_swap": self.last_swap.to_dict() if self.last_swap else None,
         }

@@ -51,14 +51,20 @@ def add_run_parser(sub: Any) -> None:
     p.add_argument("--model", help="torchvision:<name> or package.module:factory (default torchvision:resnet18)")
     p.add_argument("--weights", metavar="URI", help="safetensors or torch state dict (default: seeded demo weights)")
     p.add_argument("--weights-version", metavar="V", help="label of --weights (default v1)")
-    p.add_argument("--input-shape", metavar="C,H,W")
-    p.add_argument("--batch", metavar="MIN:MAX")
+    p.add_argument("--input-shape", metavar="C,H,W", help="input shape without the batch (default 3,224,224)")
+    p.add_argument("--batch", metavar="MIN:MAX", help="batch sizes the compiled engine takes (default 1:32)")
     from serve import backends
 
-    p.add_argument("--backend", choices=backends.NAMES)
-    p.add_argument("--device")
-    p.add_argument("--cache-dir", metavar="DIR")
-    p.add_argument("--shared-cache", metavar="URL")
+    p.add_argument(
+        "--backend", choices=backends.NAMES, help="auto: tensorrt on a GPU with TensorRT, else aoti, else inductor"
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument(
+        "--cache-dir", metavar="DIR", help="node-local engine cache ($WARMSERVE_CACHE_DIR, ~/.cache/warmserve)"
+    )
+    p.add_argument(
+        "--shared-cache", metavar="URL", help="shared store, e.g. s3://bucket/warmserve ($WARMSERVE_SHARED_CACHE)"
+    )
     p.add_argument("--replicas", type=int, metavar="N", help="fixed replica count instead of autoscaling")
     p.add_argument("--host", help="HTTP host (default from the config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")
@@ -69,7 +75,7 @@ def add_run_parser(sub: Any) -> None:
 
 def effective_config(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
     """The config `warmserve run` deploys, and a note on the weights it resumed (or did not)."""
-    from deployments.runner import app_entry, effective_config, load_config, resume_last_rollout
+    from deployments.runner import app_entry, bind_weights, effective_config, load_config
 
     overrides = {
         "model": args.model,
@@ -91,7 +97,7 @@ def effective_config(args: argparse.Namespace) -> tuple[dict[str, Any], str | No
             uc["weights_version"] = app["args"].get("weights_version", "v1")
             for stale in ("weights_sha256", "signature"):
                 uc.pop(stale, None)
-    note = resume_last_rollout(config, explicit_weights=bool(args.weights), resume=not args.no_resume)
+    note = bind_weights(config, explicit=bool(args.weights), resume=not args.no_resume)
     if _has_gpu():
         # A GPU fraction per replica, unless the config already asks for GPUs.
         for dep in app.get("deployments", []):
@@ -167,17 +173,23 @@ def add_rollout_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--http",
-        default="http://127.0.0.1:8000",
         metavar="URL",
-        help="the service's URL, to confirm each replica's version ('' to skip)",
+        help="the service's URL, to confirm what each replica serves (default: the cluster's own HTTP address; "
+        "'' waits for Serve only)",
     )
     p.set_defaults(func=run_rollout)
 
 
 def run_rollout(args: argparse.Namespace) -> int:
+    import signal
+
     from deployments.errors import ServiceError
     from deployments.rollout import rollout
 
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # `kill` restores the previous config, as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         result = rollout(
             args.address,
@@ -188,10 +200,18 @@ def run_rollout(args: argparse.Namespace) -> int:
             wait_s=args.wait,
             http=args.http or None,
             sha256=args.sha256,
+            check=args.http != "",
         )
     except ServiceError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted before the rollout began; nothing was changed", file=sys.stderr)
+        return 1
+    if result["status"] == "unchanged":
+        print(f"warmserve: {result['version']} with these weights is already what the config serves", file=sys.stderr)
+    else:
+        print(f"warmserve: {result['replicas']} replica(s) serve {result['version']}", file=sys.stderr)
     print(json.dumps(result))
     return 0
 

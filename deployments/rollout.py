@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -118,6 +119,24 @@ def _wait(
     raise RolloutError(f"application {app} did not finish the update in time (last status {status})")
 
 
+def service_url(config: dict[str, Any]) -> str:
+    """Where the cluster's Serve proxy answers HTTP (its http_options), as a URL this machine can call."""
+    http = config.get("http_options") or {}
+    host = str(http.get("host") or "127.0.0.1")
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{int(http.get('port') or 8000)}"
+
+
+def _check_http(http: str, config: dict[str, Any], address: str) -> None:
+    """A loopback --http must be this cluster's own proxy: else the rollout would change one service and
+    wait on another."""
+    got, want = urlsplit(http), urlsplit(service_url(config))
+    if got.hostname in ("127.0.0.1", "localhost", "::1") and got.port != want.port:
+        raise VersionConflict(
+            f"the cluster whose dashboard is {address} serves HTTP on port {want.port}, but --http is {http}: "
+            "give that service's dashboard with --address (warmserve run prints it), or leave --http out"
+        )
+
+
 def rollout(
     address: str,
     weights: str,
@@ -128,11 +147,16 @@ def rollout(
     wait_s: float = 300.0,
     http: str | None = None,
     sha256: str | None = None,
+    check: bool = True,
 ) -> dict[str, Any]:
-    """Apply the new weights, wait until every replica seen through ``http`` serves ``version``; on any
-    refusal or failure put the previous config back and raise ``RolloutError``."""
+    """Apply the new weights, wait until every replica seen through ``http`` (default: the cluster's own HTTP
+    address) serves ``version`` with ``sha256``; on any refusal, failure or interruption put the previous
+    config back and raise ``RolloutError``. ``check=False`` waits for Serve only, not for the replicas."""
     dashboard = Dashboard(address)
     before = dashboard.config()
+    if http:
+        _check_http(http, before, address)
+    http = (http or service_url(before)) if check else None
     if sha256 is None:
         try:
             sha256 = weights_digest(weights)
@@ -146,7 +170,11 @@ def rollout(
     dashboard.apply(config)
     try:
         status, replicas = _wait(
-            dashboard, app, deployment, time.monotonic() + wait_s, lambda n: not http or _all_serve(http, n, version)
+            dashboard,
+            app,
+            deployment,
+            time.monotonic() + wait_s,
+            lambda n: not http or _all_serve(http, n, version, sha256),
         )
     except (RolloutError, DashboardError, KeyboardInterrupt) as e:
         raise RolloutError(f"{e}; {_restore(dashboard, before, app, deployment)}") from e
@@ -154,14 +182,18 @@ def rollout(
     return {**result, "status": status, "replicas": replicas}
 
 
-def _all_serve(http: str, replicas: int, version: str) -> bool:
-    """True once every replica seen serves ``version``; raises if one refused it."""
+def _all_serve(http: str, replicas: int, version: str, sha256: str) -> bool:
+    """True once every replica seen serves ``version`` from weights with ``sha256``; raises if one refused."""
     seen = replica_states(http, samples=max(8, 4 * replicas))
-    pending = {p: s for p, s in seen.items() if s.get("weights_version") != version}
+    pending = {
+        p: s for p, s in seen.items() if (s.get("weights_version"), s.get("weights_sha256")) != (version, sha256)
+    }
     refused = {
-        p: (s.get("last_swap") or {}).get("error")
+        p: swap.get("error")
         for p, s in pending.items()
-        if (s.get("last_swap") or {}).get("requested") == version
+        if (swap := s.get("last_swap") or {}).get("requested") == version
+        and swap.get("requested_sha256") in (sha256, "")
+        and not swap.get("ok")
     }
     if refused:
         raise RolloutError(f"replicas refused {version} and keep serving their old weights: {refused}")

@@ -44,26 +44,50 @@ def app_entry(config: dict[str, Any]) -> dict[str, Any]:
     return apps[0]  # type: ignore[no-any-return]
 
 
-def resume_last_rollout(config: dict[str, Any], explicit_weights: bool, resume: bool) -> str | None:
-    """Point every deployment at the last good rollout recorded for this app and model, unless weights were
-    given explicitly or ``resume`` is off. Returns what to tell the operator, or None."""
+def bind_weights(config: dict[str, Any], *, explicit: bool, resume: bool) -> str | None:
+    """Apply the rollout record of this app and model: serve its weights (unless weights were given
+    explicitly, or ``resume`` is off), and carry its version labels, so that a label keeps naming one content
+    across restarts (explicit weights get their digest pinned, and a label already bound to other weights is
+    refused). Returns what to tell the operator, or None."""
+    from serve.weights import weights_digest
+
     app = app_entry(config)
     settings = AppSettings.from_mapping(app.get("args"))
     directory = CacheConfig.load(cache_dir=settings.cache_dir).cache_dir
     found = ledger.last(directory, str(app.get("name", "warmserve")), settings.model.model)
-    if found is None:
-        return None
-    rollout, path = found
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(rollout.at))
-    if explicit_weights or not resume:
-        why = "--weights was given" if explicit_weights else "--no-resume"
-        return f"not resuming the last rollout ({rollout.version}, {when}, recorded in {path}): {why}"
+    record, path = found if found else (None, None)
+    history = dict(record.versions) if record else {}
+    note = None
     for dep in app.get("deployments") or []:
-        dep["user_config"] = {**(dep.get("user_config") or {}), **rollout.user_config()}
-    return (
-        f"resuming the last rollout: weights {rollout.version} ({rollout.weights}, sha256 {rollout.sha256[:12]}, "
-        f"rolled out {when}; recorded in {path}); --no-resume serves the config's weights instead"
-    )
+        uc = dep.setdefault("user_config", {})
+        if record and resume and not explicit:
+            uc.update(record.user_config())
+            continue
+        weights, version = uc.get("weights"), uc.get("weights_version")
+        if weights and version and not uc.get("weights_sha256"):
+            try:
+                sha256 = weights_digest(str(weights))
+            except WarmserveError as e:
+                raise StartError(f"the deployment's weights: {e}") from e
+            if history.get(str(version), sha256) != sha256:
+                raise StartError(
+                    f"version {version} already names other weights (sha256 {history[str(version)][:16]}..., in "
+                    f"{path}); a version label names one content: give these weights another --weights-version"
+                )
+            uc["weights_sha256"] = sha256
+            history[str(version)] = sha256
+        uc["versions"] = {**history, **(uc.get("versions") or {})}
+    if record:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.at))
+        if resume and not explicit:
+            note = (
+                f"resuming the last rollout: weights {record.version} ({record.weights}, sha256 {record.sha256[:12]}, "
+                f"rolled out {when}; recorded in {path}); --no-resume serves the config's weights instead"
+            )
+        else:
+            why = "--weights was given" if explicit else "--no-resume"
+            note = f"not resuming the last rollout ({record.version}, {when}, recorded in {path}): {why}"
+    return note
 
 
 def preflight(config: dict[str, Any], *, local: bool) -> AppSettings:
@@ -196,9 +220,10 @@ def serve(config: dict[str, Any], *, verbose: bool = False, ready_timeout: float
 
     say(f"starting a local Ray cluster for {url}" if local else f"joining the Ray cluster at {address} ({source})")
     try:
-        ray.init(address=address or "local", namespace=SERVE_NAMESPACE, log_to_driver=verbose)
+        context = ray.init(address=address or "local", namespace=SERVE_NAMESPACE, log_to_driver=verbose)
     except KeyboardInterrupt:
         return 0
+    dashboard = f"http://{context.dashboard_url}" if getattr(context, "dashboard_url", None) else None
     # After ray.init, which installs a crash handler for SIGTERM: `kill` must shut down cleanly too.
     with _stop_on_signals():
         try:
@@ -211,6 +236,9 @@ def serve(config: dict[str, Any], *, verbose: bool = False, ready_timeout: float
             client.deploy_apps(schema, _blocking=False)
             _wait_ready(ray_serve, name, ready_timeout)
             say(f"ready on {url}: {_describe(url, settings)}")
+            if dashboard:
+                default = dashboard.rstrip("/") == "http://127.0.0.1:8265"
+                say(f"Ray dashboard {dashboard}" + ("" if default else f" (warmserve rollout --address {dashboard})"))
             if settings.model.weights is None and not _user_weights(app):
                 say("these are seeded demo weights, so labels are random; serve yours with --weights FILE")
             while True:

@@ -15,7 +15,7 @@ from deployments import ledger
 from deployments.dashboard import Dashboard, ray_token
 from deployments.errors import DashboardError, VersionConflict
 from deployments.rollout import user_config_of, with_weights
-from deployments.runner import resume_last_rollout
+from deployments.runner import bind_weights
 
 A, B = "a" * 64, "b" * 64
 
@@ -52,24 +52,24 @@ def test_last_good_rollout_is_resumed_unless_weights_are_given(tmp_path: Path) -
     )
     ledger.record(tmp_path, record)
     resumed = config({"weights": None, "weights_version": "v1"}, cache_dir=str(tmp_path))
-    note = resume_last_rollout(resumed, explicit_weights=False, resume=True)
+    note = bind_weights(resumed, explicit=False, resume=True)
     assert note and "resuming the last rollout: weights v2" in note
     uc = user_config_of(resumed, "warmserve", "WarmModel")
     assert (uc["weights"], uc["weights_version"], uc["weights_sha256"]) == ("/w/v2.safetensors", "v2", A)
 
     for explicit, resume in ((True, True), (False, False)):
         kept = config({"weights": None, "weights_version": "v1"}, cache_dir=str(tmp_path))
-        note = resume_last_rollout(kept, explicit_weights=explicit, resume=resume)
+        note = bind_weights(kept, explicit=explicit, resume=resume)
         assert note and note.startswith("not resuming")
         assert user_config_of(kept, "warmserve", "WarmModel")["weights_version"] == "v1"
 
     other_model = config(cache_dir=str(tmp_path))
     other_model["applications"][0]["args"]["model"] = "tests.serve.models:tiny_cnn_wide"
-    assert resume_last_rollout(other_model, explicit_weights=False, resume=True) is None
+    assert bind_weights(other_model, explicit=False, resume=True) is None
 
     (tmp_path / "rollouts" / next(p.name for p in (tmp_path / "rollouts").iterdir())).write_text("{not json")
     with pytest.raises(ValueError, match="--no-resume"):
-        resume_last_rollout(config(cache_dir=str(tmp_path)), explicit_weights=False, resume=True)
+        bind_weights(config(cache_dir=str(tmp_path)), explicit=False, resume=True)
 
 
 def test_ray_token_is_found_where_ray_looks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,3 +120,25 @@ def test_dashboard_calls_carry_the_token(token_server: str, tmp_path: Path, monk
         Dashboard(token_server, environ={"RAY_AUTH_TOKEN": "wrong"}).details()
     with pytest.raises(DashboardError, match="cannot reach the Ray dashboard"):
         Dashboard("http://127.0.0.1:9", environ={}).details()
+
+
+def test_explicit_weights_get_their_digest_pinned_and_cannot_reuse_a_label(tmp_path: Path) -> None:
+    from deployments.errors import StartError
+    from serve.model import build_model
+    from serve.weights import demo_weights, save_weights, weights_digest
+
+    model = build_model("tests.serve.models:tiny_cnn")
+    save_weights(demo_weights(model, seed=1), tmp_path / "a.safetensors")
+    save_weights(demo_weights(model, seed=2), tmp_path / "b.safetensors")
+    a = weights_digest(str(tmp_path / "a.safetensors"))
+    ledger.record(
+        tmp_path, ledger.Rollout("warmserve", "tests.serve.models:tiny_cnn", "x", "v2", a, versions={"v2": a})
+    )
+    fresh = config({"weights": str(tmp_path / "b.safetensors"), "weights_version": "v3"}, cache_dir=str(tmp_path))
+    bind_weights(fresh, explicit=True, resume=True)
+    uc = user_config_of(fresh, "warmserve", "WarmModel")
+    assert uc["weights_sha256"] == weights_digest(str(tmp_path / "b.safetensors"))
+    assert uc["versions"] == {"v2": a, "v3": uc["weights_sha256"]}  # the history travels with the config
+    reused = config({"weights": str(tmp_path / "b.safetensors"), "weights_version": "v2"}, cache_dir=str(tmp_path))
+    with pytest.raises(StartError, match="version v2 already names other weights"):
+        bind_weights(reused, explicit=True, resume=True)

@@ -166,6 +166,10 @@ def test_run_rollout_restart_as_the_readme_says(user: User, tmp_path: Path) -> N
 
         done = rollout("v2.safetensors", "v2")
         assert done.returncode == 0, done.stderr
+        # A loopback --http that is not this cluster's service: refused before anything changes.
+        other = ["--weights", str(tmp_path / "bad.safetensors"), "--version", "v9"]
+        elsewhere = user.warmserve("rollout", *other, "--http", f"http://127.0.0.1:{free_port()}")
+        assert elsewhere.returncode == 2 and f"serves HTTP on port {user.port}" in elsewhere.stderr, elsewhere.stderr
         refused = rollout("bad.safetensors", "v8")
         assert refused.returncode == 1, refused.stderr
         assert "NaN" in refused.stderr and "previous config (v2) is restored" in refused.stderr

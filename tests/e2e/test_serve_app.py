@@ -162,6 +162,8 @@ def test_rollout_under_load(cluster: RayCluster, tmp_path: Path) -> None:
     after = cluster.replica_statuses(2)
     assert set(after) == set(before)  # the same processes: no restart
     assert all(s["weights_version"] == "v2" and s["start"] == before[pid]["start"] for pid, s in after.items())
+    # Load with Serve's dynamic batches of every size, a swap and a refused swap: nothing compiled after ready.
+    assert [s["unexpected_compiles"] for s in after.values()] == [0, 0]
 
 
 def test_metrics_on_rays_endpoint(cluster: RayCluster, tmp_path: Path) -> None:
@@ -172,21 +174,25 @@ def test_metrics_on_rays_endpoint(cluster: RayCluster, tmp_path: Path) -> None:
     replica = next(iter(cluster.replica_statuses(1).values()))["replica"]
     deadline = time.monotonic() + 90
     found: dict[str, list[Any]] = {}
+    mine: dict[str, list[Any]] = {}
     while time.monotonic() < deadline:
         text = requests.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10).text
         found = {f.name: f.samples for f in text_string_to_metric_families(text) if f.name.startswith("ray_warmserve")}
-        if {
-            "ray_warmserve_engine_cache_misses",
-            "ray_warmserve_warm_start_seconds",
-            "ray_warmserve_weights_version_info",
-            "ray_warmserve_inference_seconds",
-            "ray_warmserve_last_warm_start_seconds",
-        } <= set(found):
+        # Earlier tests' replicas reported to the same agent: wait for this replica's own series.
+        mine = {name: [s for s in samples if s.labels.get("replica") == replica] for name, samples in found.items()}
+        if all(
+            mine.get(name)
+            for name in (
+                "ray_warmserve_engine_cache_misses",
+                "ray_warmserve_warm_start_seconds",
+                "ray_warmserve_weights_version_info",
+                "ray_warmserve_inference_seconds",
+                "ray_warmserve_last_warm_start_seconds",
+            )
+        ):
             break
         time.sleep(2)
-    assert "ray_warmserve_engine_cache_misses" in found, sorted(found)
-    # Earlier tests' replicas reported to the same agent: read this replica's series.
-    mine = {name: [s for s in samples if s.labels.get("replica") == replica] for name, samples in found.items()}
+    assert mine.get("ray_warmserve_engine_cache_misses"), sorted(found)
     sample = mine["ray_warmserve_warm_start_seconds"][0]
     assert sample.labels["deployment"] == "WarmModel"
     versions = [s for s in mine["ray_warmserve_weights_version_info"] if s.value == 1]
@@ -248,3 +254,21 @@ def test_admin_token_guards_rollout_and_status(cluster: RayCluster, tmp_path: Pa
     ok = rollout(cluster, tmp_path / "v2.safetensors", "v2", token=token)
     assert ok.returncode == 0, ok.stderr
     assert requests.get(f"{cluster.http}/v1/status", headers=headers, timeout=30).json()["weights_version"] == "v2"
+
+
+def test_a_label_served_from_other_weights_is_never_reported_as_rolled_out(cluster: RayCluster, tmp_path: Path) -> None:
+    """A config edited by hand (no digest recorded) serves file b as v2; rolling file a out as v2 must not
+    exit 0: the replica refuses it (a label names one content), and the rollout says so and restores."""
+    model = build_model("tests.serve.models:tiny_cnn")
+    for name, seed in (("a", 51), ("b", 52)):
+        save_weights(demo_weights(model, seed=seed), tmp_path / f"{name}.safetensors")
+    user_config = {"weights": str(tmp_path / "b.safetensors"), "weights_version": "v2"}
+    cluster.deploy(
+        cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1, "user_config": user_config})
+    )
+    assert next(iter(cluster.replica_statuses(1).values()))["weights_version"] == "v2"
+    out = rollout(cluster, tmp_path / "a.safetensors", "v2")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "a version label names one content" in out.stderr and "restored" in out.stderr
+    status = next(iter(cluster.replica_statuses(1).values()))
+    assert status["weights"] == str(tmp_path / "b.safetensors")
