@@ -29,3 +29,7 @@ class RefitError(WarmserveError, RuntimeError):
 
 class NotReady(WarmserveError, RuntimeError):
     """The worker has no loaded engine yet."""
+
+
+class ToolchainChanged(WarmserveError, RuntimeError):
+    """The compiler a cache key named failed its check and another was chosen: compute the key again."""

@@ -43,6 +43,18 @@ SPECS = {
         MetricSpec("warmserve_last_refit_seconds", "gauge", "Seconds the last refit took", ("backend",)),
         MetricSpec("warmserve_last_engine_load_seconds", "gauge", "Seconds the last engine load took", ("backend",)),
         MetricSpec("warmserve_last_warm_start_seconds", "gauge", "Seconds the last start took", ("path",)),
+        MetricSpec(
+            "warmserve_start_phase_seconds",
+            "histogram",
+            "Seconds of a replica start by phase (imports, model, weights, engine, verify)",
+            ("phase",),
+        ),
+        MetricSpec(
+            "warmserve_unexpected_compiles",
+            "counter",
+            "Traces, compiles or autotuning runs after the worker was ready (should stay 0)",
+            ("backend",),
+        ),
         MetricSpec("warmserve_weight_swaps", "counter", "Hot weight swaps by result", ("result",)),
         MetricSpec("warmserve_weights_version_info", "gauge", "1 for the weights version being served", ("version",)),
         MetricSpec("warmserve_inference_seconds", "histogram", "Seconds per engine call", ("backend",)),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -17,9 +19,9 @@ from torch import nn
 from cache.config import CacheConfig
 from cache.engine_cache import EngineCache
 from cache.keys import CacheKey
-from serve import backends
+from serve import backends, fence
 from serve.backends.base import Backend, Engine, device_doc
-from serve.errors import InputError, NotReady, RefitError, WeightsError
+from serve.errors import BackendUnavailable, InputError, NotReady, RefitError, ToolchainChanged, WeightsError
 from serve.metrics import Metrics, MetricsCacheEvents
 from serve.model import architecture_doc, build_model, class_names
 from serve.rwlock import RWLock
@@ -40,6 +42,16 @@ def pick_device(device: str) -> torch.device:
     return d
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux): interpreter start-up and imports, before the worker."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return round(max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")), 4)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     want = want.float()
     scale = float(want.abs().max().clamp_min(1e-12))
@@ -57,8 +69,8 @@ class Steps:
         t0 = time.perf_counter()
         try:
             yield
-        finally:
-            self.seconds[name] = round(time.perf_counter() - t0, 4)
+        finally:  # a step run twice (a retry) counts both times
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 4)
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,11 @@ class StartReport:
     total_seconds: float = 0.0  # including building the module and reading weights
     weights: str = ""  # the file the weights came from
     weights_sha256: str = ""
+    # Seconds of the whole replica start by phase: imports (process start to the worker), model, weights,
+    # engine (fingerprint, cache, load, refit, CUDA graphs), verify.
+    phases: dict[str, float] = field(default_factory=dict)
+    build: dict[str, Any] = field(default_factory=dict)  # how the backend builds (its C++ compiler, say)
+    fallback: str | None = None  # why ``auto`` passed over a backend, if it did
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +110,7 @@ class SwapReport:
     probe_error: float | None = None
     requested: str = ""  # the version asked for; equals ``version`` when ok
     sha256: str = ""  # of the weights now served (when ok)
+    requested_sha256: str = ""  # the digest the weights asked for were pinned to ("" if none)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,19 +140,22 @@ class Worker:
     ) -> None:
         self.spec = spec
         self.device = pick_device(device)
-        self.backend_cls = backends.resolve(backend, self.device)
+        # ``auto`` may fall back along this list when a backend turns out unusable while starting.
+        self._choices = backends.choices(backend, self.device)
         self.metrics = metrics or Metrics()
         self.cache_config = cache_config or CacheConfig.load()
-        events = MetricsCacheEvents(self.metrics, self.backend_cls.name)
+        self._events = MetricsCacheEvents(self.metrics, self._choices[0].name)
         if cache is None:
             self.cache_config.require_trust()
-            cache = EngineCache.from_config(self.cache_config, events)
+            cache = EngineCache.from_config(self.cache_config, self._events)
         self.cache = cache
-        self.backend: Backend = self._make_backend()
+        self.backend: Backend = self._make_backend(self._choices.pop(0))
         self.verify = verify
         self.tolerance = tolerance if tolerance is not None else (1e-3 if spec.precision == "fp32" else 3e-2)
         self.report: StartReport | None = None
         self.labels: list[str] = []
+        self.fence: fence.CompileFence | None = None
+        self.fallback: str | None = None
         self._live: _Live | None = None
         self._rw = RWLock()
         self._swap_lock = threading.Lock()
@@ -142,12 +163,9 @@ class Worker:
         self._expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.model: nn.Module | None = None
 
-    def _make_backend(self) -> Backend:
-        if self.backend_cls.name == "tensorrt":
-            from serve.backends.tensorrt import TensorRTBackend
-
-            return TensorRTBackend(self.device, cache=self.cache)
-        return self.backend_cls(self.device)
+    def _make_backend(self, cls: type[Backend]) -> Backend:
+        self._events.backend = cls.name
+        return cls(self.device, cache=self.cache, workdir=Path(self.cache_config.cache_dir))
 
     # -- start-up ---------------------------------------------------------------------------------
     @property
@@ -193,84 +211,62 @@ class Worker:
             for k, v in state.items()
         }
 
-    def _reference(self, state: StateDict) -> nn.Module:
-        """An eager model sharing ``state``'s tensors (no copy), for probe comparisons."""
+    def _probe_input(self) -> torch.Tensor:
+        # Made outside inference mode, as requests are: a Dynamo-guarded engine must not trace again for it.
+        return self.spec.input.example(device=self.device, seed=1234)
+
+    def _reference(self, state: StateDict, x: torch.Tensor) -> torch.Tensor:
+        """Eager PyTorch's answer for ``x`` with ``state`` (its tensors shared, not copied)."""
         model = build_model(self.spec.model, meta=True)
         model.load_state_dict(state, assign=True)
-        return model.eval()
+        with torch.inference_mode():
+            return model.eval()(x)  # type: ignore[no-any-return]
 
-    def _probe(self, engine: Engine, state: StateDict) -> float:
-        x = self.spec.input.example(device=self.device, seed=1234)
+    def _check(self, engine: Engine, x: torch.Tensor, want: torch.Tensor) -> float:
         with torch.inference_mode():
             got = engine(x)
-            want = self._reference(state)(x)
-        return relative_error(got, want)
+        probe = relative_error(got, want)
+        if probe > self.tolerance:
+            raise RefitError(
+                f"{self.backend.name} engine disagrees with eager after the refit "
+                f"(relative error {probe:.2e} > {self.tolerance:.0e})"
+            )
+        return probe
 
     def start(self) -> StartReport:
-        """Fingerprint, get the artifact from the cache (or build it once), load, refit, verify: ready."""
+        """Model and weights, then the artifact from the cache (or built once), load, refit, verify: ready."""
+        imports = process_age()
         t0 = time.perf_counter()
         steps = Steps()
-        name = self.backend.name
-        with steps("model"):
-            model = build_model(self.spec.model, meta=True)
-            self._expected = expected_tensors(model)
-        with steps("weights"):
-            uri = self._weights_uri(model)
-            loaded = read_weights(uri)
-            state = loaded.state
-            live_state = self._prepare(state)  # validates once, before anything uses the weights
-            model.load_state_dict(state, assign=True)
-            model = model.to(device=self.device, dtype=self.spec.torch_dtype).eval()
-        t_key = time.perf_counter()
-        with steps("fingerprint"):
-            key = self.key_for(model)
-        versions = self.backend.versions()
-
-        def build() -> bytes:
-            logger.info("compiling %s with %s (key %s); this can take minutes", self.spec.model, name, key.short)
-            tb = time.perf_counter()
-            artifact = self.backend.compile(model, self.spec.input)
-            self.metrics.observe("warmserve_compile_seconds", time.perf_counter() - tb, backend=name)
-            return artifact
-
-        with steps("cache"):
-            if self.backend.cacheable:
-                fetched = self.cache.get_or_build(
-                    key, build, backend=name, versions=versions, meta={"model": self.spec.model}
-                )
-                outcome: str = fetched.outcome
-                artifact = fetched.blob
-            else:
-                outcome, artifact = "uncached", b""
-        with steps("load"):
-            engine = self.backend.load(artifact, model, self.spec.input)
-        self.metrics.observe("warmserve_engine_load_seconds", steps.seconds["load"], backend=name)
-        with steps("refit"):
-            if self.backend.cacheable:
-                engine.refit(live_state)
-        self.metrics.observe("warmserve_refit_seconds", steps.seconds["refit"], backend=name)
-        probe = None
-        if self.verify and self.backend.cacheable:
-            with steps("verify"):
-                probe = self._probe(engine, live_state)
-            if probe > self.tolerance:
-                raise RefitError(
-                    f"{name} engine disagrees with eager after refit "
-                    f"(relative error {probe:.2e} > {self.tolerance:.0e})"
-                )
-        with torch.inference_mode():
-            num_outputs = int(engine(self.spec.input.example(device=self.device)).shape[-1])
+        with fence.expected():  # compiling is expected until the worker is ready
+            with steps("model"):
+                model = build_model(self.spec.model, meta=True)
+                self._expected = expected_tensors(model)
+            with steps("weights"):
+                uri = self._weights_uri(model)
+                loaded = read_weights(uri)
+                live_state = self._prepare(loaded.state)  # validates once, before anything uses the weights
+                model.load_state_dict(loaded.state, assign=True)
+                model = model.to(device=self.device, dtype=self.spec.torch_dtype).eval()
+            t_key = time.perf_counter()
+            key, outcome, artifact = self._fetch(model, steps)
+            engine = self._engine(artifact, model, live_state, steps)
+            probe, num_outputs = self._first_answer(engine, live_state, steps)
         self.labels = class_names(self.spec.model, num_outputs)
         self.model = model
         self._artifact = artifact
         self._live = _Live(engine, self.spec.weights_version, loaded.sha256)
+        self.fence = fence.CompileFence(self.metrics, self.backend.name)
         seconds = time.perf_counter() - t_key  # fingerprint to a refitted, runnable engine
         total = time.perf_counter() - t0
+        phases = self._phases(imports, steps.seconds)
+        for phase, value in phases.items():
+            self.metrics.observe("warmserve_start_phase_seconds", value, phase=phase)
         self.metrics.observe("warmserve_warm_start_seconds", total, path=outcome)
         self.metrics.set("warmserve_weights_version_info", 1, version=self.spec.weights_version)
         self.report = StartReport(
             model=self.spec.model,
-            backend=name,
+            backend=self.backend.name,
             device=str(self.device),
             key=key.id,
             outcome=outcome,
@@ -281,9 +277,84 @@ class Worker:
             total_seconds=round(total, 4),
             weights=uri,
             weights_sha256=loaded.sha256,
+            phases=phases,
+            build=self.backend.report(),
+            fallback=self.fallback,
         )
-        logger.info("ready: %s via %s in %.2fs (%s)", self.spec.model, outcome, total, steps.seconds)
+        logger.info("ready: %s via %s/%s in %.2fs (%s)", self.spec.model, self.backend.name, outcome, total, phases)
         return self.report
+
+    @staticmethod
+    def _phases(imports: float | None, steps: Mapping[str, float]) -> dict[str, float]:
+        engine = ("fingerprint", "cache", "load", "refit", "prepare")
+        phases = {
+            "model": steps.get("model", 0.0),
+            "weights": steps.get("weights", 0.0),
+            "engine": round(sum(steps.get(s, 0.0) for s in engine), 4),
+            "verify": steps.get("verify", 0.0),
+        }
+        return {"imports": imports, **phases} if imports is not None else phases
+
+    def _fetch(self, model: nn.Module, steps: Steps) -> tuple[CacheKey, str, bytes]:
+        """The key and the artifact: from the cache, or built once. ``auto`` moves on to the next backend if
+        this one turns out unusable (no working C++ compiler, say), and the report says why."""
+        for _ in range(3):  # a changed compiler choice re-keys once; the choice is then kept
+            try:
+                with steps("fingerprint"):
+                    key = self.key_for(model)
+                if not self.backend.cacheable:
+                    return key, "uncached", b""
+                with steps("cache"):
+                    fetched = self.cache.get_or_build(
+                        key,
+                        functools.partial(self._build, model, key),
+                        backend=self.backend.name,
+                        versions=self.backend.versions(),
+                        meta={"model": self.spec.model},
+                    )
+                return key, fetched.outcome, fetched.blob
+            except ToolchainChanged as e:
+                logger.info("%s; computing the cache key again", e)
+            except BackendUnavailable as e:
+                if not self._choices:
+                    raise
+                self.fallback = "; ".join(filter(None, [self.fallback, f"{self.backend.name}: {e}"]))
+                self.backend = self._make_backend(self._choices.pop(0))
+                logger.warning("auto backend: %s; using %s instead", self.fallback, self.backend.name)
+        raise BackendUnavailable(f"the {self.backend.name} build settings kept changing; see the log")
+
+    def _build(self, model: nn.Module, key: CacheKey) -> bytes:
+        name = self.backend.name
+        logger.info("compiling %s with %s (key %s); this can take minutes", self.spec.model, name, key.short)
+        t0 = time.perf_counter()
+        artifact = self.backend.compile(model, self.spec.input)
+        self.metrics.observe("warmserve_compile_seconds", time.perf_counter() - t0, backend=name)
+        return artifact
+
+    def _engine(self, artifact: bytes, model: nn.Module, state: StateDict, steps: Steps) -> Engine:
+        name = self.backend.name
+        with steps("load"):
+            engine = self.backend.load(artifact, model, self.spec.input)
+        self.metrics.observe("warmserve_engine_load_seconds", steps.seconds["load"], backend=name)
+        if self.backend.cacheable:
+            with steps("refit"):
+                engine.refit(state)
+            self.metrics.observe("warmserve_refit_seconds", steps.seconds["refit"], backend=name)
+        with steps("prepare"):
+            engine.prepare()
+        return engine
+
+    def _first_answer(self, engine: Engine, state: StateDict, steps: Steps) -> tuple[float | None, int]:
+        """Run the engine once (its output width names the labels) and, with ``verify``, compare it with
+        eager PyTorch: (relative error or None, number of outputs)."""
+        x = self._probe_input()
+        if not (self.verify and self.backend.cacheable):
+            with torch.inference_mode():
+                return None, int(engine(x).shape[-1])
+        with steps("verify"):
+            want = self._reference(state, x)
+            probe = self._check(engine, x, want)
+        return probe, int(want.shape[-1])
 
     # -- serving ----------------------------------------------------------------------------------
     def check_input(self, x: Any) -> torch.Tensor:
@@ -321,6 +392,8 @@ class Worker:
                 outs.append(out[:n].float().cpu())
         self.metrics.observe("warmserve_inference_seconds", time.perf_counter() - t0, backend=self.backend.name)
         self.metrics.inc("warmserve_inference_items", x.shape[0], backend=self.backend.name)
+        if self.fence is not None:
+            self.fence.check("inference")
         return torch.cat(outs), live.version
 
     # -- weight swaps -----------------------------------------------------------------------------
@@ -329,8 +402,9 @@ class Worker:
     ) -> SwapReport:
         """Validate, refit (a standby engine, or the live one in an exclusive section), verify, switch.
 
-        With ``sha256``, a weights file whose content has another digest is refused. Never raises for bad
-        weights: the report says why, and the old version keeps serving.
+        Eager PyTorch's reference answer is computed before any lock, so requests wait at most for a refit
+        and one engine call. With ``sha256``, a weights file whose content has another digest is refused.
+        Never raises for bad weights: the report says why, and the old version keeps serving.
         """
         t0 = time.perf_counter()
         steps = Steps()
@@ -349,33 +423,24 @@ class Worker:
                         state, digest = dict(weights), sha256 or ""
                 with steps("validate"):
                     new_state = self._prepare(state)
-                probe: float | None = None
-                if self.backend.swap == "standby":
-                    with steps("load"):
-                        engine = self.backend.load(self._artifact, self._require_model(), self.spec.input)
-                    with steps("refit"):
-                        engine.refit(new_state)
-                    if self.verify:
-                        with steps("verify"):
-                            probe = self._check_probe(engine, new_state)
-                    with steps("switch"), self._rw.write():
-                        self._live = _Live(engine, version, digest)
-                else:
-                    old_state = {k: v.detach().clone() for k, v in self._require_model().state_dict().items()}
-                    with steps("exclusive"), self._rw.write():
-                        live.engine.refit(new_state)
-                        try:
-                            if self.verify:
-                                probe = self._check_probe(live.engine, new_state)
-                        except RefitError:
-                            live.engine.refit(old_state)
-                            raise
-                        self._live = _Live(live.engine, version, digest)
+                x = self._probe_input()
+                want = None
+                if self.verify:
+                    with steps("reference"):
+                        want = self._reference(new_state, x)
+                probe = self._refit_and_switch(live, new_state, version, digest, x, want, steps)
             except (WeightsError, RefitError) as e:
                 self.metrics.inc("warmserve_weight_swaps", result="rejected")
                 logger.warning("weights %s rejected; still serving %s: %s", version, previous, e)
                 return SwapReport(
-                    False, previous, previous, time.perf_counter() - t0, steps.seconds, str(e), requested=version
+                    False,
+                    previous,
+                    previous,
+                    round(time.perf_counter() - t0, 4),
+                    steps.seconds,
+                    str(e),
+                    requested=version,
+                    requested_sha256=sha256 or "",
                 )
             except Exception as e:  # a backend failure: keep serving, report it
                 self.metrics.inc("warmserve_weight_swaps", result="failed")
@@ -384,11 +449,15 @@ class Worker:
                     False,
                     previous,
                     previous,
-                    time.perf_counter() - t0,
+                    round(time.perf_counter() - t0, 4),
                     steps.seconds,
                     f"{type(e).__name__}: {e}",
                     requested=version,
+                    requested_sha256=sha256 or "",
                 )
+            finally:
+                if self.fence is not None:
+                    self.fence.check("weight swap")
         self.metrics.observe(
             "warmserve_refit_seconds", steps.seconds.get("refit", steps.seconds.get("exclusive", 0)), backend=name
         )
@@ -406,14 +475,47 @@ class Worker:
             probe,
             requested=version,
             sha256=digest,
+            requested_sha256=sha256 or "",
         )
 
-    def _check_probe(self, engine: Engine, state: StateDict) -> float:
-        probe = self._probe(engine, state)
-        if probe > self.tolerance:
-            raise RefitError(
-                f"refitted engine disagrees with eager (relative error {probe:.2e} > {self.tolerance:.0e})"
-            )
+    def _refit_and_switch(
+        self,
+        live: _Live,
+        state: StateDict,
+        version: str,
+        digest: str,
+        x: torch.Tensor,
+        want: torch.Tensor | None,
+        steps: Steps,
+    ) -> float | None:
+        """Put ``state`` into service as ``version``; raises ``RefitError`` (the old weights keep serving)."""
+        probe: float | None = None
+        if self.backend.swap == "standby":
+            with steps("load"):
+                engine = self.backend.load(self._artifact, self._require_model(), self.spec.input)
+            with steps("refit"):
+                engine.refit(state)
+            if engine.exclusive_prepare:  # recording CUDA graphs: no other call on the GPU meanwhile
+                with steps("prepare"), self._rw.write():
+                    engine.prepare()
+            else:
+                engine.prepare()
+            if want is not None:
+                with steps("verify"):
+                    probe = self._check(engine, x, want)
+            with steps("switch"), self._rw.write():
+                self._live = _Live(engine, version, digest)
+            return probe
+        old_state = {k: v.detach().clone() for k, v in self._require_model().state_dict().items()}
+        with steps("exclusive"), self._rw.write():
+            live.engine.refit(state)
+            try:
+                if want is not None:
+                    probe = self._check(live.engine, x, want)
+            except RefitError:
+                live.engine.refit(old_state)
+                raise
+            self._live = _Live(live.engine, version, digest)
         return probe
 
     def _require_model(self) -> nn.Module:

@@ -26,11 +26,21 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def auto_order(device: torch.device) -> list[str]:
-    """Preference for ``auto``: TensorRT on a GPU that has it; else Inductor on CUDA (AOTI packages
-    would not load on the torch 2.11 CUDA image we measured) and AOTInductor on the CPU."""
+    """Preference for ``auto``: TensorRT on a GPU that has it, else AOTInductor (a warm start loads a
+    package and traces nothing), else Inductor, else eager."""
     if device.type == "cuda":
-        return ["tensorrt", "inductor", "aoti", "eager"]
+        return ["tensorrt", "aoti", "inductor", "eager"]
     return ["aoti", "inductor", "eager"]
+
+
+def choices(name: str, device: torch.device) -> list[type[Backend]]:
+    """The backends to try, in order: ``name`` alone, or for ``auto`` every one that can run here (a
+    worker moves on to the next if one fails while starting, such as AOTInductor without a working
+    compiler)."""
+    if name != "auto":
+        return [resolve(name, device)]
+    usable = [backend_class(n) for n in auto_order(device)]
+    return [cls for cls in usable if cls.unavailable(device) is None]
 
 
 def resolve(name: str, device: torch.device) -> type[Backend]:

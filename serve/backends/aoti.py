@@ -1,23 +1,29 @@
-"""AOTInductor: a ``.pt2`` package compiled ahead of time, weights kept out; ``load_constants`` is the refit."""
+"""AOTInductor: a ``.pt2`` package compiled ahead of time, weights kept out; ``load_constants`` is the refit.
+
+On CUDA every call replays a CUDA graph recorded at load for the smallest batch bucket that fits (powers of
+two up to the engine's largest batch): a replay launches the whole network at once, where the package alone
+pays a kernel launch per operator. Recording costs milliseconds per bucket and compiles nothing.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import bisect
 import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
-from unittest import mock
 
 import torch
-import torch._inductor.config
 from torch import nn
 
 from serve.backends.base import Backend, Engine
+from serve.backends.export import export
 from serve.errors import RefitError
 from serve.spec import InputSpec
+from serve.toolchain import CompilerPin
 
 logger = logging.getLogger(__name__)
 
@@ -32,86 +38,125 @@ INDUCTOR_CONFIGS: dict[str, Any] = {
 FOLDED_PREFIX = "_FOLDED_CONST_"
 
 
-def export(model: nn.Module, spec: InputSpec, device: torch.device) -> torch.export.ExportedProgram:
-    """torch.export with a dynamic batch dimension covering ``spec``'s batch range."""
-    example = spec.example(device=device)
-    dynamic: Any = None
-    if spec.min_batch != spec.max_batch:
-        batch = torch.export.Dim("batch", min=spec.min_batch, max=spec.max_batch)
-        dynamic = ({0: batch},)
-    else:
-        example = spec.example(batch=spec.min_batch, device=device)
-    with torch.inference_mode(False), torch.no_grad():
-        return torch.export.export(model, (example,), dynamic_shapes=dynamic)
+def buckets(spec: InputSpec) -> list[int]:
+    """Batch sizes that get a CUDA graph: powers of two inside the range, and the range's ends."""
+    sizes = {spec.min_batch, spec.max_batch}
+    b = 1
+    while b < spec.max_batch:
+        if b >= spec.min_batch:
+            sizes.add(b)
+        b *= 2
+    return sorted(sizes)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    input: torch.Tensor
+    output: torch.Tensor
 
 
 class AOTIEngine(Engine):
-    def __init__(self, runner: Any, device: torch.device) -> None:
+    """A loaded package. With ``graphs``, calls replay CUDA graphs; any refit records them again (runtime
+    constant folding gives the folded weights new memory, which a graph recorded before would still read)."""
+
+    def __init__(self, runner: Any, device: torch.device, spec: InputSpec, graphs: bool = False) -> None:
         self.runner = runner
         self.device = device
+        self.spec = spec
+        self.use_graphs = graphs
+        self.exclusive_prepare = graphs
         # Folded constants are derived from the weights at run time; the rest are the model's tensors.
         self.fqns = {n for n in runner.get_constant_fqns() if not n.startswith(FOLDED_PREFIX)}
+        self._graphs: dict[int, _Graph] = {}
+        self._sizes: list[int] = []
+        self._lock = threading.Lock()  # a graph's static input and output serve one call at a time
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        return self.runner.run([x])[0]  # type: ignore[no-any-return]
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.runner(x)
-        return out[0] if isinstance(out, list | tuple) else out  # type: ignore[no-any-return]
+        if not self._graphs:
+            return self._run(x)
+        n = x.shape[0]
+        size = self._sizes[bisect.bisect_left(self._sizes, n)]
+        g = self._graphs[size]
+        with self._lock:
+            g.input[:n].copy_(x)
+            g.graph.replay()
+            return g.output[:n].clone()
 
     def refit(self, state: Mapping[str, torch.Tensor]) -> None:
         missing = self.fqns - set(state)
         if missing:
             raise RefitError(f"weights lack {len(missing)} constant(s) the engine needs, e.g. {sorted(missing)[:3]}")
+        self._graphs = {}  # recorded against the old folded constants: never replay them again
         # Only the engine's constants (num_batches_tracked, for one, is not one).
         constants = {k: state[k].to(self.device).contiguous() for k in self.fqns}
-        self.runner.load_constants(constants, check_full_update=False)
+        self.runner.load_constants(constants, False, False)  # into the active buffer, a partial update allowed
+
+    def prepare(self) -> None:
+        """Record one CUDA graph per batch bucket (after the refit; the first run folds the constants)."""
+        if not self.use_graphs or self._graphs:
+            return
+        sizes = buckets(self.spec)
+        inputs = {b: self.spec.example(batch=b, device=self.device) for b in sizes}
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.inference_mode(), torch.cuda.stream(side):
+            for b in sizes:  # warm-up outside capture: folding, kernel loading, workspace allocation
+                self._run(inputs[b])
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        graphs = {}
+        with torch.inference_mode():
+            for b in reversed(sizes):  # largest first: the smaller ones reuse its pool memory
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self._run(inputs[b])
+                graphs[b] = _Graph(graph, inputs[b], out)
+        self._sizes, self._graphs = sizes, graphs
 
 
 class AOTIBackend(Backend):
     name = "aoti"
 
+    def __init__(self, device: torch.device, **kw: Any) -> None:
+        super().__init__(device, **kw)
+        self.cxx = CompilerPin(self.workdir)
+
+    @property
+    def graphs(self) -> bool:
+        return self.device.type == "cuda"
+
     def settings(self) -> dict[str, Any]:
-        return {"inductor_configs": INDUCTOR_CONFIGS, "export": "dynamic-batch"}
+        return {"inductor_configs": INDUCTOR_CONFIGS, "export": "dynamic-batch", "cxx": self.cxx.key_doc()}
+
+    def report(self) -> dict[str, Any]:
+        return {**self.cxx.report(), "cuda_graphs": self.graphs}
 
     def compile(self, model: nn.Module, spec: InputSpec) -> bytes:
         from torch._inductor import aoti_compile_and_package
 
-        program = export(model, spec, self.device)
-        with tempfile.TemporaryDirectory(prefix="warmserve-aoti-") as tmp:
-            path = os.path.join(tmp, "model.pt2")
-            aoti_compile_and_package(program, package_path=path, inductor_configs=dict(INDUCTOR_CONFIGS))
-            with open(path, "rb") as f:
-                return f.read()
+        with self.cxx.building():
+            program = export(model, spec, self.device)
+            with tempfile.TemporaryDirectory(prefix="warmserve-aoti-") as tmp:
+                path = os.path.join(tmp, "model.pt2")
+                aoti_compile_and_package(program, package_path=path, inductor_configs=dict(INDUCTOR_CONFIGS))
+                with open(path, "rb") as f:
+                    return f.read()
 
     def load(self, artifact: bytes, model: nn.Module, spec: InputSpec) -> Engine:
-        from torch._inductor import aoti_load_package
-
-        # The loader wants a file; it extracts the shared library itself, so the file can go at once.
-        # After loading, torch compares the package's device metadata with this machine's, only to log a
-        # warning, and finding this CPU's ISA compiles and dlopens probe programs with g++ (1.5 s on an
-        # AVX-512 VNNI machine, in every process whose Inductor cache is empty). The cache key already
-        # pins the ISA (device_doc), so that comparison is skipped.
-        with tempfile.NamedTemporaryFile(prefix="warmserve-", suffix=".pt2") as f, _no_device_comparison():
+        # torch's own loader (torch._C._aoti) directly: no import of Inductor (most of a second), and none of
+        # the Python wrapper's device-metadata comparison, which only logs a warning yet compiles ISA probe
+        # programs with g++ on some CPUs (1.5 s on an AVX-512 VNNI machine). The cache key pins the device.
+        # The loader extracts the shared library itself, so the file can go at once. Single-threaded runs skip
+        # the runner's own event synchronisation, which a CUDA graph capture cannot contain; the engine
+        # serialises calls itself.
+        with tempfile.NamedTemporaryFile(prefix="warmserve-", suffix=".pt2") as f:
             f.write(artifact)
             f.flush()
             index = self.device.index if self.device.index is not None else -1
-            runner = aoti_load_package(f.name, device_index=index)
-        return AOTIEngine(runner, self.device)
-
-
-# The patch swaps a module attribute: two loads at once in one process must not interleave it.
-_LOAD_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _no_device_comparison() -> Iterator[None]:
-    """Skip the loader's device-metadata comparison (a warning only; see ``AOTIBackend.load``)."""
-    import torch._inductor.codecache as codecache
-
-    if hasattr(codecache, "get_device_information"):
-        skip: contextlib.AbstractContextManager[object] = mock.patch.object(
-            codecache, "get_device_information", lambda device_type: {}
-        )
-    else:  # a torch without that function: at least skip the ISA probe build
-        skip = torch._inductor.config.patch({"cpp.vec_isa_ok": True})
-    with _LOAD_LOCK, skip:
-        yield
+            runner = torch._C._aoti.AOTIModelPackageLoader(f.name, "model", self.graphs, 1, index)
+        return AOTIEngine(runner, self.device, spec, graphs=self.graphs)

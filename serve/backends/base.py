@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
+from cache.config import default_cache_dir
+from cache.engine_cache import EngineCache
 from serve.spec import InputSpec
 
 
 class Engine(ABC):
     """A loaded, runnable model. ``__call__`` takes a batch on the engine's device."""
+
+    #: True when ``prepare`` must run with no other call on the device (recording CUDA graphs).
+    exclusive_prepare: bool = False
 
     @abstractmethod
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
@@ -21,6 +27,9 @@ class Engine(ABC):
     @abstractmethod
     def refit(self, state: Mapping[str, torch.Tensor]) -> None:
         """Replace every weight in place with the tensors of ``state`` (already validated)."""
+
+    def prepare(self) -> None:  # noqa: B027 - optional hook, nothing to do for most engines
+        """Ready the engine for serving after a refit (record CUDA graphs, say)."""
 
 
 class Backend(ABC):
@@ -31,8 +40,14 @@ class Backend(ABC):
     #: False for backends without an artifact (eager): the worker skips the cache.
     cacheable: ClassVar[bool] = True
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(
+        self, device: torch.device, *, cache: EngineCache | None = None, workdir: Path | None = None
+    ) -> None:
+        """Every backend is built the same way: the device, the engine cache (for backends that cache
+        pieces of their own, like TensorRT's engines), and a node-local directory for what they keep."""
         self.device = device
+        self.cache = cache
+        self.workdir = workdir if workdir is not None else default_cache_dir()
 
     @classmethod
     def unavailable(cls, device: torch.device) -> str | None:
@@ -46,6 +61,10 @@ class Backend(ABC):
     def versions(self) -> dict[str, str]:
         """Library versions the artifact is tied to: part of the cache key."""
         return {"torch": torch.__version__}
+
+    def report(self) -> dict[str, Any]:
+        """What the start report should say about how this backend builds (its compiler, say)."""
+        return {}
 
     @abstractmethod
     def compile(self, model: nn.Module, spec: InputSpec) -> bytes:

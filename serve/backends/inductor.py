@@ -7,6 +7,7 @@ start loads it with ``load_cache_artifacts`` so the first call skips Inductor's 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from torch import nn
 
 from serve.backends.base import Backend, Engine
 from serve.spec import InputSpec
+from serve.toolchain import CompilerPin
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,11 @@ class InductorBackend(Backend):
     name = "inductor"
     swap = "in-place"
 
+    def __init__(self, device: torch.device, **kw: Any) -> None:
+        super().__init__(device, **kw)
+        # On the CPU Inductor compiles C++ kernels: with the proven compiler, recorded in the key.
+        self.cxx = CompilerPin(self.workdir) if device.type == "cpu" else None
+
     @property
     def cudagraphs(self) -> bool:
         # CUDA graphs remove the per-kernel launch cost that dominates small batches on a fast GPU
@@ -90,11 +97,19 @@ class InductorBackend(Backend):
         return "reduce-overhead" if self.cudagraphs else "default"
 
     def settings(self) -> dict[str, Any]:
-        return {"mode": self.mode, "dynamic_batch": True, "cache": "mega-cache"}
+        settings = {"mode": self.mode, "dynamic_batch": True, "cache": "mega-cache"}
+        return {**settings, "cxx": self.cxx.key_doc()} if self.cxx else settings
+
+    def report(self) -> dict[str, Any]:
+        return self.cxx.report() if self.cxx else {}
+
+    def _compiler(self, prove: bool = True) -> contextlib.AbstractContextManager[object]:
+        return self.cxx.building(prove) if self.cxx else contextlib.nullcontext()
 
     def compile(self, model: nn.Module, spec: InputSpec) -> bytes:
-        compiled = torch.compile(model, mode=self.mode)
-        InductorEngine(model, compiled, cudagraphs=self.cudagraphs).warm(spec, self.device)
+        with self._compiler():
+            compiled = torch.compile(model, mode=self.mode)
+            InductorEngine(model, compiled, cudagraphs=self.cudagraphs).warm(spec, self.device)
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:
             raise RuntimeError("torch.compiler.save_cache_artifacts() returned nothing to cache")
@@ -103,5 +118,6 @@ class InductorBackend(Backend):
     def load(self, artifact: bytes, model: nn.Module, spec: InputSpec) -> Engine:
         torch.compiler.load_cache_artifacts(artifact)
         engine = InductorEngine(model, torch.compile(model, mode=self.mode), cudagraphs=self.cudagraphs)
-        engine.warm(spec, self.device)
+        with self._compiler(prove=False):  # the warm calls trace again; a missing kernel is rebuilt alike
+            engine.warm(spec, self.device)
         return engine

@@ -20,9 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cache.engine_cache import EngineCache
-from serve.backends.aoti import export
 from serve.backends.base import Backend, Engine
+from serve.backends.export import export
 from serve.errors import BackendUnavailable
 from serve.spec import InputSpec
 
@@ -93,10 +92,6 @@ class TensorRTEngine(Engine):
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
-
-    def __init__(self, device: torch.device, cache: EngineCache | None = None) -> None:
-        super().__init__(device)
-        self.cache = cache
 
     @classmethod
     def unavailable(cls, device: torch.device) -> str | None:

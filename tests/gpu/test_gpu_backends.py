@@ -18,7 +18,7 @@ from cache import CacheConfig
 from serve.model import build_model
 from serve.spec import InputSpec, ModelSpec
 from serve.weights import demo_weights
-from serve.worker import Worker
+from serve.worker import StartReport, Worker
 
 pytestmark = pytest.mark.gpu
 SPEC = ModelSpec(model="torchvision:resnet18", input=InputSpec(shape=(3, 224, 224), min_batch=1, max_batch=32))
@@ -35,7 +35,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def lifecycle(backend: str, tmp_path: Path) -> None:
+def lifecycle(backend: str, tmp_path: Path) -> StartReport:
     config = CacheConfig.load(environ={}, cache_dir=tmp_path / "cache")
     cold = Worker(SPEC, backend=backend, device="cuda", cache_config=config).start()
     assert cold.outcome == "built"
@@ -82,10 +82,33 @@ def lifecycle(backend: str, tmp_path: Path) -> None:
     assert errors == []
     bad = {**state, "fc.bias": torch.full((1000,), float("nan"))}
     assert not warm_worker.swap_weights(bad, "bad").ok and warm_worker.version == "v2"
+    # Every batch size of the range (each padded to its CUDA-graph bucket where the backend records them)
+    # answers like eager, and nothing traced or compiled since the worker was ready.
+    for n in range(1, 33):
+        xi = torch.randn(n, 3, 224, 224)
+        assert rel(warm_worker.infer(xi), eager(state, xi)) < 1e-2, n
+    assert warm_worker.fence is not None and warm_worker.fence.unexpected == 0
+    return warm
+
+
+def test_aoti_lifecycle_on_cuda(tmp_path: Path) -> None:
+    """The default GPU backend: a compiler proven before the build, CUDA graphs per batch bucket."""
+    warm = lifecycle("aoti", tmp_path)
+    assert warm.build["cxx_checked"] and warm.build["cuda_graphs"]
+    assert warm.steps["prepare"] < 5.0, warm.steps  # recording graphs costs milliseconds, never a compile
 
 
 def test_inductor_lifecycle_on_cuda(tmp_path: Path) -> None:
     lifecycle("inductor", tmp_path)
+
+
+def test_auto_picks_aoti_on_cuda_without_tensorrt(tmp_path: Path) -> None:
+    from serve.backends.tensorrt import TensorRTBackend
+
+    if TensorRTBackend.unavailable(torch.device("cuda")) is None:
+        pytest.skip("TensorRT is here: auto picks it")
+    config = CacheConfig.load(environ={}, cache_dir=tmp_path / "cache")
+    assert Worker(SPEC, device="cuda", cache_config=config).backend.name == "aoti"
 
 
 @pytest.mark.tensorrt
