@@ -40,7 +40,9 @@ def test_dockerfile_parses_and_copies_what_exists() -> None:
         for src in args[:-1]:
             assert (ROOT / src).exists(), f"COPY source {src} does not exist"
     cmd = next(rest for word, rest in instructions if word == "CMD")
-    assert json.loads(cmd) == ["serve", "run", "deployments/config.yaml"]
+    assert json.loads(cmd) == ["warmserve", "run", "--host", "0.0.0.0"]
+    runs = " ".join(rest for word, rest in instructions if word == "RUN")
+    assert "compileall" in runs  # no module compiled from source in a new replica
 
 
 def test_serve_config_is_valid() -> None:
