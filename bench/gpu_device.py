@@ -53,7 +53,20 @@ def replica(model: str, backend: str, cache_dir: Path, inductor_dir: Path, timeo
     if p.returncode != 0:
         why = f"killed by signal {-p.returncode}" if p.returncode < 0 else f"exit {p.returncode}"
         return {"ok": False, "error": why, "stderr": p.stderr[-2000:], "process_s": wall}
-    return {"ok": True, **json.loads(p.stdout.strip().splitlines()[-1]), "process_s": wall}
+    log = [line for line in p.stderr.splitlines() if "serve." in line or "cache." in line][-12:]
+    return {"ok": True, **json.loads(p.stdout.strip().splitlines()[-1]), "process_s": wall, "log": log}
+
+
+def progress(backend: str, what: str, result: dict[str, Any]) -> None:
+    """One line per replica as it finishes (a run cut short still tells where the time went)."""
+    steps = (result.get("report") or {}).get("steps")
+    line = (
+        f"[{time.strftime('%H:%M:%S')}] {backend} {what}: first answer {result.get('first_answer_s')} s, steps {steps}"
+    )
+    print(line if result.get("ok") else f"{line}; FAILED {result.get('error')} {result.get('stderr', '')[-600:]}")
+    for entry in result.get("log", []):
+        print(f"    {entry[:220]}")
+    sys.stdout.flush()
 
 
 def compileall() -> float:
@@ -95,6 +108,7 @@ def cycle(model: str, backend: str, tmp: Path, timeout: float, pyc_first: bool) 
     cache_dir = tmp / f"cache-{backend}"
     row: dict[str, Any] = {"backend": backend}
     row["cold"] = replica(model, backend, cache_dir, tmp / f"ind-{backend}-cold", timeout)
+    progress(backend, "cold", row["cold"])
     if not row["cold"]["ok"]:
         return row
     warm = []
@@ -102,9 +116,11 @@ def cycle(model: str, backend: str, tmp: Path, timeout: float, pyc_first: bool) 
         warm.append(
             {"pyc": "as the image is", **replica(model, backend, cache_dir, tmp / f"ind-{backend}-w0", timeout)}
         )
+        progress(backend, "warm, no .pyc", warm[-1])
         row["compileall_s"] = compileall()
     for i in (1, 2):
         warm.append({"pyc": "compiled", **replica(model, backend, cache_dir, tmp / f"ind-{backend}-w{i}", timeout)})
+        progress(backend, "warm", warm[-1])
     row["warm"] = warm
     if not all(w["ok"] for w in warm):
         return row

@@ -24,6 +24,9 @@ def main() -> None:
     ap.add_argument("cache_dir")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
     from cache.config import CacheConfig
     from serve.spec import ModelSpec

@@ -1,10 +1,11 @@
-"""The C++ compiler AOTInductor builds with: chosen by building and loading a tiny package, never assumed.
+"""The C++ compiler Inductor builds with: chosen by building and loading a tiny library, never assumed.
 
 Inductor takes its compiler from ``$CXX`` (else ``g++``). A compiler can build packages that crash when
 loaded: one whose libraries link libstdc++ statically, say, next to the shared one torch already loaded.
 ``--version`` does not tell, so each candidate (``$CXX``, then the system's ``g++``, ``c++``, ``clang++``)
-builds a tiny package and loads it in a child process; the first that passes is used and recorded in the
-cache key. The verdict is kept per node in the cache directory, so the probe runs once per compiler set.
+builds a tiny shared library the way Inductor builds packages and loads it in a child process next to torch;
+the first that passes is used and recorded in the cache key. The check runs before the first build on a node
+(a warm start from the cache needs no compiler) and its verdict is kept in the cache directory.
 """
 
 from __future__ import annotations
@@ -30,23 +31,27 @@ from serve.errors import BackendUnavailable, ToolchainChanged
 
 logger = logging.getLogger(__name__)
 
-# Built and run in a child process with CXX set to the candidate: export, compile, load, compare with eager.
-# A CPU package: the failure this catches (a C++ runtime that cannot live next to torch's) is the same for
-# CUDA packages, and a CPU build needs no GPU context and no Triton (seconds, not a minute).
-PROBE = """
-import sys, torch
-from torch._inductor import aoti_compile_and_package, aoti_load_package
-path = sys.argv[1]
-model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()).eval()
-x = torch.randn(2, 8)
-with torch.no_grad():
-    program = torch.export.export(model, (x,))
-    aoti_compile_and_package(program, package_path=path)
-    got = aoti_load_package(path)(x)
-    torch.testing.assert_close(got, model(x), rtol=1e-3, atol=1e-3)
-print("probe ok")
+# A tiny C++ library, built as Inductor builds its packages (a shared object with the C++ runtime) and loaded
+# in a child process next to torch. It uses what the AOTInductor runtime uses when a package loads (std::regex
+# on a device string, exceptions): a compiler whose libraries link libstdc++ statically crashes right there,
+# as real packages do. Seconds, where compiling a real tiny package costs a minute on a small machine.
+PROBE_SOURCE = r"""
+#include <regex>
+#include <stdexcept>
+#include <string>
+extern "C" int warmserve_probe() {
+  try {
+    std::smatch m;
+    std::string device = "cuda:3";
+    if (!std::regex_match(device, m, std::regex("(cuda|cpu)(:([0-9]+))?"))) return 1;
+    throw std::runtime_error(m[3].str());
+  } catch (const std::runtime_error& e) {
+    return std::stoi(e.what()) == 3 ? 42 : 2;
+  }
+}
 """
-PROBE_TIMEOUT = 900.0
+PROBE_LOAD = "import ctypes, sys, torch; sys.exit(0 if ctypes.CDLL(sys.argv[1]).warmserve_probe() == 42 else 3)"
+PROBE_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -103,28 +108,56 @@ def candidates(environ: Mapping[str, str] | None = None) -> list[str]:
     return found
 
 
+def _needed(library: str) -> list[str] | None:
+    """The shared libraries an ELF file asks for (readelf), or None where that cannot be read."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        return None
+    try:
+        out = subprocess.run([readelf, "-d", library], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line.rsplit("[", 1)[-1].rstrip("]") for line in out.stdout.splitlines() if "(NEEDED)" in line]
+
+
 def probe(path: str, timeout: float = PROBE_TIMEOUT) -> str | None:
-    """Build and load a tiny package with the compiler at ``path`` in a child process: None if it works,
-    else what went wrong."""
+    """Build a tiny C++ library with the compiler at ``path`` and load it in a child process next to torch:
+    None if that works, else what went wrong."""
     with tempfile.TemporaryDirectory(prefix="warmserve-cxx-") as tmp:
-        env = {**os.environ, "CXX": path, "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor")}
+        source, library = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
+        Path(source).write_text(PROBE_SOURCE)
         try:
-            out = subprocess.run(
-                [sys.executable, "-c", PROBE, os.path.join(tmp, "probe.pt2")],
+            built = subprocess.run(
+                [path, "-shared", "-fPIC", "-O2", "-std=c++17", source, "-o", library],
                 capture_output=True,
                 text=True,
                 timeout=timeout,
-                env=env,
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"could not run it: {e}"
+        if built.returncode != 0:
+            tail = [line for line in built.stderr.strip().splitlines() if line.strip()][-1:] or [
+                f"exit {built.returncode}"
+            ]
+            return f"building a tiny shared library failed: {tail[0][:300]}"
+        needed = _needed(library)
+        if needed is not None and not any(name.startswith("libstdc++") for name in needed):
+            return (
+                "its libraries link libstdc++ statically (the one it built needs no libstdc++.so); AOTInductor "
+                "packages built that way crash when loaded next to torch's"
+            )
+        try:
+            loaded = subprocess.run(
+                [sys.executable, "-c", PROBE_LOAD, library], capture_output=True, text=True, timeout=timeout
             )
         except subprocess.TimeoutExpired:
-            return f"building a tiny package took over {timeout:.0f}s"
-    if out.returncode == 0 and "probe ok" in out.stdout:
+            return f"loading the library it built took over {timeout:.0f}s"
+    if loaded.returncode == 0:
         return None
-    if out.returncode < 0:
-        name = signal.Signals(-out.returncode).name
-        return f"the package it built crashed the process ({name}); a compiler that links libstdc++ statically does"
-    tail = [line for line in out.stderr.strip().splitlines() if line.strip()][-1:] or [f"exit {out.returncode}"]
-    return f"building or loading a tiny package failed: {tail[0][:300]}"
+    if loaded.returncode < 0:
+        return f"the library it built crashed the process that loaded it ({signal.Signals(-loaded.returncode).name})"
+    tail = [line for line in loaded.stderr.strip().splitlines() if line.strip()][-1:] or [f"exit {loaded.returncode}"]
+    return f"the library it built did not run: {tail[0][:300]}"
 
 
 class Toolchain:
@@ -186,7 +219,7 @@ class Toolchain:
             if not version:
                 rejected[path] = "`--version` failed"
                 continue
-            logger.info("checking the C++ compiler %s (%s): building a tiny AOTInductor package", path, version)
+            logger.info("checking the C++ compiler %s (%s): building and loading a tiny library", path, version)
             problem = probe(path)
             if problem is None:
                 chosen = Compiler(path, version)
@@ -203,7 +236,7 @@ class Toolchain:
         if verdict.chosen is None:
             tried = "; ".join(f"{p}: {why}" for p, why in verdict.rejected.items()) or "no C++ compiler on PATH"
             raise BackendUnavailable(
-                f"AOTInductor needs a C++ compiler whose packages load here, and none does ({tried}); "
+                f"Inductor's C++ needs a compiler whose libraries load next to torch here, and none does ({tried}); "
                 "install g++ (or set CXX to one), or choose --backend inductor"
             )
         return verdict.chosen

@@ -49,7 +49,7 @@ def test_a_compiler_whose_packages_crash_is_passed_over(
     report = worker.start()
     assert report.outcome == "built" and report.backend == "aoti"
     assert report.build["cxx_checked"] and report.build["cxx"] != bad
-    assert "crashed the process (SIGABRT)" in report.build["cxx_rejected"][bad]
+    assert "crashed the process that loaded it (SIGABRT)" in report.build["cxx_rejected"][bad]
     # The key names the compiler that passed, and the engine it built answers like eager.
     state = demo_weights(build_model("tests.serve.models:tiny_cnn"))
     model = build_model("tests.serve.models:tiny_cnn")
@@ -67,10 +67,14 @@ def test_a_compiler_whose_packages_crash_is_passed_over(
     assert again.outcome == "local-hit" and again.key == report.key
 
 
-def test_a_compiler_that_cannot_build_is_named_with_its_error(tmp_path: Path) -> None:
+def test_compilers_that_fail_or_link_statically_are_named_with_the_reason(tmp_path: Path) -> None:
     failing = wrapper(tmp_path / "bad-g++", 'echo "bad-g++: licence expired" >&2; exit 1')
     problem = toolchain.probe(failing)
-    assert problem is not None and problem.startswith("building or loading a tiny package failed")
+    assert problem is not None and "building a tiny shared library failed: bad-g++: licence expired" in problem
+    static = wrapper(tmp_path / "static-g++", 'exec g++ "$@" -static-libstdc++ -static-libgcc')
+    problem = toolchain.probe(static)
+    assert problem is not None and "link libstdc++ statically" in problem
+    assert toolchain.probe("g++") is None
 
 
 def test_no_working_compiler_auto_falls_back_and_aoti_says_why(
@@ -78,13 +82,13 @@ def test_no_working_compiler_auto_falls_back_and_aoti_says_why(
 ) -> None:
     failing = wrapper(tmp_path / "bad-g++", "exit 1")
     monkeypatch.setattr(toolchain, "candidates", lambda environ=None: [failing])
-    with pytest.raises(BackendUnavailable, match=r"none does \(.*bad-g\+\+: building or loading a tiny package"):
+    with pytest.raises(BackendUnavailable, match=r"none does \(.*bad-g\+\+: building a tiny shared library failed"):
         Worker(tiny_spec(), backend="aoti", cache_config=cache_config).start()
     # On the CPU Inductor compiles C++ too: with no compiler that works, auto ends on eager, and says why.
     report = Worker(tiny_spec(), backend="auto", cache_config=cache_config).start()
     assert report.backend == "eager" and report.outcome == "uncached"
-    assert report.fallback and report.fallback.startswith("aoti: AOTInductor needs a C++ compiler")
-    assert "; inductor: AOTInductor needs a C++ compiler" in report.fallback
+    assert report.fallback and report.fallback.startswith("aoti: Inductor's C++ needs a compiler")
+    assert "; inductor: Inductor's C++ needs a compiler" in report.fallback
 
 
 @pytest.mark.parametrize("backend", ["aoti", "inductor"])
