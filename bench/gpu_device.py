@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -245,9 +246,18 @@ def main() -> None:
             print(json.dumps(row, default=str)[:4000], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / "gpu.md").write_text(markdown(result))
+    (out / "gpu.json").write_text(anonymise(json.dumps(result, indent=1, default=str)))
+    (out / "gpu.md").write_text(anonymise(markdown(result)))
     print(markdown(result))
+
+
+def anonymise(text: str) -> str:
+    """Results name no paths of the machine they ran on: temp dirs, $CXX and the system compiler by role."""
+    cxx = os.environ.get("CXX")
+    if cxx:
+        text = text.replace(cxx, "$CXX")
+    text = re.sub(r"/usr/bin/(g\+\+|c\+\+|clang\+\+)", r"\1 (system)", text)
+    return re.sub(re.escape(tempfile.gettempdir()) + r"/[\w./-]+", "$TMP", text)
 
 
 if __name__ == "__main__":
