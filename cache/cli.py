@@ -14,6 +14,11 @@ from cache.errors import CacheError
 from cache.keys import check_key_id
 from cache.tier import LEASES, QUARANTINE, Tier
 
+# What `verify` moves to quarantine: damaged bytes. Not an entry still being written (no manifest yet), and
+# not a signature this operator's key does not match: with another key than the replicas', that would empty
+# a shared store for every node.
+DAMAGED = {"digest", "size", "missing-blob", "foreign", "manifest", "format"}
+
 
 def add_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -41,7 +46,7 @@ def add_parser(sub: Any) -> None:
 
     verb("ls", "list entries: key, backend, size, age, last use, producer")
     verb("stats", "totals per tier: entries, bytes, budget, quarantined entries, open leases")
-    verb("verify", "check every entry (size, sha256, signature, key); quarantine bad ones and exit 1")
+    verb("verify", "check every entry (size, sha256, signature, key); exit 1 if any is bad, quarantine damaged ones")
     p = verb("evict", "remove entries by key, all of them, or down to the budget")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--key", action="append", metavar="K", help="a key id (full 64 hex chars); repeatable")
@@ -174,14 +179,16 @@ def _run(args: argparse.Namespace, cache: EngineCache) -> int:
         for tier in tiers:
             for entry in tier.entries():
                 problem = tier.verify(entry.key_id)
-                if problem is not None:  # as a lookup would: moved aside, so no replica can load it
-                    tier.quarantine(entry.key_id, problem.partition(":")[0])
+                reason = (problem or "").partition(":")[0]
+                if reason in DAMAGED:  # as a lookup would: moved aside, so no replica can load it
+                    tier.quarantine(entry.key_id, reason)
                 out.append({"tier": tier.name, "key": entry.key_id, "ok": problem is None, "problem": problem})
         status = 0 if all(r["ok"] for r in out) else 1
         if not args.json:
             bad = [r for r in out if not r["ok"]]
             for r in bad:
-                print(f"BAD  {r['tier']:6}  {r['key']}  {r['problem']} (moved to quarantine)")
+                moved = " (moved to quarantine)" if r["problem"].partition(":")[0] in DAMAGED else ""
+                print(f"BAD  {r['tier']:6}  {r['key']}  {r['problem']}{moved}")
             print(f"{len(out) - len(bad)} of {len(out)} entries ok" + (f", {len(bad)} bad" if bad else ""))
     elif args.verb == "evict":
         for tier in tiers:

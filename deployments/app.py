@@ -144,7 +144,9 @@ class WarmModel:
         self.start_report = self.worker.start()
         self.last_swap: SwapReport | None = None
         self.weights = self.start_report.weights
-        self._configured = False  # Serve calls reconfigure once before the replica takes traffic
+        # Until Serve's first health check (right after the start-up reconfigure, if there is a user_config),
+        # this replica has taken no traffic: weights it cannot load then fail its start.
+        self._starting = True
         self._configure_batching(self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
         logger.info("replica %s ready: %s", os.getpid(), self.start_report.to_dict())
 
@@ -154,10 +156,10 @@ class WarmModel:
 
         On a live replica, refused weights never raise (that would crash-loop replicas): the report says
         why and the old version keeps serving. On a replica that has not taken traffic yet (Serve calls
-        this once before it does), refused weights fail the start: a replica never serves weights other
-        than the configured ones."""
+        this before its first health check when the deployment has a user_config), refused weights fail the
+        start: a replica never serves weights other than the configured ones."""
         config = dict(config or {})
-        initial, self._configured = not self._configured, True
+        initial = self._starting
         self._configure_batching(
             int(config.get("max_batch_size", self.settings.max_batch_size)),
             float(config.get("batch_wait_timeout_s", self.settings.batch_wait_timeout_s)),
@@ -202,6 +204,7 @@ class WarmModel:
     def check_health(self) -> None:
         if not self.worker.ready:
             raise RuntimeError("engine not loaded")
+        self._starting = False
 
     def _configure_batching(self, size: int, wait: float) -> None:
         batcher: Any = self._infer_batch  # serve.batch adds these setters at run time

@@ -9,9 +9,13 @@ scale-out) starts on the last good weights, never on the refused ones.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,6 +29,11 @@ from deployments.dashboard import Dashboard
 from deployments.errors import DashboardError, RolloutError, VersionConflict
 from serve.spec import ModelSpec
 from serve.weights import weights_digest
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARD = ("0.0.0.0", "::", "")
 
 
 def _app(config: dict[str, Any], app: str) -> dict[str, Any]:
@@ -84,7 +93,7 @@ def with_weights(
 
 
 def replica_states(http: str, samples: int) -> dict[int, dict[str, Any]]:
-    """Sample ``/v1/status`` through the proxy (requests land on random replicas): pid -> status."""
+    """Sample ``/v1/status`` through one proxy (requests land on its replicas at random): pid -> status."""
     seen: dict[int, dict[str, Any]] = {}
     token = admin_token()
     headers = {"authorization": f"Bearer {token}"} if token else {}
@@ -100,10 +109,69 @@ def replica_states(http: str, samples: int) -> dict[int, dict[str, Any]]:
     return seen
 
 
+class Confirmation:
+    """Whether every running replica serves ``version`` from weights with ``sha256``, each asked through the
+    proxy of its own node (Serve's proxies prefer their node's replicas), or through ``http`` when given.
+    A replica that refused raises; one that never answers for ``silence_s`` raises too: what it serves
+    cannot be confirmed, so the rollout is not called done."""
+
+    def __init__(
+        self, config: dict[str, Any], version: str, sha256: str, http: str | None, silence_s: float = 90.0
+    ) -> None:
+        options = config.get("http_options") or {}
+        self.host = str(options.get("host") or "127.0.0.1")
+        self.port = int(options.get("port") or 8000)
+        self.http = http
+        self.target = (version, sha256)
+        self.silence_s = silence_s
+        self._unseen_since: dict[int, float] = {}
+
+    def url(self, replica: dict[str, Any]) -> str:
+        if self.http:
+            return self.http
+        host = str(replica.get("node_ip") or "127.0.0.1") if self.host in WILDCARD else self.host
+        return f"http://{'127.0.0.1' if host in LOOPBACK else host}:{self.port}"
+
+    def _refused(self, status: dict[str, Any]) -> bool:
+        swap = status.get("last_swap") or {}
+        version, sha256 = self.target
+        return swap.get("requested") == version and swap.get("requested_sha256") in (sha256, "") and not swap.get("ok")
+
+    def __call__(self, replicas: list[dict[str, Any]]) -> bool:
+        expected = {int(r["pid"]): r for r in replicas if r.get("pid")}
+        by_url: dict[str, set[int]] = {}
+        for pid, replica in expected.items():
+            by_url.setdefault(self.url(replica), set()).add(pid)
+        seen: dict[int, dict[str, Any]] = {}
+        for url, pids in by_url.items():
+            seen.update(replica_states(url, samples=4 * len(pids) + 4))
+        serving = {pid for pid, s in seen.items() if (s.get("weights_version"), s.get("weights_sha256")) == self.target}
+        refused = {
+            pid: s["last_swap"].get("error") for pid, s in seen.items() if pid not in serving and self._refused(s)
+        }
+        if refused:
+            raise RolloutError(f"replicas refused {self.target[0]} and keep serving their old weights: {refused}")
+        now = time.monotonic()
+        for pid in expected:
+            if pid in seen:
+                self._unseen_since.pop(pid, None)
+            elif now - self._unseen_since.setdefault(pid, now) > self.silence_s:
+                raise RolloutError(
+                    f"replica {pid} never answered through {self.url(expected[pid])} in {self.silence_s:.0f}s, so "
+                    "what it serves cannot be confirmed; pass --http with a URL that reaches it"
+                )
+        return bool(expected) and set(expected) <= serving
+
+
 def _wait(
-    dashboard: Dashboard, app: str, deployment: str, deadline: float, done: Callable[[int], bool]
+    dashboard: Dashboard,
+    app: str,
+    deployment: str,
+    deadline: float,
+    done: Callable[[list[dict[str, Any]]], bool],
 ) -> tuple[str, int]:
-    """Poll until the app is RUNNING with the deployment HEALTHY and ``done(replicas)``; (status, replicas)."""
+    """Poll until the app is RUNNING with the deployment HEALTHY and ``done(running replicas)``;
+    returns (status, number of replicas)."""
     status = "UNKNOWN"
     while time.monotonic() < deadline:
         a = dashboard.app(app)
@@ -112,9 +180,9 @@ def _wait(
         if status in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise RolloutError(f"application {app} is {status}: {str(a.get('message', ''))[:500]}")
         if status == "RUNNING" and dep.get("status") == "HEALTHY":
-            replicas = len(dep.get("replicas") or [])
+            replicas = [r for r in dep.get("replicas") or [] if r.get("state") == "RUNNING"]
             if done(replicas):
-                return status, replicas
+                return status, len(replicas)
         time.sleep(0.5)
     raise RolloutError(f"application {app} did not finish the update in time (last status {status})")
 
@@ -126,11 +194,21 @@ def service_url(config: dict[str, Any]) -> str:
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{int(http.get('port') or 8000)}"
 
 
+def _check_reachable(config: dict[str, Any], address: str) -> None:
+    """A service that listens on loopback can be confirmed only from its own machine."""
+    host = str((config.get("http_options") or {}).get("host") or "127.0.0.1")
+    if host in LOOPBACK and urlsplit(address).hostname not in LOOPBACK:
+        raise VersionConflict(
+            f"the service listens on {host} of the cluster's nodes, which this machine cannot reach to confirm what "
+            "each replica serves: pass --http with a URL that reaches it, or --http '' to wait for Serve alone"
+        )
+
+
 def _check_http(http: str, config: dict[str, Any], address: str) -> None:
     """A loopback --http must be this cluster's own proxy: else the rollout would change one service and
     wait on another."""
     got, want = urlsplit(http), urlsplit(service_url(config))
-    if got.hostname in ("127.0.0.1", "localhost", "::1") and got.port != want.port:
+    if got.hostname in LOOPBACK and got.port != want.port:
         raise VersionConflict(
             f"the cluster whose dashboard is {address} serves HTTP on port {want.port}, but --http is {http}: "
             "give that service's dashboard with --address (warmserve run prints it), or leave --http out"
@@ -149,14 +227,16 @@ def rollout(
     sha256: str | None = None,
     check: bool = True,
 ) -> dict[str, Any]:
-    """Apply the new weights, wait until every replica seen through ``http`` (default: the cluster's own HTTP
-    address) serves ``version`` with ``sha256``; on any refusal, failure or interruption put the previous
-    config back and raise ``RolloutError``. ``check=False`` waits for Serve only, not for the replicas."""
+    """Apply the new weights and wait until every running replica serves ``version`` from weights with
+    ``sha256`` (each asked through its own node's proxy, or ``http``); on any refusal, failure or
+    interruption put the previous config back and raise ``RolloutError``. ``check=False`` waits for Serve
+    only, not for the replicas."""
     dashboard = Dashboard(address)
     before = dashboard.config()
     if http:
         _check_http(http, before, address)
-    http = (http or service_url(before)) if check else None
+    elif check:
+        _check_reachable(before, address)
     if sha256 is None:
         try:
             sha256 = weights_digest(weights)
@@ -167,48 +247,45 @@ def rollout(
     result = {"app": app, "deployment": deployment, "weights": weights, "version": version, "sha256": sha256}
     if current.get("weights_version") == version and current.get("weights_sha256") == sha256:
         return {**result, "status": "unchanged", "replicas": None}
-    dashboard.apply(config)
+    confirm: Callable[[list[dict[str, Any]]], bool] = (
+        Confirmation(before, version, sha256, http) if check else (lambda replicas: True)
+    )
     try:
-        status, replicas = _wait(
-            dashboard,
-            app,
-            deployment,
-            time.monotonic() + wait_s,
-            lambda n: not http or _all_serve(http, n, version, sha256),
-        )
+        dashboard.apply(config)
+        status, replicas = _wait(dashboard, app, deployment, time.monotonic() + wait_s, confirm)
     except (RolloutError, DashboardError, KeyboardInterrupt) as e:
-        raise RolloutError(f"{e}; {_restore(dashboard, before, app, deployment)}") from e
-    _record(before, app, weights, version, sha256, versions_of(user_config_of(config, app, deployment)))
+        raise RolloutError(f"{e or 'interrupted'}; {_restore(dashboard, before, app, deployment)}") from e
+    try:
+        _record(before, app, weights, version, sha256, versions_of(user_config_of(config, app, deployment)))
+    except (OSError, ValueError) as e:
+        logger.warning("every replica serves %s, but recording it for the next `warmserve run` failed: %s", version, e)
     return {**result, "status": status, "replicas": replicas}
 
 
-def _all_serve(http: str, replicas: int, version: str, sha256: str) -> bool:
-    """True once every replica seen serves ``version`` from weights with ``sha256``; raises if one refused."""
-    seen = replica_states(http, samples=max(8, 4 * replicas))
-    pending = {
-        p: s for p, s in seen.items() if (s.get("weights_version"), s.get("weights_sha256")) != (version, sha256)
-    }
-    refused = {
-        p: swap.get("error")
-        for p, s in pending.items()
-        if (swap := s.get("last_swap") or {}).get("requested") == version
-        and swap.get("requested_sha256") in (sha256, "")
-        and not swap.get("ok")
-    }
-    if refused:
-        raise RolloutError(f"replicas refused {version} and keep serving their old weights: {refused}")
-    return bool(seen) and not pending
-
-
 def _restore(dashboard: Dashboard, before: dict[str, Any], app: str, deployment: str) -> str:
-    """Put the config from before the rollout back; say what happened."""
+    """Put the config from before the rollout back (Ctrl-C and SIGTERM wait meanwhile); say what happened."""
     old = user_config_of(before, app, deployment).get("weights_version", "the previous weights")
-    try:
-        dashboard.apply(before)
-        _wait(dashboard, app, deployment, time.monotonic() + 120, lambda n: True)
-    except (RolloutError, DashboardError) as e:
-        return f"restoring the previous config ({old}) failed too: {e}"
+    with _signals_deferred():
+        try:
+            dashboard.apply(before)
+            _wait(dashboard, app, deployment, time.monotonic() + 120, lambda replicas: True)
+        except (RolloutError, DashboardError) as e:
+            return f"restoring the previous config ({old}) failed too: {e}"
     return f"the previous config ({old}) is restored, so every replica, new ones included, serves {old}"
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM inside the block (main thread only): a restore is not cut in half."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _record(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import logging
 import os
 import re
 import signal
@@ -26,11 +27,13 @@ import requests
 from cache.config import CacheConfig
 from cache.errors import CacheError
 from deployments import ledger
+from deployments.auth import admin_token, sign_rollout
 from deployments.errors import StartError
 from deployments.settings import AppSettings
 from serve.errors import WarmserveError
 
 SERVE_NAMESPACE = "serve"
+logger = logging.getLogger(__name__)
 
 
 def say(message: str, stream: TextIO | None = None) -> None:
@@ -60,9 +63,14 @@ def bind_weights(config: dict[str, Any], *, explicit: bool, resume: bool) -> str
     note = None
     for dep in app.get("deployments") or []:
         uc = dep.setdefault("user_config", {})
+        for label, digest in (uc.get("versions") or {}).items():
+            if history.setdefault(str(label), str(digest)) != digest:
+                raise StartError(
+                    f"the config binds version {label} to other weights than the rollout record {path} does; "
+                    "a version label names one content: fix the config's versions"
+                )
         if record and resume and not explicit:
             uc.update(record.user_config())
-            continue
         weights, version = uc.get("weights"), uc.get("weights_version")
         if weights and version and not uc.get("weights_sha256"):
             try:
@@ -75,8 +83,13 @@ def bind_weights(config: dict[str, Any], *, explicit: bool, resume: bool) -> str
                     f"{path}); a version label names one content: give these weights another --weights-version"
                 )
             uc["weights_sha256"] = sha256
-            history[str(version)] = sha256
-        uc["versions"] = {**history, **(uc.get("versions") or {})}
+        if weights and version:
+            history[str(version)] = str(uc["weights_sha256"])
+            token = admin_token()
+            uc.pop("signature", None)
+            if token:  # replicas with an admin token take only signed weights, a restart's included
+                uc["signature"] = sign_rollout(token, str(weights), str(version), str(uc["weights_sha256"]))
+        uc["versions"] = dict(history)
     if record:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.at))
         if resume and not explicit:
@@ -109,8 +122,8 @@ def preflight(config: dict[str, Any], *, local: bool) -> AppSettings:
             wanted.append((uc.get("weights"), uc.get("weights_sha256"), "the deployment's user_config weights"))
         checked = set()
         for uri, sha256, where in wanted:
-            if uri and (uri, sha256) not in checked:
-                checked.add((uri, sha256))
+            if uri and uri not in checked:  # each file read once, with its pinned digest if it has one
+                checked.add(uri)
                 try:
                     validate(read_weights(str(uri), sha256).state, expected)
                 except WarmserveError as e:
@@ -223,6 +236,10 @@ def serve(config: dict[str, Any], *, verbose: bool = False, ready_timeout: float
         context = ray.init(address=address or "local", namespace=SERVE_NAMESPACE, log_to_driver=verbose)
     except KeyboardInterrupt:
         return 0
+    except Exception as e:  # Ray's many start failures: one line, not its traceback
+        logger.debug("ray.init failed", exc_info=True)
+        say(f"error: Ray did not start: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+        return 1
     dashboard = f"http://{context.dashboard_url}" if getattr(context, "dashboard_url", None) else None
     # After ray.init, which installs a crash handler for SIGTERM: `kill` must shut down cleanly too.
     with _stop_on_signals():
@@ -241,6 +258,7 @@ def serve(config: dict[str, Any], *, verbose: bool = False, ready_timeout: float
                 say(f"Ray dashboard {dashboard}" + ("" if default else f" (warmserve rollout --address {dashboard})"))
             if settings.model.weights is None and not _user_weights(app):
                 say("these are seeded demo weights, so labels are random; serve yours with --weights FILE")
+            _remember(app, settings)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
@@ -248,6 +266,10 @@ def serve(config: dict[str, Any], *, verbose: bool = False, ready_timeout: float
             return 0
         except StartError as e:
             say(f"error: {e}")
+            return 1
+        except Exception as e:  # Serve refusing the config, the controller dying...: one line, then shut down
+            logger.debug("serving failed", exc_info=True)
+            say(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
             return 1
         finally:
             _shutdown(ray, ray_serve, name if not local else None)
@@ -273,6 +295,26 @@ def _shutdown(ray: Any, ray_serve: Any, app: str | None, timeout: float = 60.0) 
         say(f"Ray did not shut down within {timeout:.0f}s; exiting anyway (`ray stop --force` cleans up)")
         sys.stderr.flush()
         os._exit(1)
+
+
+def _remember(app: dict[str, Any], settings: AppSettings) -> None:
+    """Record the weights every replica now serves, so a plain restart serves them again."""
+    uc = next((d.get("user_config") or {} for d in app.get("deployments") or []), {})
+    if not (uc.get("weights") and uc.get("weights_version") and uc.get("weights_sha256")):
+        return
+    directory = CacheConfig.load(cache_dir=settings.cache_dir).cache_dir
+    record = ledger.Rollout(
+        str(app.get("name", "warmserve")),
+        settings.model.model,
+        str(uc["weights"]),
+        str(uc["weights_version"]),
+        str(uc["weights_sha256"]),
+        versions=dict(uc.get("versions") or {}),
+    )
+    try:
+        ledger.record(directory, record)
+    except OSError as e:
+        say(f"warning: could not record the weights served for the next start: {e}")
 
 
 def _user_weights(app: dict[str, Any]) -> bool:

@@ -65,16 +65,17 @@ class CompileFence:
             _FENCES.add(self)
 
     def check(self, where: str) -> int:
-        """Count and report what compiled since the last check; returns how many."""
-        now = compile_counts()
+        """Count and report what compiled since the last check; returns how many. The counters are the
+        process's: with several workers in one process, each counts a compile once under its backend."""
         with _LOCK:
+            now = compile_counts()
             if _starting:  # another worker of this process is starting: its compiles are expected
                 self.baseline = now
                 return 0
             new = sum(max(0, n - b) for n, b in zip(now, self.baseline, strict=True))
             self.baseline = now
-        if new:
             self.unexpected += new
+        if new:
             self.metrics.inc("warmserve_unexpected_compiles", new, backend=self.backend)
             logger.error(
                 "UNEXPECTED COMPILE after ready (%s, backend %s): %d new Dynamo frame(s) or autotuning run(s); "

@@ -161,8 +161,8 @@ def probe(path: str, timeout: float = PROBE_TIMEOUT) -> str | None:
 
 
 class Toolchain:
-    """The compiler for Inductor's C++ on this node, with its verdict kept in ``workdir``. ``keyed()`` is
-    cheap (no build); ``verified()`` probes once if no verdict is kept yet."""
+    """The compiler for Inductor's C++ on this node, with a positive verdict kept in ``workdir``. ``keyed()``
+    is cheap (no build); ``verified()`` probes if no verdict is kept yet."""
 
     def __init__(self, workdir: Path, environ: Mapping[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
@@ -227,7 +227,8 @@ class Toolchain:
             logger.warning("C++ compiler %s rejected: %s", path, problem)
             rejected[path] = problem
         verdict = Verdict(chosen, rejected)
-        atomic_write(self._record, json.dumps(verdict.to_dict(), indent=1).encode())
+        if chosen is not None:  # only a positive verdict is kept: a failure may pass later (a full disk, say)
+            atomic_write(self._record, json.dumps(verdict.to_dict(), indent=1).encode())
         return verdict
 
     def require(self) -> Compiler:

@@ -298,7 +298,8 @@ class Worker:
     def _fetch(self, model: nn.Module, steps: Steps) -> tuple[CacheKey, str, bytes]:
         """The key and the artifact: from the cache, or built once. ``auto`` moves on to the next backend if
         this one turns out unusable (no working C++ compiler, say), and the report says why."""
-        for _ in range(3):  # a changed compiler choice re-keys once; the choice is then kept
+        rekeys = 0
+        while True:
             try:
                 with steps("fingerprint"):
                     key = self.key_for(model)
@@ -313,7 +314,10 @@ class Worker:
                         meta={"model": self.spec.model},
                     )
                 return key, fetched.outcome, fetched.blob
-            except ToolchainChanged as e:
+            except ToolchainChanged as e:  # the compiler check chose another compiler: key again (it is kept)
+                rekeys += 1
+                if rekeys > 2:
+                    raise BackendUnavailable(f"the {self.backend.name} compiler choice kept changing: {e}") from e
                 logger.info("%s; computing the cache key again", e)
             except BackendUnavailable as e:
                 if not self._choices:
@@ -321,7 +325,6 @@ class Worker:
                 self.fallback = "; ".join(filter(None, [self.fallback, f"{self.backend.name}: {e}"]))
                 self.backend = self._make_backend(self._choices.pop(0))
                 logger.warning("auto backend: %s; using %s instead", self.fallback, self.backend.name)
-        raise BackendUnavailable(f"the {self.backend.name} build settings kept changing; see the log")
 
     def _build(self, model: nn.Module, key: CacheKey) -> bytes:
         name = self.backend.name
@@ -403,7 +406,8 @@ class Worker:
         """Validate, refit (a standby engine, or the live one in an exclusive section), verify, switch.
 
         Eager PyTorch's reference answer is computed before any lock, so requests wait at most for a refit
-        and one engine call. With ``sha256``, a weights file whose content has another digest is refused.
+        and one engine call (or, recording CUDA graphs for a standby engine, for the captures alone). With
+        ``sha256``, a weights file whose content has another digest is refused.
         Never raises for bad weights: the report says why, and the old version keeps serving.
         """
         t0 = time.perf_counter()
@@ -495,7 +499,9 @@ class Worker:
                 engine = self.backend.load(self._artifact, self._require_model(), self.spec.input)
             with steps("refit"):
                 engine.refit(state)
-            if engine.exclusive_prepare:  # recording CUDA graphs: no other call on the GPU meanwhile
+            with steps("warm_up"):
+                engine.warm_up()  # the standby engine's first runs, while the live one serves
+            if engine.exclusive_prepare:  # recording CUDA graphs: requests wait for the captures alone
                 with steps("prepare"), self._rw.write():
                     engine.prepare()
             else:

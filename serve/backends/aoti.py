@@ -1,8 +1,9 @@
 """AOTInductor: a ``.pt2`` package compiled ahead of time, weights kept out; ``load_constants`` is the refit.
 
-On CUDA every call replays a CUDA graph recorded at load for the smallest batch bucket that fits (powers of
-two up to the engine's largest batch): a replay launches the whole network at once, where the package alone
-pays a kernel launch per operator. Recording costs milliseconds per bucket and compiles nothing.
+On CUDA every call replays a CUDA graph recorded after each refit for the smallest batch bucket that fits
+(powers of two up to the engine's largest batch): a replay launches the whole network at once, where the
+package alone pays a kernel launch per operator. Recording compiles nothing: a warm-up run per bucket (which
+loads kernels and picks cuDNN's algorithms) then a capture of the launches.
 """
 
 from __future__ import annotations
@@ -65,9 +66,11 @@ class AOTIEngine(Engine):
         self.device = device
         self.spec = spec
         self.use_graphs = graphs
-        self.exclusive_prepare = graphs
+        self.exclusive_prepare = graphs  # a capture must not overlap other work on the device
         # Folded constants are derived from the weights at run time; the rest are the model's tensors.
         self.fqns = {n for n in runner.get_constant_fqns() if not n.startswith(FOLDED_PREFIX)}
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._warm = False
         self._graphs: dict[int, _Graph] = {}
         self._sizes: list[int] = []
         self._lock = threading.Lock()  # a graph's static input and output serve one call at a time
@@ -77,11 +80,11 @@ class AOTIEngine(Engine):
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._graphs:
+        graphs, sizes = self._graphs, self._sizes  # one consistent view, whatever a refit does meanwhile
+        if not graphs:
             return self._run(x)
         n = x.shape[0]
-        size = self._sizes[bisect.bisect_left(self._sizes, n)]
-        g = self._graphs[size]
+        g = graphs[sizes[bisect.bisect_left(sizes, n)]]
         with self._lock:
             g.input[:n].copy_(x)
             g.graph.replay()
@@ -91,32 +94,49 @@ class AOTIEngine(Engine):
         missing = self.fqns - set(state)
         if missing:
             raise RefitError(f"weights lack {len(missing)} constant(s) the engine needs, e.g. {sorted(missing)[:3]}")
-        self._graphs = {}  # recorded against the old folded constants: never replay them again
+        # Graphs recorded against the old folded constants are never replayed again; the next run folds anew.
+        self._graphs, self._sizes, self._warm = {}, [], False
         # Only the engine's constants (num_batches_tracked, for one, is not one).
         constants = {k: state[k].to(self.device).contiguous() for k in self.fqns}
         self.runner.load_constants(constants, False, False)  # into the active buffer, a partial update allowed
 
-    def prepare(self) -> None:
-        """Record one CUDA graph per batch bucket (after the refit; the first run folds the constants)."""
-        if not self.use_graphs or self._graphs:
+    def warm_up(self) -> None:
+        """A first run at every bucket size, on a side stream: constant folding, kernel loading, cuDNN's
+        algorithm choice. It touches this engine only, so a swap runs it with the live engine serving."""
+        if not self.use_graphs or self._warm:
             return
-        sizes = buckets(self.spec)
-        inputs = {b: self.spec.example(batch=b, device=self.device) for b in sizes}
+        self._inputs = {b: self.spec.example(batch=b, device=self.device) for b in buckets(self.spec)}
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode(), torch.cuda.stream(side):
-            for b in sizes:  # warm-up outside capture: folding, kernel loading, workspace allocation
-                self._run(inputs[b])
+            for x in self._inputs.values():
+                self._run(x)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        self._warm = True
+
+    def prepare(self) -> None:
+        """Record one CUDA graph per batch bucket: replays of kernels already loaded, nothing compiles.
+        Largest first, so the smaller graphs reuse its pool memory."""
+        if not self.use_graphs or self._graphs:
+            return
+        self.warm_up()
+        torch.cuda.synchronize(self.device)
         pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
         graphs = {}
-        with torch.inference_mode():
-            for b in reversed(sizes):  # largest first: the smaller ones reuse its pool memory
+        # capture_begin/end directly: torch.cuda.graph() would also collect garbage and empty the allocator's
+        # cache around every capture, time that requests wait for during a swap.
+        with torch.inference_mode(), torch.cuda.stream(side):
+            for b in sorted(self._inputs, reverse=True):
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self._run(inputs[b])
-                graphs[b] = _Graph(graph, inputs[b], out)
-        self._sizes, self._graphs = sizes, graphs
+                graph.capture_begin(pool)
+                try:
+                    out = self._run(self._inputs[b])
+                finally:
+                    graph.capture_end()
+                graphs[b] = _Graph(graph, self._inputs[b], out)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._sizes, self._graphs = sorted(graphs), graphs
 
 
 class AOTIBackend(Backend):

@@ -28,21 +28,25 @@ class Engine(ABC):
     def refit(self, state: Mapping[str, torch.Tensor]) -> None:
         """Replace every weight in place with the tensors of ``state`` (already validated)."""
 
+    def warm_up(self) -> None:  # noqa: B027 - optional hook, nothing to do for most engines
+        """First runs after a refit that need no quiet device (loading kernels, say); a swap runs this while
+        the live engine serves."""
+
     def prepare(self) -> None:  # noqa: B027 - optional hook, nothing to do for most engines
-        """Ready the engine for serving after a refit (record CUDA graphs, say)."""
+        """Ready the engine for serving after a refit (record CUDA graphs, say); with ``exclusive_prepare``
+        nothing else may use the device meanwhile, and a swap holds requests back for it."""
 
 
 class Backend(ABC):
     name: ClassVar[str]
-    #: "standby": a hot swap loads a second engine, refits it, then switches the reference (no request
-    #: waits). "in-place": the engine is refitted inside an exclusive section (requests wait briefly).
+    #: "standby": a hot swap loads a second engine, refits it, then switches the reference (requests wait
+    #: only for the switch, and for an engine's exclusive ``prepare``). "in-place": the engine is refitted
+    #: inside an exclusive section (requests wait briefly).
     swap: ClassVar[Literal["standby", "in-place"]] = "standby"
     #: False for backends without an artifact (eager): the worker skips the cache.
     cacheable: ClassVar[bool] = True
 
-    def __init__(
-        self, device: torch.device, *, cache: EngineCache | None = None, workdir: Path | None = None
-    ) -> None:
+    def __init__(self, device: torch.device, *, cache: EngineCache | None = None, workdir: Path | None = None) -> None:
         """Every backend is built the same way: the device, the engine cache (for backends that cache
         pieces of their own, like TensorRT's engines), and a node-local directory for what they keep."""
         self.device = device

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,23 @@ def test_cache_commands_do_not_import_torch(tmp_path: Path) -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_verify_moves_damaged_entries_only(tmp_path: Path) -> None:
+    """An operator whose signing key differs from the replicas' sees every entry as BAD, but verify must not
+    empty the store for every node: signature problems are reported, not quarantined."""
+    cache, _ = make_cache(tmp_path, signing_key=b"the replicas' key")
+    cache.get_or_build(key(1), lambda: b"engine bytes", backend="aoti")
+    other = {**os.environ, "WARMSERVE_CACHE_KEY": "another key"}
+    bad = warmserve("cache", "verify", "--cache-dir", str(tmp_path), env=other)
+    assert bad.returncode == 1 and "signature" in bad.stdout and "quarantine" not in bad.stdout
+    assert (
+        warmserve(
+            "cache",
+            "verify",
+            "--cache-dir",
+            str(tmp_path),
+            env={**os.environ, "WARMSERVE_CACHE_KEY": "the replicas' key"},
+        ).returncode
+        == 0
+    )

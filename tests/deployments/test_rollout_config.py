@@ -142,3 +142,18 @@ def test_explicit_weights_get_their_digest_pinned_and_cannot_reuse_a_label(tmp_p
     reused = config({"weights": str(tmp_path / "b.safetensors"), "weights_version": "v2"}, cache_dir=str(tmp_path))
     with pytest.raises(StartError, match="version v2 already names other weights"):
         bind_weights(reused, explicit=True, resume=True)
+
+
+def test_a_restart_signs_the_weights_it_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replicas with an admin token take only signed weights, the ones a restart resumes included."""
+    from deployments.auth import rollout_problem
+
+    ledger.record(
+        tmp_path, ledger.Rollout("warmserve", "tests.serve.models:tiny_cnn", "/w/v2", "v2", A, versions={"v2": A})
+    )
+    monkeypatch.setenv("WARMSERVE_ADMIN_TOKEN", "t0ken")
+    resumed = config({"weights": None, "weights_version": "v1", "signature": "stale"}, cache_dir=str(tmp_path))
+    bind_weights(resumed, explicit=False, resume=True)
+    uc = user_config_of(resumed, "warmserve", "WarmModel")
+    assert rollout_problem(uc, "t0ken") is None
+    assert "does not match" in (rollout_problem(uc, "other") or "")

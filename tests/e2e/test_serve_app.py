@@ -272,3 +272,20 @@ def test_a_label_served_from_other_weights_is_never_reported_as_rolled_out(clust
     assert "a version label names one content" in out.stderr and "restored" in out.stderr
     status = next(iter(cluster.replica_statuses(1).values()))
     assert status["weights"] == str(tmp_path / "b.safetensors")
+
+
+def test_a_live_replica_never_dies_for_refused_weights(cluster: RayCluster, tmp_path: Path) -> None:
+    """Deployed without a user_config, Serve never calls reconfigure at start-up: the first rollout reaches a
+    replica that serves traffic already, and refused weights must leave it serving, not crash-loop it."""
+    model = build_model("tests.serve.models:tiny_cnn")
+    bad = demo_weights(model, seed=61)
+    bad["head.bias"] = torch.full_like(bad["head.bias"], float("nan"))
+    save_weights(bad, tmp_path / "bad.safetensors")
+    save_weights(demo_weights(model, seed=62), tmp_path / "good.safetensors")
+    cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
+    (pid,) = cluster.replica_statuses(1)
+    refused = rollout(cluster, tmp_path / "bad.safetensors", "v2")
+    assert refused.returncode == 1 and "NaN" in refused.stderr, refused.stderr
+    assert rollout(cluster, tmp_path / "good.safetensors", "v3").returncode == 0
+    after = cluster.replica_statuses(1)
+    assert list(after) == [pid] and after[pid]["weights_version"] == "v3"  # the same process throughout

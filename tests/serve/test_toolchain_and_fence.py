@@ -84,6 +84,8 @@ def test_no_working_compiler_auto_falls_back_and_aoti_says_why(
     monkeypatch.setattr(toolchain, "candidates", lambda environ=None: [failing])
     with pytest.raises(BackendUnavailable, match=r"none does \(.*bad-g\+\+: building a tiny shared library failed"):
         Worker(tiny_spec(), backend="aoti", cache_config=cache_config).start()
+    # A failure is not kept: a compiler that works later (disk space freed, g++ installed) is found then.
+    assert toolchain.Toolchain(cache_config.cache_dir).kept() is None
     # On the CPU Inductor compiles C++ too: with no compiler that works, auto ends on eager, and says why.
     report = Worker(tiny_spec(), backend="auto", cache_config=cache_config).start()
     assert report.backend == "eager" and report.outcome == "uncached"
