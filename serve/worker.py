@@ -406,7 +406,7 @@ class Worker:
         """Validate, refit (a standby engine, or the live one in an exclusive section), verify, switch.
 
         Eager PyTorch's reference answer is computed before any lock, so requests wait at most for a refit
-        and one engine call (or, recording CUDA graphs for a standby engine, for the captures alone). With
+        and one engine call (or, recording CUDA graphs for a standby engine, for the recording). With
         ``sha256``, a weights file whose content has another digest is refused.
         Never raises for bad weights: the report says why, and the old version keeps serving.
         """
@@ -499,9 +499,7 @@ class Worker:
                 engine = self.backend.load(self._artifact, self._require_model(), self.spec.input)
             with steps("refit"):
                 engine.refit(state)
-            with steps("warm_up"):
-                engine.warm_up()  # the standby engine's first runs, while the live one serves
-            if engine.exclusive_prepare:  # recording CUDA graphs: requests wait for the captures alone
+            if engine.exclusive_prepare:  # recording CUDA graphs: no other call on the device meanwhile
                 with steps("prepare"), self._rw.write():
                     engine.prepare()
             else:

@@ -28,10 +28,6 @@ class Engine(ABC):
     def refit(self, state: Mapping[str, torch.Tensor]) -> None:
         """Replace every weight in place with the tensors of ``state`` (already validated)."""
 
-    def warm_up(self) -> None:  # noqa: B027 - optional hook, nothing to do for most engines
-        """First runs after a refit that need no quiet device (loading kernels, say); a swap runs this while
-        the live engine serves."""
-
     def prepare(self) -> None:  # noqa: B027 - optional hook, nothing to do for most engines
         """Ready the engine for serving after a refit (record CUDA graphs, say); with ``exclusive_prepare``
         nothing else may use the device meanwhile, and a swap holds requests back for it."""
