@@ -6,6 +6,7 @@ import asyncio
 import io
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -147,29 +148,42 @@ class WarmModel:
         # Until Serve's first health check (right after the start-up reconfigure, if there is a user_config),
         # this replica has taken no traffic: weights it cannot load then fail its start.
         self._starting = True
+        self._swaps = ThreadPoolExecutor(1, thread_name_prefix="weights-swap")  # swaps in order, off requests
         self._configure_batching(self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
         logger.info("replica %s ready: %s", os.getpid(), self.start_report.to_dict())
 
     # -- Serve hooks ---------------------------------------------------------------------------
-    def reconfigure(self, config: dict[str, Any]) -> None:
+    async def reconfigure(self, config: dict[str, Any]) -> None:
         """Take a new ``user_config``: weights (refit, never a rebuild) and batching.
 
-        On a live replica, refused weights never raise (that would crash-loop replicas): the report says
-        why and the old version keeps serving. On a replica that has not taken traffic yet (Serve calls
-        this before its first health check when the deployment has a user_config), refused weights fail the
-        start: a replica never serves weights other than the configured ones."""
+        On a live replica the swap (reading the file, validating, refitting, checking against eager) is
+        queued on this replica's swap thread and reconfigure returns at once: Serve routes no requests to a
+        replica while its reconfigure runs, and a slow store must not take the replica out of service. The
+        old weights serve until the swap switches; `/v1/status` says what is served and what was refused
+        (`warmserve rollout` waits on that). Refused weights never raise there (that would crash-loop
+        replicas). On a replica that has not taken traffic yet (Serve calls this before its first health
+        check when the deployment has a user_config), the swap runs before the replica is ready, and
+        refused weights fail the start: a replica never serves weights other than the configured ones."""
         config = dict(config or {})
-        initial = self._starting
         self._configure_batching(
             int(config.get("max_batch_size", self.settings.max_batch_size)),
             float(config.get("batch_wait_timeout_s", self.settings.batch_wait_timeout_s)),
         )
-        problem = self._take_weights(config)
-        if problem and initial:
+        if not self._starting:
+            self._swaps.submit(self._take_weights_logged, config)
+            return
+        problem = await asyncio.wrap_future(self._swaps.submit(self._take_weights, config))
+        if problem:
             raise ReplicaStartError(
                 f"this replica cannot serve the configured weights {config.get('weights_version')} "
                 f"({config.get('weights')}): {problem}"
             )
+
+    def _take_weights_logged(self, config: dict[str, Any]) -> None:
+        try:
+            self._take_weights(config)
+        except Exception:  # the replica keeps serving its weights whatever a swap does; the log says why
+            logger.exception("swap to %s failed", config.get("weights_version"))
 
     def _take_weights(self, config: dict[str, Any]) -> str | None:
         """Swap to the weights ``config`` names, if they are new; the reason they were refused, or None."""
@@ -178,6 +192,7 @@ class WarmModel:
         if weights is None or version is None:
             return None
         version = str(version)
+        start = self.start_report
         if version == self.worker.version:
             if sha256 is None or sha256 == self.worker.weights_sha256:
                 return None
@@ -185,6 +200,11 @@ class WarmModel:
                 f"version {version} is served here from weights with sha256 "
                 f"{(self.worker.weights_sha256 or '?')[:16]}..., not {sha256[:16]}...: "
                 "a version label names one content"
+            )
+        elif version == start.weights_version and sha256 and sha256 != start.weights_sha256:
+            problem = (
+                f"version {version} names the weights this replica started with (sha256 "
+                f"{start.weights_sha256[:16]}...), not {sha256[:16]}...: a version label names one content"
             )
         else:
             problem = rollout_problem(config, admin_token())
@@ -197,7 +217,14 @@ class WarmModel:
         logger.warning("weights %s not loaded: %s", version, problem)
         current = self.worker.version or ""
         self.last_swap = SwapReport(
-            False, current, current, 0.0, error=problem, requested=version, requested_sha256=sha256 or ""
+            False,
+            current,
+            current,
+            0.0,
+            error=problem,
+            requested=version,
+            sha256=self.worker.weights_sha256 or "",
+            requested_sha256=sha256 or "",
         )
         return problem
 

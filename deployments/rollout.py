@@ -254,7 +254,7 @@ def rollout(
         dashboard.apply(config)
         status, replicas = _wait(dashboard, app, deployment, time.monotonic() + wait_s, confirm)
     except (RolloutError, DashboardError, KeyboardInterrupt) as e:
-        raise RolloutError(f"{e or 'interrupted'}; {_restore(dashboard, before, app, deployment)}") from e
+        raise RolloutError(f"{str(e) or 'interrupted'}; {_restore(dashboard, before, app, deployment)}") from e
     try:
         _record(before, app, weights, version, sha256, versions_of(user_config_of(config, app, deployment)))
     except (OSError, ValueError) as e:
@@ -268,9 +268,12 @@ def _restore(dashboard: Dashboard, before: dict[str, Any], app: str, deployment:
     with _signals_deferred():
         try:
             dashboard.apply(before)
-            _wait(dashboard, app, deployment, time.monotonic() + 120, lambda replicas: True)
-        except (RolloutError, DashboardError) as e:
+        except DashboardError as e:
             return f"restoring the previous config ({old}) failed too: {e}"
+        try:
+            _wait(dashboard, app, deployment, time.monotonic() + 30, lambda replicas: True)
+        except RolloutError as e:
+            return f"the previous config ({old}) is put back, and Serve is still applying it ({e})"
     return f"the previous config ({old}) is restored, so every replica, new ones included, serves {old}"
 
 

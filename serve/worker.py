@@ -109,7 +109,7 @@ class SwapReport:
     error: str | None = None
     probe_error: float | None = None
     requested: str = ""  # the version asked for; equals ``version`` when ok
-    sha256: str = ""  # of the weights now served (when ok)
+    sha256: str = ""  # of the weights served after the swap (the old ones when it failed)
     requested_sha256: str = ""  # the digest the weights asked for were pinned to ("" if none)
 
     def to_dict(self) -> dict[str, Any]:
@@ -444,6 +444,7 @@ class Worker:
                     steps.seconds,
                     str(e),
                     requested=version,
+                    sha256=live.sha256,
                     requested_sha256=sha256 or "",
                 )
             except Exception as e:  # a backend failure: keep serving, report it
@@ -457,6 +458,7 @@ class Worker:
                     steps.seconds,
                     f"{type(e).__name__}: {e}",
                     requested=version,
+                    sha256=live.sha256,
                     requested_sha256=sha256 or "",
                 )
             finally:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +28,30 @@ FAST_AUTOSCALING = {
 }
 
 
+def ray_processes(marker: str) -> list[int]:
+    """Processes whose command line names ``marker`` (a Ray temp dir: every Ray daemon names its session dir)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd and int(pid) != os.getpid():
+            found.append(int(pid))
+    return found
+
+
+def stop_ray(marker: str, timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL, the Ray daemons of one cluster; its workers exit with their raylet."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ray_processes(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + timeout / 2
+        while ray_processes(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
 @dataclass
 class RayCluster:
     """Token authentication on, as Ray ships it for ``ray.init`` clusters: every dashboard call sends the
@@ -36,6 +64,8 @@ class RayCluster:
     http_port: int = field(default_factory=free_port)
     env: dict[str, str] = field(default_factory=dict)
     token: str = field(default_factory=lambda: secrets.token_hex(16))
+    # Ray's socket paths must stay short: its temp dir lives directly under the system temp dir.
+    tempdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="wsray-")))
 
     @property
     def auth_env(self) -> dict[str, str]:
@@ -79,6 +109,7 @@ class RayCluster:
             "ray.scripts.scripts",
             "start",
             "--head",
+            f"--temp-dir={self.tempdir}",
             f"--port={self.gcs_port}",
             "--node-ip-address=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
@@ -120,12 +151,11 @@ class RayCluster:
         subprocess.run(cmd, env=self._env(name, env), check=True, capture_output=True, timeout=120)
 
     def stop(self) -> None:
-        subprocess.run(
-            [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
-            capture_output=True,
-            timeout=120,
-            env=self._env("node1"),
-        )
+        """Stop this cluster's processes only (`ray stop` would stop every Ray cluster on the machine)."""
+        stop_ray(str(self.tempdir))
+        # The head's Ray client server names only the GCS address, not the temp dir.
+        stop_ray(f":{self.gcs_port} --host=")
+        shutil.rmtree(self.tempdir, ignore_errors=True)
 
     # -- Serve ---------------------------------------------------------------------------------
     def config(self, args: dict[str, Any], deployment: dict[str, Any], name: str = "warmserve") -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,12 +23,20 @@ import torch
 
 from serve.model import build_model
 from serve.weights import demo_weights, save_weights
+from tests.e2e.cluster import ray_processes, stop_ray
 from tests.e2e.helpers import ROOT_ENV
 from tests.servers import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TINY = ["--model", "tests.serve.models:tiny_cnn", "--input-shape", "3,16,16", "--batch", "1:8", "--backend", "aoti"]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 @dataclass
@@ -56,17 +65,9 @@ class User:
             env=self.env,
         )
 
-    def ray_processes(self) -> list[str]:
-        """Command lines of live Ray processes that belong to this user's Ray temp dir."""
-        found = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if str(self.raytmp) in cmd and "deployments.cli" not in cmd:
-                found.append(cmd[:120])
-        return found
+    def ray_processes(self) -> list[int]:
+        """Live Ray processes of this user's Ray temp dir (not `warmserve run` itself)."""
+        return [p for p in ray_processes(str(self.raytmp)) if b"deployments.cli" not in _cmdline(p)]
 
 
 @dataclass
@@ -118,12 +119,8 @@ def user(tmp_path: Path) -> Iterator[User]:
     try:
         yield u
     finally:
-        subprocess.run(
-            [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
-            env=u.env,
-            capture_output=True,
-            timeout=120,
-        )
+        stop_ray(str(raytmp))  # this user's cluster only: `ray stop` would stop every one on the machine
+        shutil.rmtree(raytmp, ignore_errors=True)
 
 
 def start(user: User, *args: str) -> Service:

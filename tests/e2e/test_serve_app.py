@@ -289,3 +289,42 @@ def test_a_live_replica_never_dies_for_refused_weights(cluster: RayCluster, tmp_
     assert rollout(cluster, tmp_path / "good.safetensors", "v3").returncode == 0
     after = cluster.replica_statuses(1)
     assert list(after) == [pid] and after[pid]["weights_version"] == "v3"  # the same process throughout
+
+
+def test_a_slow_weights_read_never_stops_serving(cluster: RayCluster, tmp_path: Path) -> None:
+    """A replica reading new weights from a slow store keeps answering (the swap runs off the event loop);
+    the label it started with cannot be rolled out again with other content."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    model = build_model("tests.serve.models:tiny_cnn")
+    save_weights(demo_weights(model, seed=71), tmp_path / "v2.safetensors")
+    save_weights(demo_weights(model, seed=72), tmp_path / "other.safetensors")
+    payload = (tmp_path / "v2.safetensors").read_bytes()
+    os.mkfifo(tmp_path / "slow.safetensors")  # a read that blocks until someone writes: the slowest store
+    cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
+    cmd = [sys.executable, "-m", "deployments.cli", "rollout", "--weights", str(tmp_path / "slow.safetensors")]
+    cmd += ["--version", "v2", "--sha256", hashlib.sha256(payload).hexdigest(), "--address", cluster.dashboard]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **cluster.auth_env}
+    )
+    try:
+        time.sleep(3)  # the replica is now blocked reading the pipe
+        x = np.zeros((1, 3, 16, 16), dtype=np.float32)
+        for _ in range(5):
+            t0 = time.monotonic()
+            _, version = infer(cluster, x)
+            assert version == "v1" and time.monotonic() - t0 < 5
+            assert requests.get(f"{cluster.http}/v2/health/ready", timeout=5).status_code == 200
+        with open(tmp_path / "slow.safetensors", "wb") as pipe:
+            pipe.write(payload)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert infer(cluster, x)[1] == "v2"
+    reused = rollout(cluster, tmp_path / "other.safetensors", "v1")  # v1: the weights the replica started with
+    assert reused.returncode == 1 and "names the weights this replica started with" in reused.stderr, reused.stderr
