@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cache import cli as cache_cli
+from deployments.host import INGRESSES
 
 
 def parser(cache_only: bool = False) -> argparse.ArgumentParser:
@@ -65,7 +66,20 @@ def add_run_parser(sub: Any) -> None:
     p.add_argument(
         "--shared-cache", metavar="URL", help="shared store, e.g. s3://bucket/warmserve ($WARMSERVE_SHARED_CACHE)"
     )
-    p.add_argument("--replicas", type=int, metavar="N", help="fixed replica count instead of autoscaling")
+    p.add_argument(
+        "--replicas",
+        type=_positive,
+        metavar="N",
+        help="fixed replica count (default: on a GPU host, one replica per 2 cores, at most 8 per GPU, sharing it; "
+        "on a CPU, the config's autoscaling)",
+    )
+    p.add_argument(
+        "--ingress",
+        choices=INGRESSES,
+        default="auto",
+        help="HTTP ingress of a local Ray: haproxy (Ray Serve's HAProxy, straight to the replicas' own HTTP "
+        "servers), serve (Serve's Python proxy), auto (default: haproxy on a GPU host, serve on a CPU)",
+    )
     p.add_argument("--host", help="HTTP host (default from the config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")
     p.add_argument("--no-resume", action="store_true", help="serve the config's weights, not the last rollout's")
@@ -73,9 +87,21 @@ def add_run_parser(sub: Any) -> None:
     p.set_defaults(func=run_service)
 
 
-def effective_config(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
-    """The config `warmserve run` deploys, and a note on the weights it resumed (or did not)."""
-    from deployments.runner import app_entry, bind_weights, effective_config, load_config
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return n
+
+
+def effective_config(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], str]:
+    """The config `warmserve run` deploys, what to tell the operator (the weights it resumed or did not, the
+    layout it chose for this host) and the ingress."""
+    from deployments import host
+    from deployments.runner import app_entry, bind_weights, effective_config, load_config, ray_address
 
     overrides = {
         "model": args.model,
@@ -98,26 +124,34 @@ def effective_config(args: argparse.Namespace) -> tuple[dict[str, Any], str | No
             for stale in ("weights_sha256", "signature"):
                 uc.pop(stale, None)
     note = bind_weights(config, explicit=bool(args.weights), resume=not args.no_resume)
-    if _has_gpu():
-        # A GPU fraction per replica, unless the config already asks for GPUs.
-        for dep in app.get("deployments", []):
-            dep.setdefault("ray_actor_options", {}).setdefault("num_gpus", 0.25)
-    if args.replicas:
-        for dep in app.get("deployments", []):
-            dep.pop("autoscaling_config", None)
-            dep["num_replicas"] = args.replicas
+    ingress, source = args.ingress, "--ingress haproxy"
+    if ingress == "auto" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") in ("0", "1"):  # the operator's choice
+        ingress = "haproxy" if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1" else "serve"
+        source = "RAY_SERVE_ENABLE_HA_PROXY=1"
+    device = str(app["args"].get("device") or "auto")
+    layout = host.plan(
+        config,
+        gpus=0 if device == "cpu" else _gpus(),
+        cpus=host.host_cpus(),
+        ingress=ingress,
+        replicas=args.replicas,
+        haproxy=host.haproxy_binary(),
+        joining=ray_address()[0] is not None,
+        ingress_source=source,
+    )
+    layout.apply(config)
     http = config.setdefault("http_options", {})
     if args.host:
         http["host"] = args.host
     if args.port:
         http["port"] = args.port
-    return config, note
+    return config, [n for n in (note, layout.why) if n], layout.ingress
 
 
-def _has_gpu() -> bool:
+def _gpus() -> int:
     import torch
 
-    return bool(torch.cuda.is_available())
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
 def run_service(args: argparse.Namespace) -> int:
@@ -127,17 +161,17 @@ def run_service(args: argparse.Namespace) -> int:
     from deployments.errors import ServiceError
 
     try:
-        config, note = effective_config(args)
+        config, notes, ingress = effective_config(args)
     except (ServiceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
+        for note in notes:
+            print(f"# {note}")
         print(yaml.safe_dump(config, sort_keys=False))
         return 0
-    if note:
-        runner.say(note)
     try:
-        return runner.serve(config, verbose=args.verbose > 0)
+        return runner.serve(config, verbose=args.verbose > 0, ingress=ingress, notes=notes)
     except ServiceError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

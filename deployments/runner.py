@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -160,6 +160,36 @@ def check_port(host: str, port: int) -> None:
             raise StartError(f"cannot listen on {host}:{port} ({e.strerror}); choose --host/--port") from e
 
 
+# HAProxy's own listeners on every interface, beside the service port: Ray's default ports.
+HAPROXY_PORTS = {
+    "RAY_SERVE_HAPROXY_METRICS_PORT": ("metrics", 9101),
+    "RAY_SERVE_HAPROXY_STATS_PORT": ("stats", 8404),
+}
+
+
+def ingress_env(local: bool, ingress: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """What the Ray processes of a local cluster need in their environment for ``ingress``; nothing for a
+    cluster we join (its nodes chose when they started). HAProxy's metrics and stats listeners stay on Ray's
+    default ports when those are free, else move to free ones: a second service on this host, or an HAProxy
+    left behind by a killed Ray, would otherwise make HAProxy exit at start with 'Address already in use'."""
+    if not local:
+        return {}
+    if ingress != "haproxy":
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    for name, (what, default) in HAPROXY_PORTS.items():
+        if name in environ:
+            continue
+        try:
+            check_port("0.0.0.0", default)
+        except StartError:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                env[name] = str(s.getsockname()[1])
+            say(f"HAProxy's {what} port {default} is taken; it listens on {env[name]} instead")
+    return env
+
+
 def ray_address(environ: dict[str, str] | None = None) -> tuple[str | None, str]:
     """The Ray cluster ``ray.init`` would join (None: it starts a local one) and where that address came
     from. An address that does not answer is an error now, not minutes of retries later."""
@@ -215,11 +245,24 @@ def _stop_on_signals() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def serve(config: dict[str, Any], *, verbose: bool = False, ready_timeout: float | None = None) -> int:
-    """Start (or join) Ray, deploy ``config``, report readiness, then serve until interrupted."""
+def serve(
+    config: dict[str, Any],
+    *,
+    verbose: bool = False,
+    ready_timeout: float | None = None,
+    ingress: str = "serve",
+    notes: Sequence[str] = (),
+) -> int:
+    """Start (or join) Ray, deploy ``config``, report readiness, then serve until interrupted. ``ingress``
+    "haproxy" starts a local Ray with Ray Serve's HAProxy ingress; a cluster we join keeps its own. ``notes``
+    (what was resumed, the layout chosen) are said once the checks have passed: a mistake is one line."""
     address, source = ray_address()
     local = address is None
     settings = preflight(config, local=local)
+    for note in notes:
+        say(note)
+    # Read by every Ray Serve process when it starts, so set before Ray starts: they inherit it.
+    os.environ.update(ingress_env(local, ingress, os.environ))
     http = config.get("http_options") or {}
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     app = app_entry(config)

