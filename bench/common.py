@@ -54,8 +54,9 @@ def build_env(inductor_dir: str | Path, extra: Mapping[str, str] | None = None) 
     }
 
 
-def run_build(cmd: list[str], env: dict[str, str], timeout: float = 1800) -> dict[str, Any]:
-    """The build's JSON report plus ``ok`` and ``process_s``; a crash or timeout is reported, not raised."""
+def run_json(cmd: list[str], env: dict[str, str], timeout: float = 1800) -> dict[str, Any]:
+    """A command that ends its output with a JSON report (a build, a replica): that report plus ``ok``,
+    ``process_s`` and the lines it logged; a crash or timeout is reported, not raised."""
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -64,8 +65,36 @@ def run_build(cmd: list[str], env: dict[str, str], timeout: float = 1800) -> dic
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         why = f"killed by signal {-p.returncode}" if p.returncode < 0 else f"exit {p.returncode}"
-        return {"ok": False, "error": why, "stderr": p.stderr[-1500:], "process_s": wall}
-    return {"ok": True, **json.loads(p.stdout), "process_s": wall}
+        return {"ok": False, "error": why, "stderr": p.stderr[-2000:], "process_s": wall}
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    return {"ok": True, **report, "process_s": wall, "logged": p.stderr.splitlines()}
+
+
+def run_build(cmd: list[str], env: dict[str, str], timeout: float = 1800) -> dict[str, Any]:
+    """`warmserve build --json`'s report plus ``ok`` and ``process_s``."""
+    report = run_json(cmd, env, timeout)
+    report.pop("logged", None)
+    return report
+
+
+def binary_request(x: Any) -> tuple[bytes, dict[str, str]]:
+    """An OIP request for the numpy array ``x`` with the binary tensor extension, as tritonclient sends it
+    (binary outputs asked for too)."""
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input__0",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    headers = {"Inference-Header-Content-Length": str(len(head)), "content-type": "application/octet-stream"}
+    return head + x.tobytes(), headers
 
 
 def must(report: dict[str, Any]) -> dict[str, Any]:

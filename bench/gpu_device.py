@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import build_env  # noqa: E402
+from bench.common import build_env, run_json  # noqa: E402
 
 DEVICE = "cuda"
 
@@ -45,17 +45,11 @@ def sync() -> None:
 def replica(model: str, backend: str, cache_dir: Path, inductor_dir: Path, timeout: float) -> dict[str, Any]:
     """bench/replica_start.py in a fresh process: its JSON, or why it failed."""
     cmd = [sys.executable, str(ROOT / "bench" / "replica_start.py"), model, backend, str(cache_dir), "--device", DEVICE]
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=build_env(inductor_dir), timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {timeout}s"}
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        why = f"killed by signal {-p.returncode}" if p.returncode < 0 else f"exit {p.returncode}"
-        return {"ok": False, "error": why, "stderr": p.stderr[-2000:], "process_s": wall}
-    log = [line for line in p.stderr.splitlines() if "serve." in line or "cache." in line][-12:]
-    return {"ok": True, **json.loads(p.stdout.strip().splitlines()[-1]), "process_s": wall, "log": log}
+    r = run_json(cmd, build_env(inductor_dir), timeout)
+    logged = r.pop("logged", [])
+    if r["ok"]:
+        r["log"] = [line for line in logged if "serve." in line or "cache." in line][-12:]
+    return r
 
 
 def progress(backend: str, what: str, result: dict[str, Any]) -> None:

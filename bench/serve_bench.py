@@ -29,31 +29,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import build_env  # noqa: E402
+from bench.common import binary_request, build_env  # noqa: E402
 from deployments.rollout import rollout  # noqa: E402
 from serve.model import build_model  # noqa: E402
 from serve.spec import ModelSpec  # noqa: E402
 from serve.weights import demo_weights, save_weights  # noqa: E402
 from serve.worker import Worker  # noqa: E402
 from tests.e2e.cluster import RayCluster  # noqa: E402
-
-
-def binary_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    head = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input__0",
-                    "shape": list(x.shape),
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ],
-            "parameters": {"binary_data_output": True},  # as tritonclient asks by default
-        }
-    ).encode()
-    headers = {"Inference-Header-Content-Length": str(len(head)), "content-type": "application/octet-stream"}
-    return head + x.tobytes(), headers
 
 
 class Load:

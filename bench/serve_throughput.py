@@ -38,24 +38,9 @@ JPEG = ROOT / "examples" / "cat.jpg"
 
 
 def oip_binary(rows: int, shape: list[int]) -> tuple[bytes, dict[str, str]]:
-    x = np.random.default_rng(0).standard_normal((rows, *shape), dtype=np.float32)
-    head = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input__0",
-                    "shape": list(x.shape),
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ],
-            "parameters": {"binary_data_output": True},
-        }
-    ).encode()
-    return head + x.tobytes(), {
-        "Inference-Header-Content-Length": str(len(head)),
-        "content-type": "application/octet-stream",
-    }
+    from bench.common import binary_request
+
+    return binary_request(np.random.default_rng(0).standard_normal((rows, *shape), dtype=np.float32))
 
 
 def _client_proc(url: str, body: bytes, headers: dict[str, str], clients: int, t0: float, t1: float, out: Any) -> None:
@@ -130,10 +115,14 @@ def load(url: str, body: bytes, headers: dict[str, str], clients: int, procs: in
 
 
 def in_process(
-    model: str, backend: str, device: str, cache_dir: Path, weights: Path, batch: int, seconds: float
+    model: str, backend: str, device: str, cache_dir: Path, weights: Path, batch: int, seconds: float, threads: int
 ) -> dict[str, Any]:
-    """The ceiling: the same engine (a local cache hit) called in a loop at ``batch``."""
+    """The ceiling: the same engine (a local cache hit) called in a loop at ``batch``, on the CPU with as many
+    torch threads as one replica has."""
     import torch
+
+    if device == "cpu":
+        torch.set_num_threads(threads)
 
     from cache import CacheConfig
     from serve.spec import ModelSpec
@@ -150,6 +139,8 @@ def in_process(
         worker.infer(x)  # returns host outputs: the device is synchronised
         n += batch
     result = {"items_per_s": n / (time.perf_counter() - t0), "batch": batch, "start": report.outcome}
+    if device == "cpu":
+        result["threads"] = threads
     del worker
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -281,7 +272,14 @@ def main() -> None:
             finally:
                 cluster.stop()
         result["in_process"] = in_process(
-            args.model, args.backend, args.device, cache_dir, weights, args.ceiling_batch, args.seconds
+            args.model,
+            args.backend,
+            args.device,
+            cache_dir,
+            weights,
+            args.ceiling_batch,
+            args.seconds,
+            max(1, int(args.replica_cpus)),
         )
         print(f"in process, batch {args.ceiling_batch}: {result['in_process']['items_per_s']:.1f} items/s", flush=True)
     out = Path(args.out)
@@ -298,7 +296,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"# warmserve HTTP throughput — {r['date']}",
         "",
         f"{r['machine']}; {r['model']} via {r['backend']} on {r['device']}; {r['client_procs']} client processes;"
-        f" {r['seconds']:.0f} s per point. Ceiling: the engine in process at batch {r['in_process']['batch']},"
+        f" {r['seconds']:.0f} s per point. Ceiling: the engine in process at batch {r['in_process']['batch']}"
+        + (f" with {r['in_process']['threads']} torch thread(s)" if "threads" in r["in_process"] else "")
+        + ","
         f" {ceiling:.0f} items/s.",
         "",
         "| mode | workload | clients | items/s | % of ceiling | p50 ms | p99 ms | failed |",
