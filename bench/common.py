@@ -86,7 +86,7 @@ def binary_request(x: Any) -> tuple[bytes, dict[str, str]]:
                 {
                     "name": "input__0",
                     "shape": list(x.shape),
-                    "datatype": "FP32",
+                    "datatype": {"float32": "FP32", "uint8": "UINT8"}[str(x.dtype)],
                     "parameters": {"binary_data_size": x.nbytes},
                 }
             ],

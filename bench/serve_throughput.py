@@ -8,9 +8,10 @@ Each mode is a fresh local Ray cluster on the same engine cache (the first one b
 Python proxy in between). On a GPU the N replicas share it (``num_gpus`` 1/N).
 
 Workloads, each at every concurrency: OIP binary requests of one row (``b1``) and of 32 rows (``rows32``), as
-tritonclient sends them, and ``jpeg``: ``/v1/classify`` with a real photo (examples/cat.jpg). The load comes
-from ``--client-procs`` processes, each an asyncio loop of aiohttp clients, so that the load generator is not
-what limits; ``--check-clients`` repeats the point with the most requests/s with twice the processes to show it.
+tritonclient sends them, the same as UINT8 RGB pixels (``u8``, ``u8rows32``: a quarter of the bytes), and
+``jpeg``: ``/v1/classify`` with a real photo (examples/cat.jpg). The load comes from ``--client-procs``
+processes, each an asyncio loop of aiohttp clients, so that the load generator is not what limits;
+``--check-clients`` repeats the point with the most requests/s with twice the processes to show it.
 The ceiling is the same engine called in process at batch 32 (``--ceiling-batch``).
 """
 
@@ -37,10 +38,14 @@ sys.path.insert(0, str(ROOT))
 JPEG = ROOT / "examples" / "cat.jpg"
 
 
-def oip_binary(rows: int, shape: list[int]) -> tuple[bytes, dict[str, str]]:
+def oip_binary(rows: int, shape: list[int], pixels: bool = False) -> tuple[bytes, dict[str, str]]:
+    """A binary OIP request of ``rows`` rows: FP32 values, or UINT8 RGB pixels (a quarter of the bytes)."""
     from bench.common import binary_request
 
-    return binary_request(np.random.default_rng(0).standard_normal((rows, *shape), dtype=np.float32))
+    rng = np.random.default_rng(0)
+    if pixels:
+        return binary_request(rng.integers(0, 256, (rows, *shape), dtype=np.uint8))
+    return binary_request(rng.standard_normal((rows, *shape), dtype=np.float32))
 
 
 def _client_proc(url: str, body: bytes, headers: dict[str, str], clients: int, t0: float, t1: float, out: Any) -> None:
@@ -235,6 +240,8 @@ def main() -> None:
                 bodies = {
                     "b1": (f"{cluster.http}/v2/models/{name}/infer", *oip_binary(1, shape), 1),
                     "rows32": (f"{cluster.http}/v2/models/{name}/infer", *oip_binary(32, shape), 32),
+                    "u8": (f"{cluster.http}/v2/models/{name}/infer", *oip_binary(1, shape, pixels=True), 1),
+                    "u8rows32": (f"{cluster.http}/v2/models/{name}/infer", *oip_binary(32, shape, pixels=True), 32),
                     "jpeg": (f"{cluster.http}/v1/classify", JPEG.read_bytes(), {"content-type": "image/jpeg"}, 1),
                 }
                 busiest: tuple[float, Any] = (0.0, None)

@@ -89,8 +89,20 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
+def takes_pixels(shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    """Whether a model input is an RGB image: [3, H, W] floats (it then also takes UINT8 pixels)."""
+    return len(shape) == 3 and shape[0] == 3 and dtype.is_floating_point
+
+
+def normalise_pixels(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """UINT8 RGB pixels [..., 3, H, W] -> the model's input: scaled to [0, 1], normalised with ImageNet's mean
+    and standard deviation, on the device ``x`` is on."""
+    mean, std = IMAGENET_MEAN.to(x.device), IMAGENET_STD.to(x.device)
+    return ((x.to(torch.float32) / 255.0 - mean) / std).to(dtype)
+
+
 def decode_image(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-    """JPEG/PNG bytes -> a normalised [C, H, W] tensor: resize the short side, centre crop."""
+    """JPEG/PNG bytes -> [C, H, W] UINT8 pixels: resize the short side, centre crop (`normalise_pixels` next)."""
     from PIL import Image, UnidentifiedImageError
 
     if len(shape) != 3 or shape[0] != 3:
@@ -115,8 +127,7 @@ def decode_image(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     img = img.crop((left, top, left + w, top + h))
     import numpy as np
 
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-    return (x - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 @serve.deployment(name="WarmModel", max_ongoing_requests=128, health_check_period_s=5, health_check_timeout_s=30)
@@ -241,11 +252,25 @@ class WarmModel:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _infer_batch(self, items: list[torch.Tensor]) -> list[tuple[torch.Tensor, str]]:
         sizes = [x.shape[0] for x in items]
-        out, version = await asyncio.to_thread(self.worker.infer_versioned, torch.cat(items))
+        out, version = await asyncio.to_thread(self._run_batch, items)
         return [(o, version) for o in torch.split(out, sizes)]
 
+    def _run_batch(self, items: list[torch.Tensor]) -> tuple[torch.Tensor, str]:
+        """One engine call for the batch. Pixels travel as bytes: a batch of them is copied to the device in
+        one piece and normalised there; one that mixes pixels and floats is normalised on the host."""
+        dtype = self.settings.model.input.torch_dtype
+        pixels = [x.dtype == torch.uint8 for x in items]
+        if all(pixels):
+            return self.worker.infer_versioned(normalise_pixels(torch.cat(items).to(self.worker.device), dtype))
+        if any(pixels):
+            items = [normalise_pixels(x, dtype) if is_pixels else x for x, is_pixels in zip(items, pixels, strict=True)]
+        return self.worker.infer_versioned(torch.cat(items))
+
     async def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
-        self.worker.check_input(x)  # reject a bad request alone, before it joins a batch
+        # Reject a bad request alone, before it joins a batch. An image model also takes UINT8 pixels.
+        spec = self.settings.model.input
+        pixels = x.dtype == torch.uint8 and takes_pixels(spec.shape, spec.torch_dtype)
+        self.worker.check_input(x, dtype=torch.uint8 if pixels else None)
         return await self._infer_batch(x)  # type: ignore[no-any-return]
 
     async def _body(self, request: Request) -> bytes:
@@ -366,7 +391,7 @@ class WarmModel:
             raise InputError(f"top_k must be between 1 and {len(self.worker.labels)}")
         body = await self._body(request)
         x = await asyncio.to_thread(decode_image, body, self.settings.model.input.shape)
-        out, version = await self.infer(x.unsqueeze(0).to(self.settings.model.input.torch_dtype))
+        out, version = await self.infer(x.unsqueeze(0))
         probs = torch.softmax(out[0].float(), dim=0)
         scores, idx = probs.topk(k)
         return {

@@ -127,7 +127,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             try:
                 with np.errstate(over="raise", invalid="raise"):
                     array = np.asarray(item["data"], dtype=np_dtype)
-            except FloatingPointError as e:
+            except (FloatingPointError, OverflowError) as e:  # FP16 overflow; an integer a type cannot hold
                 raise InputError(f"inputs[{i}].data holds values out of the range of {datatype}") from e
             except (TypeError, ValueError) as e:
                 raise InputError(f"inputs[{i}].data is not a list of {datatype} numbers: {e}") from e

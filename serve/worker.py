@@ -360,7 +360,9 @@ class Worker:
         return probe, int(want.shape[-1])
 
     # -- serving ----------------------------------------------------------------------------------
-    def check_input(self, x: Any) -> torch.Tensor:
+    def check_input(self, x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x`` if it is a batch this model takes (``dtype``: another dtype the caller converts), else
+        ``InputError`` saying what was expected."""
         spec = self.spec.input
         if not isinstance(x, torch.Tensor):
             raise InputError(f"expected a tensor, got {type(x).__name__}")
@@ -368,7 +370,7 @@ class Worker:
             raise InputError(f"expected shape [batch, {', '.join(map(str, spec.shape))}], got {list(x.shape)}")
         if x.shape[0] < 1:
             raise InputError("empty batch")
-        if x.dtype != spec.torch_dtype:
+        if x.dtype not in (spec.torch_dtype, dtype):
             raise InputError(f"expected dtype {spec.dtype}, got {str(x.dtype).removeprefix('torch.')}")
         return x
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 
 import pytest
+import torch
 from PIL import Image
 
-from deployments.app import decode_image
+from deployments.app import decode_image, normalise_pixels, takes_pixels
 from serve.errors import InputError
 
 
@@ -22,3 +23,23 @@ def test_undecodable_images_say_what_to_send() -> None:
     with pytest.raises(InputError, match="truncated or corrupt"):
         decode_image(png.getvalue()[:60], (3, 16, 16))
     assert decode_image(png.getvalue(), (3, 16, 16)).shape == (3, 16, 16)
+
+
+def test_pixels_are_normalised_as_a_photo_is() -> None:
+    png = io.BytesIO()
+    Image.new("RGB", (20, 16), (255, 128, 0)).save(png, "PNG")
+    pixels = decode_image(png.getvalue(), (3, 16, 16))
+    assert pixels.dtype == torch.uint8 and pixels[:, 0, 0].tolist() == [255, 128, 0]
+    x = normalise_pixels(pixels.unsqueeze(0), torch.float32)
+    want = (torch.tensor([1.0, 128 / 255, 0.0]) - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor(
+        [0.229, 0.224, 0.225]
+    )
+    assert x.dtype == torch.float32 and torch.allclose(x[0, :, 5, 7], want)
+    assert normalise_pixels(pixels, torch.float16).dtype == torch.float16
+
+
+def test_only_image_models_take_pixels() -> None:
+    assert takes_pixels((3, 224, 224), torch.float32) and takes_pixels((3, 16, 16), torch.float16)
+    assert not takes_pixels((1, 28, 28), torch.float32)  # one channel: no RGB pixels
+    assert not takes_pixels((3, 16, 16), torch.int64)
+    assert not takes_pixels((10,), torch.float32)

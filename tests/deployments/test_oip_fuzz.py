@@ -6,6 +6,7 @@ import contextlib
 import json
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,7 +24,7 @@ inputs = st.fixed_dictionaries(
     optional={
         "name": st.one_of(st.text(max_size=5), st.integers()),
         "shape": st.one_of(st.lists(st.integers(-2, 6), max_size=4), st.text(max_size=3)),
-        "datatype": st.sampled_from(["FP32", "FP16", "INT64", "BF16", "STRING", "fp32", ""]),
+        "datatype": st.sampled_from(["FP32", "FP16", "INT64", "INT32", "INT8", "UINT8", "BF16", "STRING", "fp32", ""]),
         "data": json_values,
         "parameters": st.one_of(st.none(), st.fixed_dictionaries({"binary_data_size": st.integers(-4, 64)})),
     },
@@ -70,3 +71,10 @@ def test_roundtrip_json_and_binary() -> None:
     n = int(headers["Inference-Header-Content-Length"])
     meta = json.loads(body[:n])
     assert meta["outputs"][0]["parameters"]["binary_data_size"] == len(raw) and body[n:] == raw
+
+
+def test_integers_a_datatype_cannot_hold_are_client_errors() -> None:
+    for datatype, value in (("UINT8", 300), ("UINT8", -1), ("INT8", 128), ("INT32", 2**40)):
+        doc = {"inputs": [{"name": "in", "shape": [1], "datatype": datatype, "data": [value]}]}
+        with pytest.raises(InputError, match=f"out of the range of {datatype}"):
+            oip.parse_request(json.dumps(doc).encode(), None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,33 @@ def test_http_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
         result = client.infer("tiny_cnn", [inp], outputs=[th.InferRequestedOutput("output__0", binary_data=binary)])
         assert result.as_numpy("output__0").shape == (3, 10)
 
+    # An image model also takes UINT8 RGB pixels (a quarter of FP32's bytes), normalised in the replica as
+    # /v1/classify normalises a photo: the same answer as the normalised floats sent as FP32.
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 3, 16, 16), dtype=np.uint8)
+    mean, std = np.array([0.485, 0.456, 0.406]).reshape(3, 1, 1), np.array([0.229, 0.224, 0.225]).reshape(3, 1, 1)
+    floats = ((pixels / 255.0 - mean) / std).astype(np.float32)
+    answers = []
+    for array, datatype in ((pixels, "UINT8"), (floats, "FP32")):
+        inp = th.InferInput("input__0", list(array.shape), datatype)
+        inp.set_data_from_numpy(array, binary_data=True)
+        answers.append(client.infer("tiny_cnn", [inp]).as_numpy("output__0"))
+    np.testing.assert_allclose(answers[0], answers[1], rtol=1e-4, atol=1e-4)
+
+    # Pixels and floats sent at once share batches: each answer is still its own.
+    def ask(k: int) -> np.ndarray:
+        array, datatype = ((pixels, "UINT8"), (floats, "FP32"))[k % 2]
+        inp = th.InferInput("input__0", list(array.shape), datatype)
+        inp.set_data_from_numpy(array, binary_data=True)
+        return (
+            th.InferenceServerClient(cluster.http.removeprefix("http://"))
+            .infer("tiny_cnn", [inp])
+            .as_numpy("output__0")
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        for got in pool.map(ask, range(32)):
+            np.testing.assert_allclose(got, answers[1], rtol=1e-4, atol=1e-4)
+
     png = io.BytesIO()
     Image.new("RGB", (64, 48), (10, 200, 30)).save(png, "PNG")
     top = requests.post(f"{cluster.http}/v1/classify?top_k=3", data=png.getvalue(), timeout=30).json()
@@ -59,6 +87,16 @@ def test_http_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
         (
             "/v2/models/tiny_cnn/infer",
             b'{"inputs": [{"name": "x", "shape": [1, 3, 16, 16], "datatype": "FP64", "data": [0]}]}',
+            400,
+        ),
+        (  # pixels of the wrong size
+            "/v2/models/tiny_cnn/infer",
+            json.dumps({"inputs": [{"name": "x", "shape": [1, 3, 8, 8], "datatype": "UINT8", "data": [7] * 192}]}),
+            400,
+        ),
+        (  # pixel values a byte cannot hold
+            "/v2/models/tiny_cnn/infer",
+            json.dumps({"inputs": [{"name": "x", "shape": [1, 3, 16, 16], "datatype": "UINT8", "data": [300] * 768}]}),
             400,
         ),
         ("/v2/models/other/infer", b"{}", 404),
