@@ -10,6 +10,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import grpc
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from cache.config import CacheConfig
-from deployments import oip
+from deployments import oip, oip_grpc
 from deployments.auth import admin_token, authorized, rollout_problem
 from deployments.errors import BodyTooLarge, ModelNotFound, ReplicaStartError, Unauthorized
 from deployments.settings import AppSettings
@@ -35,14 +36,24 @@ api = FastAPI(
 )
 
 
-# The one error boundary: client mistakes are 4xx with a message; anything else is logged and answered 500.
-CLIENT_ERRORS: dict[type[Exception], int] = {
-    InputError: 400,
-    Unauthorized: 401,
-    ModelNotFound: 404,
-    BodyTooLarge: 413,
-    NotReady: 503,
+# The one error boundary: client mistakes are 4xx (a gRPC status) with a message; anything else is logged and
+# answered 500 (INTERNAL).
+CLIENT_ERRORS: dict[type[Exception], tuple[int, grpc.StatusCode]] = {
+    InputError: (400, grpc.StatusCode.INVALID_ARGUMENT),
+    Unauthorized: (401, grpc.StatusCode.UNAUTHENTICATED),
+    ModelNotFound: (404, grpc.StatusCode.NOT_FOUND),
+    BodyTooLarge: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    NotReady: (503, grpc.StatusCode.UNAVAILABLE),
 }
+
+
+def grpc_status(e: Exception) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status and details for an error of an RPC: a client mistake's own, else INTERNAL, logged."""
+    for cls, (_, code) in CLIENT_ERRORS.items():
+        if isinstance(e, cls):
+            return code, str(e)
+    logger.error("unhandled error in an RPC", exc_info=e)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"
 
 
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
@@ -66,7 +77,7 @@ NOT_READY: dict[int | str, dict[str, Any]] = {200: {"description": "ready"}, 503
 
 
 async def _client_error(request: Request, e: Exception) -> JSONResponse:
-    status = next(code for cls, code in CLIENT_ERRORS.items() if isinstance(e, cls))
+    status = next(code for cls, (code, _) in CLIENT_ERRORS.items() if isinstance(e, cls))
     return JSONResponse({"error": str(e)}, status_code=status)
 
 
@@ -309,6 +320,9 @@ class WarmModel:
 
     @api.get("/v2/models/{name}", responses=errors(400, 404))
     async def model_metadata(self, name: str) -> dict[str, Any]:
+        return self._metadata(name)
+
+    def _metadata(self, name: str) -> dict[str, Any]:
         self._model(name)
         spec = self.settings.model
         return {
@@ -377,6 +391,52 @@ class WarmModel:
         out, version = await self.infer(req.tensors[0])
         body, headers = oip.encode_response(name, version, req.id, {"output__0": out}, req.binary_output)
         return Response(body, headers=headers)
+
+    # -- Open Inference Protocol over gRPC ----------------------------------------------------------
+    # Serve's gRPC proxy calls the method named as the RPC with the decoded request (deployments/oip_grpc.py);
+    # the names are the protocol's.
+    async def _rpc(self, grpc_context: Any, empty: Any, call: Any) -> Any:
+        try:
+            return await call()
+        except Exception as e:
+            code, details = grpc_status(e)
+            if grpc_context is not None:
+                grpc_context.set_code(code)
+                grpc_context.set_details(details)
+            return empty()
+
+    async def ServerLive(self, request: Any, grpc_context: Any = None) -> Any:
+        return oip_grpc.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, grpc_context: Any = None) -> Any:
+        return oip_grpc.ServerReadyResponse(ready=self.worker.ready)
+
+    async def ServerMetadata(self, request: Any, grpc_context: Any = None) -> Any:
+        return oip_grpc.ServerMetadataResponse(**await self.server_metadata())
+
+    async def ModelReady(self, request: Any, grpc_context: Any = None) -> Any:
+        async def call() -> Any:
+            self._model(request.name)
+            return oip_grpc.ModelReadyResponse(ready=self.worker.ready)
+
+        return await self._rpc(grpc_context, oip_grpc.ModelReadyResponse, call)
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:
+        async def call() -> Any:
+            return oip_grpc.model_metadata(self._metadata(request.name))
+
+        return await self._rpc(grpc_context, oip_grpc.ModelMetadataResponse, call)
+
+    async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:
+        async def call() -> Any:
+            self._model(request.model_name)
+            tensors = oip_grpc.parse_infer(request, int(self.settings.max_body_mb * 2**20))
+            if len(tensors) != 1:
+                raise InputError(f"this model takes exactly one input tensor, got {len(tensors)}")
+            out, version = await self.infer(tensors[0])
+            return oip_grpc.infer_response(request.model_name, version, request.id, {"output__0": out})
+
+        return await self._rpc(grpc_context, oip_grpc.ModelInferResponse, call)
 
     # -- Images ------------------------------------------------------------------------------------
     @api.post(

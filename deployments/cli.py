@@ -82,6 +82,13 @@ def add_run_parser(sub: Any) -> None:
     )
     p.add_argument("--host", help="HTTP host (default from the config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        metavar="PORT",
+        help="gRPC port of the Open Inference Protocol, as tritonclient.grpc speaks it (default from the config: "
+        "8001; 0 turns gRPC off)",
+    )
     p.add_argument("--no-resume", action="store_true", help="serve the config's weights, not the last rollout's")
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     p.set_defaults(func=run_service)
@@ -145,6 +152,8 @@ def effective_config(args: argparse.Namespace) -> tuple[dict[str, Any], list[str
         http["host"] = args.host
     if args.port:
         http["port"] = args.port
+    if args.grpc_port is not None:
+        config.setdefault("grpc_options", {})["port"] = args.grpc_port
     return config, [n for n in (note, layout.why) if n], layout.ingress
 
 

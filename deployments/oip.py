@@ -106,35 +106,21 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         name, shape, datatype = item.get("name"), item.get("shape"), item.get("datatype")
         if not isinstance(name, str) or not isinstance(shape, list) or not isinstance(datatype, str):
             raise InputError(f"inputs[{i}] needs name (string), shape (list) and datatype (string)")
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise InputError(f"inputs[{i}].shape must be non-negative integers, got {shape}")
-        if datatype not in DATATYPES:
-            raise InputError(f"inputs[{i}].datatype {datatype!r} is not supported; use one of {sorted(DATATYPES)}")
-        np_dtype = DATATYPES[datatype][0]
-        count = math.prod(shape)
+        where = f"inputs[{i}]"
         params = item.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
+            np_dtype, count = check_header(where, shape, datatype)
             if not isinstance(size, int) or size != count * np.dtype(np_dtype).itemsize:
-                raise InputError(f"inputs[{i}]: binary_data_size {size} does not match shape {shape} of {datatype}")
+                raise InputError(f"{where}: binary_data_size {size} does not match shape {shape} of {datatype}")
             if offset + size > len(rest):
-                raise InputError(f"inputs[{i}]: body ends before its {size} bytes of binary data")
-            array = np.frombuffer(rest[offset : offset + size], dtype=np_dtype).reshape(shape)
+                raise InputError(f"{where}: body ends before its {size} bytes of binary data")
+            tensors.append(tensor_from_bytes(where, rest[offset : offset + size], shape, datatype))
             offset += size
         else:
             if "data" not in item:
-                raise InputError(f"inputs[{i}] has no data")
-            try:
-                with np.errstate(over="raise", invalid="raise"):
-                    array = np.asarray(item["data"], dtype=np_dtype)
-            except (FloatingPointError, OverflowError) as e:  # FP16 overflow; an integer a type cannot hold
-                raise InputError(f"inputs[{i}].data holds values out of the range of {datatype}") from e
-            except (TypeError, ValueError) as e:
-                raise InputError(f"inputs[{i}].data is not a list of {datatype} numbers: {e}") from e
-            if array.size != count:
-                raise InputError(f"inputs[{i}] has {array.size} values but shape {shape} needs {count}")
-            array = array.reshape(shape)
-        tensors.append(torch.from_numpy(array.copy()))
+                raise InputError(f"{where} has no data")
+            tensors.append(tensor_from_values(where, item["data"], shape, datatype))
     outputs = doc.get("outputs") or []
     if not isinstance(outputs, list):
         raise InputError('"outputs" must be a list')
@@ -171,3 +157,35 @@ def encode_response(
         "content-type": "application/octet-stream",
         "Inference-Header-Content-Length": str(len(head)),
     }
+
+
+def check_header(where: str, shape: Any, datatype: str) -> tuple[Any, int]:
+    """The numpy dtype and element count of a tensor header, or an InputError naming ``where``."""
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise InputError(f"{where}.shape must be non-negative integers, got {list(shape)}")
+    if datatype not in DATATYPES:
+        raise InputError(f"{where}.datatype {datatype!r} is not supported; use one of {sorted(DATATYPES)}")
+    return DATATYPES[datatype][0], math.prod(shape)
+
+
+def tensor_from_bytes(where: str, raw: bytes | memoryview, shape: Any, datatype: str) -> torch.Tensor:
+    """A tensor from its row-major bytes (the binary extension, gRPC's raw contents), size checked."""
+    np_dtype, count = check_header(where, shape, datatype)
+    if len(raw) != count * np.dtype(np_dtype).itemsize:
+        raise InputError(f"{where}: {len(raw)} bytes of data do not match shape {list(shape)} of {datatype}")
+    return torch.from_numpy(np.frombuffer(raw, dtype=np_dtype).reshape(list(shape)).copy())
+
+
+def tensor_from_values(where: str, values: Any, shape: Any, datatype: str) -> torch.Tensor:
+    """A tensor from a list of numbers (JSON ``data``, gRPC's typed contents), range and count checked."""
+    np_dtype, count = check_header(where, shape, datatype)
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            array = np.asarray(values, dtype=np_dtype)
+    except (FloatingPointError, OverflowError) as e:  # FP16 overflow; an integer a type cannot hold
+        raise InputError(f"{where} holds values out of the range of {datatype}") from e
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{where} data is not a list of {datatype} numbers: {e}") from e
+    if array.size != count:
+        raise InputError(f"{where} has {array.size} values but shape {list(shape)} needs {count}")
+    return torch.from_numpy(array.reshape(list(shape)).copy())

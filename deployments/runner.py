@@ -142,11 +142,20 @@ def preflight(config: dict[str, Any], *, local: bool) -> AppSettings:
         raise StartError(str(e)) from e
     if local:
         http = config.get("http_options") or {}
-        check_port(str(http.get("host", "127.0.0.1")), int(http.get("port", 8000)))
+        host = str(http.get("host", "127.0.0.1"))
+        check_port(host, int(http.get("port", 8000)))
+        if grpc_port(config):
+            check_port(host, grpc_port(config), flag="--grpc-port")
     return settings
 
 
-def check_port(host: str, port: int) -> None:
+def grpc_port(config: Mapping[str, Any]) -> int:
+    """The gRPC port the config serves on, 0 when it serves no gRPC."""
+    grpc = config.get("grpc_options") or {}
+    return int(grpc.get("port", 0) or 0) if grpc.get("grpc_servicer_functions") else 0
+
+
+def check_port(host: str, port: int, flag: str = "--port") -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -155,9 +164,9 @@ def check_port(host: str, port: int) -> None:
             if e.errno == errno.EADDRINUSE:
                 raise StartError(
                     f"port {port} on {host} is already in use (another warmserve or server?); "
-                    "pick a free one with --port"
+                    f"pick a free one with {flag}"
                 ) from e
-            raise StartError(f"cannot listen on {host}:{port} ({e.strerror}); choose --host/--port") from e
+            raise StartError(f"cannot listen on {host}:{port} ({e.strerror}); choose --host/{flag}") from e
 
 
 # HAProxy's own listeners on every interface, beside the service port: Ray's default ports.
@@ -296,6 +305,9 @@ def serve(
             client.deploy_apps(schema, _blocking=False)
             _wait_ready(ray_serve, name, ready_timeout)
             say(f"ready on {url}: {_describe(url, settings)}")
+            if grpc_port(config):
+                where = http.get("host", "127.0.0.1") if ingress == "haproxy" else "every interface"
+                say(f"gRPC (Open Inference Protocol, tritonclient.grpc) on port {grpc_port(config)}, {where}")
             if dashboard:
                 default = dashboard.rstrip("/") == "http://127.0.0.1:8265"
                 say(f"Ray dashboard {dashboard}" + ("" if default else f" (warmserve rollout --address {dashboard})"))

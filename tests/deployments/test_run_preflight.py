@@ -75,6 +75,15 @@ def test_a_busy_port_names_the_option(no_ray: None, capsys: pytest.CaptureFixtur
     assert code == 2 and "already in use" in err and "--port" in err
 
 
+def test_a_busy_grpc_port_names_its_option(no_ray: None, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        argv = ["--port", str(free_port()), "--grpc-port", str(s.getsockname()[1])]
+        code, err = run(capsys, *TINY, "--cache-dir", str(tmp_path / "c"), *argv)
+    assert code == 2 and "already in use" in err and "--grpc-port" in err
+
+
 def test_a_stale_cluster_address_is_named_with_the_fix(
     no_ray: None, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -78,6 +78,7 @@ class RayCluster:
     dashboard_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
     env: dict[str, str] = field(default_factory=dict)
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     # Ray's socket paths must stay short: its temp dir lives directly under the system temp dir.
@@ -180,6 +181,10 @@ class RayCluster:
         return {
             "proxy_location": "EveryNode",
             "http_options": {"host": "127.0.0.1", "port": self.http_port},
+            "grpc_options": {
+                "port": self.grpc_port,
+                "grpc_servicer_functions": ["deployments.oip_grpc.add_inference_service"],
+            },
             "applications": [
                 {
                     "name": name,

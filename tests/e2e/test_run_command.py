@@ -46,6 +46,7 @@ class User:
     home: Path
     raytmp: Path
     port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -126,7 +127,18 @@ def user(tmp_path: Path) -> Iterator[User]:
 
 def start(user: User, *args: str) -> Service:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deployments.cli", "run", *TINY, "--port", str(user.port), *args],
+        [
+            sys.executable,
+            "-m",
+            "deployments.cli",
+            "run",
+            *TINY,
+            "--port",
+            str(user.port),
+            "--grpc-port",
+            str(user.grpc_port),
+            *args,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -245,6 +257,15 @@ def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User,
         assert done.returncode == 0, done.stderr
         assert "2 replica(s) serve v2" in done.stderr
         assert {status(user)["weights_version"] for _ in range(8)} == {"v2"}
+        # gRPC through HAProxy too, straight to the replicas' own gRPC servers
+        import tritonclient.grpc as tg
+
+        client = tg.InferenceServerClient(f"127.0.0.1:{user.grpc_port}")
+        x = np.random.default_rng(0).standard_normal((2, 3, 16, 16), dtype=np.float32)
+        inp = tg.InferInput("input__0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        answer = client.infer("tiny_cnn", [inp])
+        assert answer.as_numpy("output__0").shape == (2, 10) and answer.get_response().model_version == "v2"
         assert service.stop() == 0
     finally:
         if service.proc.poll() is None:

@@ -112,6 +112,84 @@ def test_http_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
     assert client.is_model_ready("tiny_cnn")  # still serving
 
 
+def test_grpc_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
+    """The Open Inference Protocol over gRPC through Serve's gRPC proxy, as tritonclient.grpc and a client
+    generated from Triton's proto (tritonclient's own stub) speak it: the same answers as HTTP."""
+    import grpc
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+    from tritonclient.utils import InferenceServerException
+
+    cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
+    address = f"127.0.0.1:{cluster.grpc_port}"
+    client = tg.InferenceServerClient(address)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny_cnn")
+    assert client.get_server_metadata().name == "warmserve"
+    meta = client.get_model_metadata("tiny_cnn")
+    assert list(meta.inputs[0].shape) == [-1, 3, 16, 16] and list(meta.versions) == ["v1"]
+
+    x = np.random.default_rng(0).standard_normal((3, 3, 16, 16), dtype=np.float32)
+    inp = tg.InferInput("input__0", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    answer = client.infer("tiny_cnn", [inp], request_id="r7")
+    assert answer.get_response().model_version == "v1" and answer.get_response().id == "r7"
+    http_inp = th.InferInput("input__0", list(x.shape), "FP32")
+    http_inp.set_data_from_numpy(x)
+    over_http = th.InferenceServerClient(cluster.http.removeprefix("http://")).infer("tiny_cnn", [http_inp])
+    np.testing.assert_allclose(answer.as_numpy("output__0"), over_http.as_numpy("output__0"), rtol=1e-5, atol=1e-5)
+
+    # UINT8 pixels, and values in the typed contents field instead of raw bytes: the same answers.
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 3, 16, 16), dtype=np.uint8)
+    mean, std = np.array([0.485, 0.456, 0.406]).reshape(3, 1, 1), np.array([0.229, 0.224, 0.225]).reshape(3, 1, 1)
+    floats = ((pixels / 255.0 - mean) / std).astype(np.float32)
+    inp = tg.InferInput("input__0", list(pixels.shape), "UINT8")
+    inp.set_data_from_numpy(pixels)
+    by_pixels = client.infer("tiny_cnn", [inp]).as_numpy("output__0")
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
+
+    def typed(model: str, shape: list[int], datatype: str, **contents: Any) -> pb.ModelInferRequest:
+        request = pb.ModelInferRequest(model_name=model)
+        request.inputs.add(name="input__0", datatype=datatype, shape=shape, contents=pb.InferTensorContents(**contents))
+        return request
+
+    response = stub.ModelInfer(typed("tiny_cnn", [2, 3, 16, 16], "FP32", fp32_contents=floats.ravel().tolist()))
+    by_values = np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(2, 10)
+    np.testing.assert_allclose(by_pixels, by_values, rtol=1e-4, atol=1e-4)
+
+    with ThreadPoolExecutor(8) as pool:  # concurrent callers share batches; each gets its own answer
+        inp = tg.InferInput("input__0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        for got in pool.map(lambda _: client.infer("tiny_cnn", [inp]).as_numpy("output__0"), range(24)):
+            np.testing.assert_allclose(got, answer.as_numpy("output__0"), rtol=1e-5, atol=1e-5)
+
+    raw_twice = typed("tiny_cnn", [1, 3, 16, 16], "FP32")
+    raw_twice.raw_input_contents.extend([x[:1].tobytes(), x[:1].tobytes()])
+    short = pb.ModelInferRequest(model_name="tiny_cnn")
+    short.inputs.add(name="input__0", datatype="FP32", shape=[1, 3, 16, 16])
+    short.raw_input_contents.append(x[:1].tobytes()[:100])
+    bad = [
+        (pb.ModelInferRequest(model_name="other"), grpc.StatusCode.NOT_FOUND),
+        (pb.ModelInferRequest(model_name="tiny_cnn"), grpc.StatusCode.INVALID_ARGUMENT),  # no inputs
+        (short, grpc.StatusCode.INVALID_ARGUMENT),  # fewer bytes than the shape needs
+        (raw_twice, grpc.StatusCode.INVALID_ARGUMENT),  # raw contents for inputs that are not there
+        (typed("tiny_cnn", [1, 3, 8, 8], "FP32", fp32_contents=[0.0] * 192), grpc.StatusCode.INVALID_ARGUMENT),
+        (typed("tiny_cnn", [1, 3, 16, 16], "FP32", fp32_contents=[0.0]), grpc.StatusCode.INVALID_ARGUMENT),
+        (typed("tiny_cnn", [1, 3, 16, 16], "UINT8", uint_contents=[300] * 768), grpc.StatusCode.INVALID_ARGUMENT),
+        (typed("tiny_cnn", [1, 3, 16, 16], "FP16"), grpc.StatusCode.INVALID_ARGUMENT),  # FP16 only as raw bytes
+        (typed("tiny_cnn", [1, 3, 16, 16], "BYTES", bytes_contents=[b"x"]), grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for request, code in bad:
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request, timeout=60)
+        assert caught.value.code() == code, (request.model_name, caught.value.code(), caught.value.details())
+        assert caught.value.details()
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        client.get_model_metadata("other")
+    assert client.is_model_ready("tiny_cnn")  # still serving
+
+
 def test_second_replica_starts_warm(cluster: RayCluster, tmp_path: Path) -> None:
     args = {**TINY, "cache_dir": str(tmp_path / "c")}
     cluster.deploy(cluster.config(args, {"num_replicas": 1}))
