@@ -7,6 +7,7 @@ import functools
 import io
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -148,6 +149,43 @@ def decode_image(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def decode_jpegs(images: list[bytes], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """JPEG files -> [N, C, H, W] UINT8 pixels on a CUDA ``device``: nvJPEG decodes them in one batch and
+    the resize and crop of `decode_image` run there too (bicubic with antialiasing, as PIL resizes; pixels
+    may differ from PIL's by rounding). A file nvJPEG cannot read is decoded by PIL, which names the fault."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    if len(shape) != 3 or shape[0] != 3:
+        raise InputError(f"/v1/classify needs a model with [3, H, W] inputs; this one takes {list(shape)}")
+    try:
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in images]
+        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        logger.debug("nvJPEG refused a batch of %d; PIL decodes it", len(images), exc_info=True)
+        return torch.stack([decode_image(b, shape) for b in images]).to(device)
+    h, w = shape[1], shape[2]
+    out = []
+    for img in decoded:
+        height, width = img.shape[-2:]
+        scale = max(h / height, w / width)
+        size = [max(h, round(height * scale)), max(w, round(width * scale))]
+        img = F.resize(img, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        top, left = (size[0] - h) // 2, (size[1] - w) // 2
+        out.append(img[:, top : top + h, left : left + w])
+    batch = torch.stack(out)
+    torch.cuda.current_stream(device).synchronize()  # the engine's thread reads it on its own stream
+    return batch
+
+
+MAX_IMAGES = 64  # files in one multipart /v1/classify request
+
+
 @serve.deployment(name="WarmModel", max_ongoing_requests=128, health_check_period_s=5, health_check_timeout_s=30)
 @serve.ingress(api)
 class WarmModel:
@@ -178,6 +216,7 @@ class WarmModel:
         # this replica has taken no traffic: weights it cannot load then fail its start.
         self._starting = True
         self._swaps = ThreadPoolExecutor(1, thread_name_prefix="weights-swap")  # swaps in order, off requests
+        self._nvjpeg = threading.Lock()  # one batch decode at a time on the GPU
         self._configure_batching(self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
         logger.info("replica %s ready: %s", os.getpid(), self.start_report.to_dict())
 
@@ -277,6 +316,8 @@ class WarmModel:
         """One engine call for the batch. Pixels travel as bytes: a batch of them is copied to the device in
         one piece and normalised there; one that mixes pixels and floats is normalised on the host."""
         dtype = self.settings.model.input.torch_dtype
+        if len({x.device for x in items}) > 1:  # photos decoded on the GPU beside tensors from the wire
+            items = [x.to(self.worker.device) for x in items]
         pixels = [x.dtype == torch.uint8 for x in items]
         if all(pixels):
             return self.worker.infer_versioned(normalise_pixels(torch.cat(items).to(self.worker.device), dtype))
@@ -448,27 +489,68 @@ class WarmModel:
                 "content": {
                     "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
                     "image/png": {"schema": {"type": "string", "format": "binary"}},
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "description": f"up to {MAX_IMAGES} images, each a file part; answered in order",
+                            "additionalProperties": {"type": "string", "format": "binary"},
+                        }
+                    },
                 },
             }
         },
     )
     async def classify(self, request: Request, top_k: int | None = None) -> dict[str, Any]:
+        """One image as the body, or several as the files of a multipart form (``curl -F a=@1.jpg -F
+        b=@2.jpg``): one engine batch for all of them, answered ``{"results": [{"file", "top_k"}...]}``."""
         k = self.settings.top_k if top_k is None else top_k
         if not 1 <= k <= len(self.worker.labels):
             raise InputError(f"top_k must be between 1 and {len(self.worker.labels)}")
         body = await self._body(request)
-        x = await asyncio.to_thread(decode_image, body, self.settings.model.input.shape)
-        out, version = await self.infer(x.unsqueeze(0))
-        probs = torch.softmax(out[0].float(), dim=0)
-        scores, idx = probs.topk(k)
-        return {
-            "model": self.settings.model.name,
-            "weights_version": version,
-            "top_k": [
-                {"label": self.worker.labels[i], "index": int(i), "score": round(float(s), 6)}
-                for s, i in zip(scores.tolist(), idx.tolist(), strict=True)
-            ],
-        }
+        form = request.headers.get("content-type", "").startswith("multipart/form-data")
+        names, images = await self._form_files(request) if form else ([""], [body])
+        out, version = await self.infer(await self._decode(images))
+        answers = [self._top_k(row, k) for row in out]
+        doc: dict[str, Any] = {"model": self.settings.model.name, "weights_version": version}
+        if form:
+            doc["results"] = [{"file": n, "top_k": a} for n, a in zip(names, answers, strict=True)]
+        else:
+            doc["top_k"] = answers[0]
+        return doc
+
+    async def _form_files(self, request: Request) -> tuple[list[str], list[bytes]]:
+        from starlette.datastructures import UploadFile
+        from starlette.exceptions import HTTPException
+
+        try:
+            form = await request.form(max_files=MAX_IMAGES, max_fields=MAX_IMAGES)
+        except HTTPException as e:  # Starlette's words for a malformed form or too many parts
+            raise InputError(f"the multipart body cannot be read: {e.detail}") from e
+        files = [(v.filename or key, v) for key, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not files:
+            raise InputError(
+                "the multipart body holds no files; send each image as a file part (curl -F a=@1.jpg -F b=@2.jpg)"
+            )
+        return [name for name, _ in files], [await f.read() for _, f in files]
+
+    async def _decode(self, images: list[bytes]) -> torch.Tensor:
+        """[N, C, H, W] UINT8 pixels: JPEGs decoded on the GPU where the engine runs on one, else by PIL."""
+        shape = self.settings.model.input.shape
+        if self.worker.device.type == "cuda" and all(map(is_jpeg, images)):
+
+            def on_gpu() -> torch.Tensor:
+                with self._nvjpeg:
+                    return decode_jpegs(images, shape, self.worker.device)
+
+            return await asyncio.to_thread(on_gpu)
+        return torch.stack(await asyncio.gather(*(asyncio.to_thread(decode_image, b, shape) for b in images)))
+
+    def _top_k(self, row: torch.Tensor, k: int) -> list[dict[str, Any]]:
+        scores, idx = torch.softmax(row.float(), dim=0).topk(k)
+        return [
+            {"label": self.worker.labels[i], "index": int(i), "score": round(float(s), 6)}
+            for s, i in zip(scores.tolist(), idx.tolist(), strict=True)
+        ]
 
     @api.get("/v1/status", responses=errors(401))
     async def status(self, request: Request) -> dict[str, Any]:

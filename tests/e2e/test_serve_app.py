@@ -17,7 +17,7 @@ import torch
 
 from serve.model import build_model
 from serve.weights import demo_weights, save_weights
-from tests.e2e.cluster import RayCluster
+from tests.e2e.cluster import ROOT, RayCluster
 from tests.e2e.helpers import TINY, deploy_versions, infer, rollout
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -71,6 +71,18 @@ def test_http_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
     top = requests.post(f"{cluster.http}/v1/classify?top_k=3", data=png.getvalue(), timeout=30).json()
     assert len(top["top_k"]) == 3 and top["top_k"][0]["score"] >= top["top_k"][1]["score"]
 
+    # Several images in one request, as a multipart form: one batch, answered in order, each as if alone.
+    other = io.BytesIO()
+    Image.new("RGB", (40, 80), (200, 20, 90)).save(other, "PNG")
+    photos = [("a", png.getvalue()), ("b", (ROOT / "examples" / "cat.jpg").read_bytes()), ("c", other.getvalue())]
+    files = [("image", (name, data)) for name, data in photos]
+    many = requests.post(f"{cluster.http}/v1/classify?top_k=3", files=files, timeout=30).json()
+    assert [r["file"] for r in many["results"]] == ["a", "b", "c"] and many["weights_version"] == "v1"
+    for (_, data), result in zip(photos, many["results"], strict=True):
+        alone = requests.post(f"{cluster.http}/v1/classify?top_k=3", data=data, timeout=30).json()["top_k"]
+        assert [t["index"] for t in result["top_k"]] == [t["index"] for t in alone]
+        np.testing.assert_allclose([t["score"] for t in result["top_k"]], [t["score"] for t in alone], atol=1e-4)
+
     bad = [
         ("/v2/models/tiny_cnn/infer", b"{not json", 400),
         ("/v2/models/tiny_cnn/infer", b'{"inputs": []}', 400),
@@ -105,11 +117,28 @@ def test_http_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
         ("/v1/classify?top_k=x", png.getvalue(), 400),
         ("/v1/classify", b"x" * (65 * 2**20), 413),
     ]
+    form = "multipart/form-data; boundary=b"
+    bad_forms = [  # (body, content type): no files, too many files, a file that is no image, a broken form
+        (b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\ntext\r\n--b--\r\n', form),
+        _form([("image", (f"{i}.png", png.getvalue())) for i in range(65)]),
+        _form([("image", ("ok.png", png.getvalue())), ("image", ("no.jpg", b"\xff\xd8\xffnot a jpeg"))]),
+        (b"--b\r\nContent-Disposition: form-data; name=", form),
+    ]
+    for body, ctype in bad_forms:
+        r = requests.post(f"{cluster.http}/v1/classify", data=body, headers={"content-type": ctype}, timeout=60)
+        assert r.status_code == 400, (r.status_code, r.text[:200])
+        assert r.json()["error"]
     for path, body, code in bad:
         r = requests.post(f"{cluster.http}{path}", data=body, timeout=60)
         assert r.status_code == code, (path, r.status_code, r.text[:200])
         assert r.json()["error"]
     assert client.is_model_ready("tiny_cnn")  # still serving
+
+
+def _form(files: list[tuple[str, tuple[str, bytes]]]) -> tuple[bytes, str]:
+    """A multipart form body and its content type, as requests would send ``files``."""
+    prepared = requests.Request("POST", "http://x/", files=files).prepare()
+    return bytes(prepared.body or b""), prepared.headers["content-type"]
 
 
 def test_grpc_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:

@@ -1,0 +1,44 @@
+"""`/v1/classify`'s JPEG decoding on the GPU (nvJPEG) against PIL's on the host."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from serve.errors import InputError
+
+pytestmark = pytest.mark.gpu
+CAT = Path(__file__).resolve().parents[2] / "examples" / "cat.jpg"
+
+
+def _jpeg(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=-1).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+def test_jpegs_decode_on_the_gpu_as_pil_decodes_them() -> None:
+    from deployments.app import decode_image, decode_jpegs
+
+    images = [CAT.read_bytes(), _jpeg(640, 480), _jpeg(300, 500)]
+    gpu = decode_jpegs(images, (3, 224, 224), torch.device("cuda"))
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.uint8 and tuple(gpu.shape) == (3, 3, 224, 224)
+    host = torch.stack([decode_image(b, (3, 224, 224)) for b in images])
+    # nvJPEG's IDCT and torchvision's resampling round differently from libjpeg's and PIL's
+    diff = (gpu.cpu().float() - host.float()).abs()
+    assert float(diff.mean()) < 4.0, float(diff.mean())
+
+
+def test_a_jpeg_nvjpeg_cannot_read_is_named_by_pil() -> None:
+    from deployments.app import decode_jpegs
+
+    with pytest.raises(InputError, match=r"truncated or corrupt|not an image"):
+        decode_jpegs([_jpeg(64, 64), b"\xff\xd8\xff" + b"junk" * 10], (3, 224, 224), torch.device("cuda"))
