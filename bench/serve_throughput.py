@@ -12,7 +12,8 @@ tritonclient sends them, the same as UINT8 RGB pixels (``u8``, ``u8rows32``: a q
 ``jpeg``: ``/v1/classify`` with a real photo (examples/cat.jpg). The load comes from ``--client-procs``
 processes, each an asyncio loop of aiohttp clients, so that the load generator is not what limits;
 ``--check-clients`` repeats the point with the most requests/s with twice the processes to show it.
-The ceiling is the same engine called in process at batch 32 (``--ceiling-batch``).
+The ceiling is the same engine called in process at batch 32 (``--ceiling-batch``). With matplotlib, a PNG of
+items/s against clients (bench/plot.py) is written next to the JSON and Markdown.
 """
 
 from __future__ import annotations
@@ -295,6 +296,15 @@ def main() -> None:
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("no matplotlib: no plot (pip install -e '.[bench]')")
+    else:
+        from bench.plot import plot
+
+        plot(result, out / f"{stem}.png")
+        print(f"plot: {out / f'{stem}.png'}")
 
 
 def markdown(r: dict[str, Any]) -> str:
