@@ -5,20 +5,25 @@ python bench/serve_throughput.py --device cuda --modes proxy:1,proxy:4,haproxy:4
 Each mode is a fresh local Ray cluster on the same engine cache (the first one builds, the rest load):
 ``proxy:N`` is Serve's own HTTP proxy in front of N replicas, ``haproxy:N`` is Ray Serve's HAProxy ingress
 (``RAY_SERVE_ENABLE_HA_PROXY=1``: requests go from HAProxy straight to the replicas' own HTTP servers, no
-Python proxy in between). On a GPU the N replicas share it (``num_gpus`` 1/N).
+Python proxy in between). On a GPU the N replicas share it (``num_gpus`` 1/N). ``litserve:N`` is the same
+engine (the same cache, a hit) behind LitServe instead, N workers on the device with LitServe's own batching
+(bench/litserve_app.py); it starts one server per endpoint the workloads use, so that no idle workers poll
+(and ``--check-clients`` repeats the busiest point of each).
 
 Workloads, each at every concurrency: OIP binary requests of one row (``b1``) and of 32 rows (``rows32``), as
 tritonclient sends them, the same as UINT8 RGB pixels (``u8``, ``u8rows32``: a quarter of the bytes), and
 ``jpeg``: ``/v1/classify`` with a real photo (examples/cat.jpg). The load comes from ``--client-procs``
 processes, each an asyncio loop of aiohttp clients, so that the load generator is not what limits;
 ``--check-clients`` repeats the point with the most requests/s with twice the processes to show it.
-The ceiling is the same engine called in process at batch 32 (``--ceiling-batch``).
+The ceiling is the same engine called in process at batch 32 (``--ceiling-batch``). With matplotlib, a PNG of
+items/s against clients (bench/plot.py) is written next to the JSON and Markdown.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -27,6 +32,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 JPEG = ROOT / "examples" / "cat.jpg"
+ENDPOINTS = {"b1": "oip", "rows32": "oip", "u8": "oip", "u8rows32": "oip", "jpeg": "classify"}
 
 
 def oip_binary(rows: int, shape: list[int], pixels: bool = False) -> tuple[bytes, dict[str, str]]:
@@ -152,34 +159,129 @@ def in_process(
     return result
 
 
+def requests_for(base: str, name: str, shape: list[int]) -> dict[str, tuple[str, bytes, dict[str, str], int]]:
+    """Each workload's (URL, body, headers, rows per request) on a server at ``base``."""
+    infer = f"{base}/v2/models/{name}/infer"
+    return {
+        "b1": (infer, *oip_binary(1, shape), 1),
+        "rows32": (infer, *oip_binary(32, shape), 32),
+        "u8": (infer, *oip_binary(1, shape, pixels=True), 1),
+        "u8rows32": (infer, *oip_binary(32, shape, pixels=True), 32),
+        "jpeg": (f"{base}/v1/classify", JPEG.read_bytes(), {"content-type": "image/jpeg"}, 1),
+    }
+
+
+def measure(
+    label: str, base: str, name: str, shape: list[int], workloads: list[str], args: Any
+) -> list[dict[str, Any]]:
+    """Every workload at every concurrency against the server at ``base``, then (``--check-clients``) the
+    point with the most requests/s again with twice the client processes."""
+    points: list[dict[str, Any]] = []
+    bodies = requests_for(base, name, shape)
+    busiest: tuple[float, Any] = (0.0, None)
+    for workload in workloads:
+        url, body, headers, rows = bodies[workload]
+        for clients in (int(c) for c in args.concurrency.split(",")):
+            point = load(url, body, headers, clients, args.client_procs, args.seconds)
+            point.update(mode=label, workload=workload, clients=clients, items_per_s=point["requests_per_s"] * rows)
+            points.append(point)
+            print(
+                f"{label:10} {workload:7} c={clients:<4} {point['items_per_s']:9.1f} items/s "
+                f"p50 {point['p50_ms']:7.1f} ms p99 {point['p99_ms']:7.1f} ms failed {point['failed']}",
+                flush=True,
+            )
+            if point["requests_per_s"] > busiest[0]:  # the point that asks most of the clients
+                busiest = (point["requests_per_s"], (url, body, headers, rows, workload, clients))
+    if args.check_clients and busiest[1]:
+        url, body, headers, rows, workload, clients = busiest[1]
+        point = load(url, body, headers, clients, args.client_procs * 2, args.seconds)
+        point.update(
+            mode=label,
+            workload=workload,
+            clients=clients,
+            items_per_s=point["requests_per_s"] * rows,
+            client_procs=args.client_procs * 2,
+        )
+        points.append(point)
+        print(
+            f"{label:10} {workload:7} c={clients:<4} with {args.client_procs * 2} client processes: "
+            f"{point['items_per_s']:.1f} items/s",
+            flush=True,
+        )
+    return points
+
+
+@contextlib.contextmanager
+def ray_serve(mode: str, replicas: int, args: Any, tmpdir: Path, cache_dir: Path, weights: Path) -> Iterator[str]:
+    """A fresh local Ray cluster serving warmserve with ``replicas`` replicas behind ``mode``'s ingress; yields
+    its HTTP address once every replica is ready."""
+    import requests
+
+    from tests.e2e.cluster import RayCluster
+
+    env = {
+        "WARMSERVE_CACHE_DIR": str(cache_dir),
+        "RAY_SERVE_ENABLE_HA_PROXY": "1" if mode == "haproxy" else "0",
+    }
+    cluster = RayCluster(tmpdir / f"ray-{mode}-{replicas}", env=env)
+    cluster.start(num_cpus=os.cpu_count() or 2)
+    try:
+        app = {
+            "model": args.model,
+            "backend": args.backend,
+            "device": args.device,
+            "cache_dir": str(cache_dir),
+            "weights": str(weights),
+            "batch": f"1:{args.max_batch}",
+            "max_batch_size": args.max_batch,
+            "batch_wait_timeout_s": args.batch_wait,
+        }
+        actor: dict[str, Any] = {"num_cpus": args.replica_cpus}
+        if args.device.startswith("cuda"):
+            actor["num_gpus"] = math.floor(10_000 / replicas) / 10_000  # all fit in Ray's steps
+        t = time.perf_counter()
+        cluster.deploy(cluster.config(app, {"num_replicas": replicas, "ray_actor_options": actor}), timeout=900)
+        cluster.wait_running("warmserve", timeout=900, replicas=replicas)
+        ready = time.perf_counter() - t
+        name = args.model.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+        meta = requests.get(f"{cluster.http}/v2/models/{name}", timeout=30).json()
+        outcome = meta["parameters"]["start"]["outcome"]
+        print(f"{mode}:{replicas}: {replicas} replica(s) ready in {ready:.1f}s ({outcome})", flush=True)
+        yield cluster.http
+    finally:
+        cluster.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="torchvision:resnet18")
     ap.add_argument("--backend", default="aoti")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--modes", default="proxy:1,haproxy:1", help="comma-separated proxy:N / haproxy:N")
+    ap.add_argument("--modes", default="proxy:1,haproxy:1", help="comma-separated proxy:N / haproxy:N / litserve:N")
     ap.add_argument("--workloads", default="b1,rows32,jpeg")
     ap.add_argument("--concurrency", default="1,16,64,256")
     ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per point")
     ap.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 4)))
     ap.add_argument("--check-clients", action="store_true", help="repeat the busiest point with 2x processes")
     ap.add_argument("--replica-cpus", type=float, default=1.0, help="num_cpus per replica (its torch threads)")
-    ap.add_argument("--max-batch", type=int, default=32, help="the engine's largest batch and Serve's batch rows")
+    ap.add_argument("--max-batch", type=int, default=32, help="the engine's largest batch and the servers' batch")
+    ap.add_argument("--batch-wait", type=float, default=0.002, help="Serve's and LitServe's batch wait, seconds")
     ap.add_argument("--ceiling-batch", type=int, default=32)
     ap.add_argument("--cache-dir", help="engine cache to keep between runs (default: a temp dir)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="", help="added to the result files' names")
     args = ap.parse_args()
 
-    import requests
-
     from serve.model import build_model
+    from serve.spec import ModelSpec
     from serve.weights import demo_weights, save_weights
-    from tests.e2e.cluster import RayCluster
+    from tests.servers import free_port
 
     modes = [(m.split(":")[0], int(m.split(":")[1])) for m in args.modes.split(",")]
+    unknown = sorted({m for m, _ in modes} - {"proxy", "haproxy", "litserve"})
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {unknown}: use proxy:N, haproxy:N or litserve:N")
     workloads = args.workloads.split(",")
-    levels = [int(c) for c in args.concurrency.split(",")]
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
@@ -188,9 +290,15 @@ def main() -> None:
         "device": args.device,
         "client_procs": args.client_procs,
         "replica_cpus": args.replica_cpus,
+        "max_batch": args.max_batch,
+        "batch_wait_s": args.batch_wait,
         "seconds": args.seconds,
         "points": [],
     }
+    if any(m == "litserve" for m, _ in modes):
+        from importlib.metadata import version
+
+        result["litserve"] = version("litserve")
     try:
         import torch
 
@@ -199,85 +307,37 @@ def main() -> None:
             result["machine"] += f", {torch.cuda.get_device_name()}"
     except Exception:  # pragma: no cover - the bench still runs
         pass
+    name = args.model.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+    shape = list(ModelSpec.from_mapping({"model": args.model}).input.shape)
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         cache_dir = Path(args.cache_dir) if args.cache_dir else tmpdir / "cache"
         weights = tmpdir / "v1.safetensors"
         save_weights(demo_weights(build_model(args.model), seed=1), weights)
-        name = args.model.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
         for mode, replicas in modes:
-            env = {
-                "WARMSERVE_CACHE_DIR": str(cache_dir),
-                "RAY_SERVE_ENABLE_HA_PROXY": "1" if mode == "haproxy" else "0",
-            }
-            cluster = RayCluster(tmpdir / f"ray-{mode}-{replicas}", env=env)
-            cluster.start(num_cpus=os.cpu_count() or 2)
             label = f"{mode}:{replicas}"
-            try:
-                app = {
-                    "model": args.model,
-                    "backend": args.backend,
-                    "device": args.device,
-                    "cache_dir": str(cache_dir),
-                    "weights": str(weights),
-                    "batch": f"1:{args.max_batch}",
-                    "max_batch_size": args.max_batch,
-                    "batch_wait_timeout_s": 0.002,
-                }
-                actor: dict[str, Any] = {"num_cpus": args.replica_cpus}
-                if args.device.startswith("cuda"):
-                    actor["num_gpus"] = math.floor(10_000 / replicas) / 10_000  # all fit in Ray's steps
+            if mode != "litserve":
+                with ray_serve(mode, replicas, args, tmpdir, cache_dir, weights) as base:
+                    result["points"] += measure(label, base, name, shape, workloads, args)
+                continue
+            from bench.litserve_app import litserve_server
+
+            options = ["--model", args.model, "--weights", str(weights), "--backend", args.backend]
+            options += ["--device", args.device.split(":")[0], "--cache-dir", str(cache_dir)]
+            options += ["--max-batch", str(args.max_batch), "--batch-wait", str(args.batch_wait)]
+            options += ["--threads", str(max(1, int(args.replica_cpus)))]
+            for endpoint in dict.fromkeys(ENDPOINTS[w] for w in workloads):  # one server per endpoint, in order
+                port = free_port()
                 t = time.perf_counter()
-                cluster.deploy(cluster.config(app, {"num_replicas": replicas, "ray_actor_options": actor}), timeout=900)
-                cluster.wait_running("warmserve", timeout=900, replicas=replicas)
-                ready = time.perf_counter() - t
-                meta = requests.get(f"{cluster.http}/v2/models/{name}", timeout=30).json()
-                shape = [int(d) for d in meta["inputs"][0]["shape"][1:]]
-                print(
-                    f"{label}: {replicas} replica(s) ready in {ready:.1f}s ({meta['parameters']['start']['outcome']})",
-                    flush=True,
-                )
-                bodies = {
-                    "b1": (f"{cluster.http}/v2/models/{name}/infer", *oip_binary(1, shape), 1),
-                    "rows32": (f"{cluster.http}/v2/models/{name}/infer", *oip_binary(32, shape), 32),
-                    "u8": (f"{cluster.http}/v2/models/{name}/infer", *oip_binary(1, shape, pixels=True), 1),
-                    "u8rows32": (f"{cluster.http}/v2/models/{name}/infer", *oip_binary(32, shape, pixels=True), 32),
-                    "jpeg": (f"{cluster.http}/v1/classify", JPEG.read_bytes(), {"content-type": "image/jpeg"}, 1),
-                }
-                busiest: tuple[float, Any] = (0.0, None)
-                for workload in workloads:
-                    url, body, headers, rows = bodies[workload]
-                    for clients in levels:
-                        point = load(url, body, headers, clients, args.client_procs, args.seconds)
-                        point.update(
-                            mode=label, workload=workload, clients=clients, items_per_s=point["requests_per_s"] * rows
-                        )
-                        result["points"].append(point)
-                        print(
-                            f"{label:10} {workload:7} c={clients:<4} {point['items_per_s']:9.1f} items/s "
-                            f"p50 {point['p50_ms']:7.1f} ms p99 {point['p99_ms']:7.1f} ms failed {point['failed']}",
-                            flush=True,
-                        )
-                        if point["requests_per_s"] > busiest[0]:  # the point that asks most of the clients
-                            busiest = (point["requests_per_s"], (url, body, headers, rows, workload, clients))
-                if args.check_clients and busiest[1]:
-                    url, body, headers, rows, workload, clients = busiest[1]
-                    point = load(url, body, headers, clients, args.client_procs * 2, args.seconds)
-                    point.update(
-                        mode=label,
-                        workload=workload,
-                        clients=clients,
-                        items_per_s=point["requests_per_s"] * rows,
-                        client_procs=args.client_procs * 2,
-                    )
-                    result["points"].append(point)
+                with litserve_server(endpoint, replicas, port, tmpdir / f"lit-{replicas}", options) as starts:
+                    outcomes = ", ".join(sorted({s["outcome"] for s in starts}))
                     print(
-                        f"{label:10} {workload:7} c={clients:<4} with {args.client_procs * 2} client processes: "
-                        f"{point['items_per_s']:.1f} items/s",
+                        f"{label} {endpoint}: {len(starts)} worker(s) ready in {time.perf_counter() - t:.1f}s "
+                        f"({outcomes})",
                         flush=True,
                     )
-            finally:
-                cluster.stop()
+                    mine = [w for w in workloads if ENDPOINTS[w] == endpoint]
+                    result["points"] += measure(label, f"http://127.0.0.1:{port}", name, shape, mine, args)
         result["in_process"] = in_process(
             args.model,
             args.backend,
@@ -295,6 +355,15 @@ def main() -> None:
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("no matplotlib: no plot (pip install -e '.[bench]')")
+    else:
+        from bench.plot import plot
+
+        plot(result, out / f"{stem}.png")
+        print(f"plot: {out / f'{stem}.png'}")
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -308,6 +377,16 @@ def markdown(r: dict[str, Any]) -> str:
         + ","
         f" {ceiling:.0f} items/s.",
         "",
+        *(
+            [
+                f"`litserve:N`: LitServe {r['litserve']}, N workers and N HTTP server processes, one server per"
+                f" endpoint; batches of up to {r.get('max_batch', '?')} requests (a request keeps its rows"
+                f" together) after waiting up to {r.get('batch_wait_s', '?')} s, as Serve batches in the other modes.",
+                "",
+            ]
+            if "litserve" in r
+            else []
+        ),
         "| mode | workload | clients | items/s | % of ceiling | p50 ms | p99 ms | failed |",
         "|---|---|---|---|---|---|---|---|",
     ]
