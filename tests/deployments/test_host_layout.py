@@ -79,13 +79,14 @@ def test_more_replicas_than_cores_is_an_error_not_a_hang() -> None:
         host.plan(config(), gpus=1, cpus=8, replicas=16, haproxy=HAPROXY)
 
 
-def test_a_cpu_host_keeps_serves_proxy_and_the_configs_autoscaling() -> None:
+def test_a_cpu_host_keeps_the_configs_autoscaling_behind_haproxy() -> None:
     doc = config()
     layout = host.plan(doc, gpus=0, cpus=2, haproxy=HAPROXY)
-    assert (layout.ingress, layout.replicas, layout.num_gpus) == ("serve", None, None)
+    assert (layout.ingress, layout.replicas, layout.num_gpus) == ("haproxy", None, None)
     layout.apply(doc)
     assert "autoscaling_config" in deployment(doc) and "num_gpus" not in deployment(doc)["ray_actor_options"]
-    assert host.plan(config(), gpus=0, cpus=2, ingress="haproxy", haproxy=HAPROXY).ingress == "haproxy"
+    assert host.plan(config(), gpus=0, cpus=2, ingress="serve", haproxy=HAPROXY).ingress == "serve"
+    assert host.plan(config(), gpus=0, cpus=2, haproxy=None).ingress == "serve"  # no HAProxy here
     one = host.plan(config(), gpus=0, cpus=2, replicas=1, haproxy=HAPROXY)
     assert one.why.startswith("1 replica (replacing the config's autoscaling) on the CPU")
 

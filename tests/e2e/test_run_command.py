@@ -49,6 +49,11 @@ class User:
     grpc_port: int = field(default_factory=free_port)
     extra_env: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # HAProxy, the default ingress where it is installed, with its files where this user's processes
+        # are found and its listeners on free ports
+        self.extra_env = {**haproxy_files(self.raytmp), **self.extra_env}
+
     @property
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WARMSERVE_"))}
@@ -240,7 +245,6 @@ def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User,
             pytest.fail(message)
         pytest.skip(message)
     save_weights(demo_weights(build_model("tests.serve.models:tiny_cnn"), seed=2), tmp_path / "v2.safetensors")
-    user.extra_env = haproxy_files(user.raytmp)  # HAProxy's files where this user's processes are found
     service = start(user, "--cache-dir", str(tmp_path / "cache"), "--ingress", "haproxy", "--replicas", "2")
     try:
         layout = service.wait_for("HAProxy ingress")
