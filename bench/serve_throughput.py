@@ -12,7 +12,9 @@ engine (the same cache, a hit) behind LitServe instead, N workers on the device 
 
 Workloads, each at every concurrency: OIP binary requests of one row (``b1``) and of 32 rows (``rows32``), as
 tritonclient sends them, the same as UINT8 RGB pixels (``u8``, ``u8rows32``: a quarter of the bytes), and
-``jpeg``: ``/v1/classify`` with a real photo (examples/cat.jpg). The load comes from ``--client-procs``
+``jpeg``: ``/v1/classify`` with a real photo (examples/cat.jpg), ``jpeg8``: eight of them in one multipart
+request, and ``grpc1``, ``grpc32``: the OIP's ModelInfer over gRPC with 1 and 32 FP32 rows (the request
+tritonclient.grpc builds, sent as bytes; LitServe answers neither of the last three). The load comes from ``--client-procs``
 processes, each an asyncio loop of aiohttp clients, so that the load generator is not what limits;
 ``--check-clients`` repeats the point with the most requests/s with twice the processes to show it.
 The ceiling is the same engine called in process at batch 32 (``--ceiling-batch``). With matplotlib, a PNG of
@@ -42,7 +44,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 JPEG = ROOT / "examples" / "cat.jpg"
-ENDPOINTS = {"b1": "oip", "rows32": "oip", "u8": "oip", "u8rows32": "oip", "jpeg": "classify"}
+ENDPOINTS = {
+    "b1": "oip",
+    "rows32": "oip",
+    "u8": "oip",
+    "u8rows32": "oip",
+    "jpeg": "classify",
+    "jpeg8": "classify",
+    "grpc1": "grpc",
+    "grpc32": "grpc",
+}
+LITSERVE_WORKLOADS = {"b1", "rows32", "u8", "u8rows32", "jpeg"}  # what bench/litserve_app.py answers
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 def oip_binary(rows: int, shape: list[int], pixels: bool = False) -> tuple[bytes, dict[str, str]]:
@@ -55,9 +68,70 @@ def oip_binary(rows: int, shape: list[int], pixels: bool = False) -> tuple[bytes
     return binary_request(rng.standard_normal((rows, *shape), dtype=np.float32))
 
 
+def oip_grpc(rows: int, shape: list[int], name: str) -> bytes:
+    """A serialised gRPC ModelInferRequest of ``rows`` FP32 rows, as tritonclient.grpc builds it."""
+    import tritonclient.grpc as tg
+    from tritonclient.grpc import service_pb2
+
+    x = np.random.default_rng(0).standard_normal((rows, *shape), dtype=np.float32)
+    inp = tg.InferInput("input__0", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    request = service_pb2.ModelInferRequest(model_name=name)
+    request.inputs.extend([inp._get_tensor()])
+    request.raw_input_contents.append(inp._get_content())
+    return bytes(request.SerializeToString())
+
+
+def multipart(files: list[bytes]) -> tuple[bytes, dict[str, str]]:
+    """A multipart form of ``files``, as ``curl -F`` sends several images to /v1/classify."""
+    import requests
+
+    prepared = requests.Request(
+        "POST", "http://x/", files=[("image", (f"{i}.jpg", f, "image/jpeg")) for i, f in enumerate(files)]
+    ).prepare()
+    body = prepared.body or b""
+    return body.encode() if isinstance(body, str) else body, {"content-type": prepared.headers["content-type"]}
+
+
+def _grpc_proc(target: str, body: bytes, clients: int, t0: float, t1: float, out: Any) -> None:
+    """A load process for gRPC: ``clients`` concurrent ModelInfer calls of the pre-serialised ``body`` on one
+    channel, as `_client_proc` does for HTTP."""
+    import grpc
+
+    async def main() -> tuple[list[float], list[str]]:
+        lat: list[float] = []
+        failed: list[str] = []
+        options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
+            call = channel.unary_unary(MODEL_INFER)  # bytes in, bytes out: the client does no protobuf work
+
+            async def one() -> None:
+                while True:
+                    start = time.time()
+                    if start >= t1:
+                        return
+                    try:
+                        await call(body, timeout=120)
+                        if start >= t0:
+                            lat.append(time.time() - start)
+                    except Exception as e:  # counted, never stops the load
+                        if start >= t0:
+                            failed.append(repr(e)[:200])
+
+            await asyncio.gather(*(one() for _ in range(clients)))
+        return lat, failed
+
+    out.send(asyncio.run(main()))
+    out.close()
+
+
 def _client_proc(url: str, body: bytes, headers: dict[str, str], clients: int, t0: float, t1: float, out: Any) -> None:
     """One load process: ``clients`` concurrent requests back to back until ``t1``; latencies of those
-    started inside [t0, t1) and the failures, sent back through ``out``."""
+    started inside [t0, t1) and the failures, sent back through ``out``. A ``grpc://host:port`` URL calls
+    ModelInfer over gRPC instead."""
+    if url.startswith("grpc://"):
+        _grpc_proc(url.removeprefix("grpc://"), body, clients, t0, t1, out)
+        return
     import aiohttp
 
     async def main() -> tuple[list[float], list[str]]:
@@ -159,25 +233,32 @@ def in_process(
     return result
 
 
-def requests_for(base: str, name: str, shape: list[int]) -> dict[str, tuple[str, bytes, dict[str, str], int]]:
-    """Each workload's (URL, body, headers, rows per request) on a server at ``base``."""
+def requests_for(
+    base: str, name: str, shape: list[int], grpc_target: str | None = None
+) -> dict[str, tuple[str, bytes, dict[str, str], int]]:
+    """Each workload's (URL, body, headers, rows per request) on a server at ``base`` (gRPC at ``grpc_target``)."""
     infer = f"{base}/v2/models/{name}/infer"
-    return {
+    bodies = {
         "b1": (infer, *oip_binary(1, shape), 1),
         "rows32": (infer, *oip_binary(32, shape), 32),
         "u8": (infer, *oip_binary(1, shape, pixels=True), 1),
         "u8rows32": (infer, *oip_binary(32, shape, pixels=True), 32),
         "jpeg": (f"{base}/v1/classify", JPEG.read_bytes(), {"content-type": "image/jpeg"}, 1),
+        "jpeg8": (f"{base}/v1/classify", *multipart([JPEG.read_bytes()] * 8), 8),
     }
+    if grpc_target:
+        bodies["grpc1"] = (f"grpc://{grpc_target}", oip_grpc(1, shape, name), {}, 1)
+        bodies["grpc32"] = (f"grpc://{grpc_target}", oip_grpc(32, shape, name), {}, 32)
+    return bodies
 
 
 def measure(
-    label: str, base: str, name: str, shape: list[int], workloads: list[str], args: Any
+    label: str, base: str, name: str, shape: list[int], workloads: list[str], args: Any, grpc_target: str | None = None
 ) -> list[dict[str, Any]]:
     """Every workload at every concurrency against the server at ``base``, then (``--check-clients``) the
     point with the most requests/s again with twice the client processes."""
     points: list[dict[str, Any]] = []
-    bodies = requests_for(base, name, shape)
+    bodies = requests_for(base, name, shape, grpc_target)
     busiest: tuple[float, Any] = (0.0, None)
     for workload in workloads:
         url, body, headers, rows = bodies[workload]
@@ -212,9 +293,11 @@ def measure(
 
 
 @contextlib.contextmanager
-def ray_serve(mode: str, replicas: int, args: Any, tmpdir: Path, cache_dir: Path, weights: Path) -> Iterator[str]:
+def ray_serve(
+    mode: str, replicas: int, args: Any, tmpdir: Path, cache_dir: Path, weights: Path
+) -> Iterator[tuple[str, str]]:
     """A fresh local Ray cluster serving warmserve with ``replicas`` replicas behind ``mode``'s ingress; yields
-    its HTTP address once every replica is ready."""
+    its HTTP address and its gRPC target once every replica is ready."""
     import requests
 
     from tests.e2e.cluster import RayCluster
@@ -247,7 +330,7 @@ def ray_serve(mode: str, replicas: int, args: Any, tmpdir: Path, cache_dir: Path
         meta = requests.get(f"{cluster.http}/v2/models/{name}", timeout=30).json()
         outcome = meta["parameters"]["start"]["outcome"]
         print(f"{mode}:{replicas}: {replicas} replica(s) ready in {ready:.1f}s ({outcome})", flush=True)
-        yield cluster.http
+        yield cluster.http, f"127.0.0.1:{cluster.grpc_port}"
     finally:
         cluster.stop()
 
@@ -317,8 +400,8 @@ def main() -> None:
         for mode, replicas in modes:
             label = f"{mode}:{replicas}"
             if mode != "litserve":
-                with ray_serve(mode, replicas, args, tmpdir, cache_dir, weights) as base:
-                    result["points"] += measure(label, base, name, shape, workloads, args)
+                with ray_serve(mode, replicas, args, tmpdir, cache_dir, weights) as (base, grpc_target):
+                    result["points"] += measure(label, base, name, shape, workloads, args, grpc_target)
                 continue
             from bench.litserve_app import litserve_server
 
@@ -326,7 +409,8 @@ def main() -> None:
             options += ["--device", args.device.split(":")[0], "--cache-dir", str(cache_dir)]
             options += ["--max-batch", str(args.max_batch), "--batch-wait", str(args.batch_wait)]
             options += ["--threads", str(max(1, int(args.replica_cpus)))]
-            for endpoint in dict.fromkeys(ENDPOINTS[w] for w in workloads):  # one server per endpoint, in order
+            served = [w for w in workloads if w in LITSERVE_WORKLOADS]
+            for endpoint in dict.fromkeys(ENDPOINTS[w] for w in served):  # one server per endpoint, in order
                 port = free_port()
                 t = time.perf_counter()
                 with litserve_server(endpoint, replicas, port, tmpdir / f"lit-{replicas}", options) as starts:
@@ -336,7 +420,7 @@ def main() -> None:
                         f"({outcomes})",
                         flush=True,
                     )
-                    mine = [w for w in workloads if ENDPOINTS[w] == endpoint]
+                    mine = [w for w in served if ENDPOINTS[w] == endpoint]
                     result["points"] += measure(label, f"http://127.0.0.1:{port}", name, shape, mine, args)
         result["in_process"] = in_process(
             args.model,
