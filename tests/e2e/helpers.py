@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,8 @@ def infer(cluster: RayCluster, x: np.ndarray) -> tuple[np.ndarray, str]:
     ]
 
 
-def eager(state: dict[str, torch.Tensor], x: np.ndarray) -> np.ndarray:
-    model = build_model("tests.serve.models:tiny_cnn")
+def eager(state: dict[str, torch.Tensor], x: np.ndarray, model_ref: str = "tests.serve.models:tiny_cnn") -> np.ndarray:
+    model = build_model(model_ref)
     model.load_state_dict(state)
     with torch.inference_mode():
         return model(torch.from_numpy(x)).numpy()
@@ -76,18 +77,27 @@ def rollout(
 
 
 def deploy_versions(
-    cluster: RayCluster, tmp_path: Path, seeds: tuple[int, int], x: np.ndarray
+    cluster: RayCluster,
+    tmp_path: Path,
+    seeds: tuple[int, ...],
+    x: np.ndarray,
+    *,
+    app: Mapping[str, Any] | None = None,
+    deployment: Mapping[str, Any] | None = None,
+    timeout: float = 240,
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, np.ndarray], dict[int, dict[str, Any]]]:
-    """Two replicas of tiny_cnn serving v1; weights for v1 and v2 (seeded) saved as ``v<i>.safetensors``.
+    """Two replicas of tiny_cnn serving v1; weights for v1, v2, ... (one per seed) saved as ``v<i>.safetensors``.
+    ``app`` overrides TINY's settings (another model, a device), ``deployment`` the deployment's.
 
-    Returns the two state dicts, eager's answer to ``x`` per version, and the replicas' statuses."""
+    Returns the state dicts, eager's answer to ``x`` per version, and the replicas' statuses."""
     from serve.weights import demo_weights, save_weights
 
-    model = build_model("tests.serve.models:tiny_cnn")
+    args = {**TINY, "cache_dir": str(tmp_path / "c"), "weights": str(tmp_path / "v1.safetensors"), **(app or {})}
+    model = build_model(args["model"])
     states = [demo_weights(model, seed=seed) for seed in seeds]
     for i, state in enumerate(states, 1):
         save_weights(state, tmp_path / f"v{i}.safetensors")
-    args = {**TINY, "cache_dir": str(tmp_path / "c"), "weights": str(tmp_path / "v1.safetensors")}
-    cluster.deploy(cluster.config(args, {"num_replicas": 2, "user_config": {"weights": None, "weights_version": "v1"}}))
-    want = {f"v{i}": eager(state, x) for i, state in enumerate(states, 1)}
-    return states, want, cluster.replica_statuses(2)
+    dep = {"num_replicas": 2, "user_config": {"weights": None, "weights_version": "v1"}, **(deployment or {})}
+    cluster.deploy(cluster.config(args, dep), timeout=timeout)
+    want = {f"v{i}": eager(state, x, args["model"]) for i, state in enumerate(states, 1)}
+    return states, want, cluster.replica_statuses(int(dep["num_replicas"]))
