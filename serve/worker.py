@@ -157,6 +157,7 @@ class Worker:
         self.fence: fence.CompileFence | None = None
         self.fallback: str | None = None
         self._live: _Live | None = None
+        self._spare: Engine | None = None  # the engine the last standby swap replaced, its next standby
         self._rw = RWLock()
         self._swap_lock = threading.Lock()
         self._artifact = b""
@@ -499,20 +500,33 @@ class Worker:
         """Put ``state`` into service as ``version``; raises ``RefitError`` (the old weights keep serving)."""
         probe: float | None = None
         if self.backend.swap == "standby":
-            with steps("load"):
-                engine = self.backend.load(self._artifact, self._require_model(), self.spec.input)
-            with steps("refit"):
-                engine.refit(state)
-            if engine.exclusive_prepare:  # recording CUDA graphs: no other call on the device meanwhile
-                with steps("prepare"), self._rw.write():
+            # The engine the last swap replaced is this one's standby: two engines for the life of the
+            # replica. A load per swap would map another copy of the engine's code each time (a loaded
+            # AOTInductor library is never unloaded): memory that grew with every rollout.
+            engine, self._spare = self._spare, None
+            if engine is None:
+                with steps("load"):
+                    engine = self.backend.load(self._artifact, self._require_model(), self.spec.input)
+            try:
+                with steps("refit"):
+                    engine.refit(state)
+                if engine.exclusive_prepare:  # recording CUDA graphs: no other call on the device meanwhile
+                    with steps("prepare"), self._rw.write():
+                        engine.prepare()
+                else:
                     engine.prepare()
-            else:
-                engine.prepare()
-            if want is not None:
-                with steps("verify"):
-                    probe = self._check(engine, x, want)
+                if want is not None:
+                    with steps("verify"):
+                        probe = self._check(engine, x, want)
+            except BaseException:
+                engine.idle()  # refused weights never serve; the next swap refits it whole
+                self._spare = engine
+                raise
             with steps("switch"), self._rw.write():
                 self._live = _Live(engine, version, digest)
+            # No request holds the replaced engine any more: each reads the live one inside its read section.
+            live.engine.idle()
+            self._spare = live.engine
             return probe
         old_state = {k: v.detach().clone() for k, v in self._require_model().state_dict().items()}
         with steps("exclusive"), self._rw.write():

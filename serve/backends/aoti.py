@@ -99,6 +99,9 @@ class AOTIEngine(Engine):
         constants = {k: state[k].to(self.device).contiguous() for k in self.fqns}
         self.runner.load_constants(constants, False, False)  # into the active buffer, a partial update allowed
 
+    def idle(self) -> None:
+        self._graphs = {}  # their memory pool goes with them; the next refit records them anew
+
     def prepare(self) -> None:
         """Record one CUDA graph per batch bucket: a warm-up run per bucket on a side stream (constant folding,
         kernel loading, cuDNN's algorithm choice), then the captures, largest first so the smaller graphs

@@ -32,6 +32,10 @@ class Engine(ABC):
         """Ready the engine for serving after a refit (record CUDA graphs, say); with ``exclusive_prepare``
         nothing else may use the device meanwhile, and a swap holds requests back for it."""
 
+    def idle(self) -> None:  # noqa: B027 - optional hook, nothing to do for most engines
+        """Let go of what only serving needs (CUDA graphs, say): the engine waits, out of service, to be the
+        next swap's standby."""
+
 
 class Backend(ABC):
     name: ClassVar[str]

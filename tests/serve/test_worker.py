@@ -175,6 +175,34 @@ def test_hot_swap_under_concurrent_inference(backend: str, aoti_cache: CacheConf
     assert 'warmserve_weights_version_info{version="v2"} 1.0' in text
 
 
+def _aoti_mappings() -> int:
+    """Mappings of AOTInductor libraries in this process (the loader extracts each into a temp dir)."""
+    return sum("aotinductor" in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_swaps_reuse_the_engine_they_replace(aoti_cache: CacheConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two engines for the life of a worker: the one a swap replaces is the next swap's standby. A load per
+    swap mapped another copy of the engine's library every time (AOTInductor never unloads one)."""
+    worker = Worker(tiny_spec(), backend="aoti", cache_config=aoti_cache)
+    worker.start()
+    loads: list[int] = []
+    real = worker.backend.load
+    monkeypatch.setattr(worker.backend, "load", lambda *a, **k: loads.append(1) or real(*a, **k))
+    x = torch.randn(3, 3, 16, 16)
+    model = build_model("tests.serve.models:tiny_cnn")
+    after_two = 0
+    for seed in range(2, 8):
+        state = demo_weights(model, seed=seed)
+        report = worker.swap_weights(state, f"v{seed}")
+        assert report.ok, report.error
+        assert rel_err(worker.infer(x), eager_output(state, x)) < 1e-5, seed
+        if seed == 3:
+            after_two = _aoti_mappings()
+    assert loads == [1]  # the first swap's standby; every later swap refits the engine it replaced
+    assert _aoti_mappings() == after_two
+
+
 def test_metrics_record_the_warm_start_path(aoti_cache: CacheConfig) -> None:
     sink = PrometheusSink()
     Worker(tiny_spec(), backend="aoti", cache_config=aoti_cache, metrics=Metrics(sink)).start()
