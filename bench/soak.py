@@ -70,9 +70,10 @@ class Load:
         want = self.want.get(version)
         if want is None:
             raise RuntimeError(f"answered as version {version!r}, which names none of the weights rolled out")
-        # Far tighter than the gap between two versions' answers (checked in `soak`), loose enough for a
-        # compiled engine's reordered sums, on a GPU too.
-        if not np.allclose(got.reshape(out["shape"]), want, rtol=1e-3, atol=1e-4):
+        # The replica's own check against eager (error relative to the largest output): far tighter than
+        # the gap between two versions' answers (checked in `soak`), loose enough for a compiled engine's
+        # reordered sums and a GPU's TF32 convolutions.
+        if float(np.abs(got.reshape(out["shape"]) - want).max()) > 1e-3 * float(np.abs(want).max()):
             raise RuntimeError(f"answered as {version} with other outputs than {version}'s weights give")
         return str(version)
 
