@@ -103,19 +103,18 @@ class AOTIEngine(Engine):
         self._graphs = {}  # their memory pool goes with them; the next refit records them anew
 
     def prepare(self) -> None:
-        """Record one CUDA graph per batch bucket: a warm-up run per bucket on a side stream (constant folding,
-        kernel loading, cuDNN's algorithm choice), then the captures, largest first so the smaller graphs
-        reuse its pool memory. Nothing compiles."""
+        """Record one CUDA graph per batch bucket: a warm-up run per bucket (constant folding, kernel loading,
+        cuDNN's algorithm choice), then the captures, largest first so the smaller graphs reuse its pool
+        memory. Nothing compiles. The warm-up runs on the current stream: on a side stream, the constants
+        each refit folds stayed allocated after the next refit (33 MiB of GPU memory per swap for resnet18)."""
         if not self.use_graphs or self._graphs:
             return
         sizes = buckets(self.spec)
         inputs = {b: self.spec.example(batch=b, device=self.device) for b in sizes}
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.inference_mode(), torch.cuda.stream(side):
+        with torch.inference_mode():
             for b in sizes:
                 self._run(inputs[b])
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.current_stream(self.device).synchronize()
         pool = torch.cuda.graph_pool_handle()
         recorded = {}
         with torch.inference_mode():
