@@ -2,6 +2,7 @@
 engine in process as a horizontal line.
 
 python bench/plot.py bench/results/throughput-cpu-aoti.json throughput.png
+python bench/plot.py warmserve.json litserve.json side-by-side.png     # runs of one machine, merged
 """
 
 from __future__ import annotations
@@ -60,10 +61,19 @@ def plot(result: dict[str, Any], out: str | Path) -> Path:
     return Path(out)
 
 
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs of one machine side by side (say, warmserve's modes and LitServe's, measured one after the other):
+    the first run's settings and ceiling, every run's points."""
+    merged = {**results[0], "points": [p for r in results for p in r["points"]]}
+    for r in results[1:]:
+        merged.update({k: v for k, v in r.items() if k not in merged})
+    return merged
+
+
 def main() -> None:
-    if len(sys.argv) != 3:
-        raise SystemExit("usage: python bench/plot.py RESULT.json OUT.png")
-    print(plot(json.loads(Path(sys.argv[1]).read_text()), sys.argv[2]))
+    if len(sys.argv) < 3:
+        raise SystemExit("usage: python bench/plot.py RESULT.json [MORE.json ...] OUT.png")
+    print(plot(merge([json.loads(Path(f).read_text()) for f in sys.argv[1:-1]]), sys.argv[-1]))
 
 
 if __name__ == "__main__":
