@@ -93,74 +93,61 @@ def multipart(files: list[bytes]) -> tuple[bytes, dict[str, str]]:
     return body.encode() if isinstance(body, str) else body, {"content-type": prepared.headers["content-type"]}
 
 
-def _grpc_proc(target: str, body: bytes, clients: int, t0: float, t1: float, out: Any) -> None:
-    """A load process for gRPC: ``clients`` concurrent ModelInfer calls of the pre-serialised ``body`` on one
-    channel, as `_client_proc` does for HTTP."""
-    import grpc
+async def _closed_loop(send: Any, clients: int, t0: float, t1: float) -> tuple[list[float], list[str]]:
+    """``clients`` loops awaiting ``send()`` back to back until ``t1``: the latencies of the calls started
+    inside [t0, t1) and their failures (counted, never stopping the load)."""
+    lat: list[float] = []
+    failed: list[str] = []
 
-    async def main() -> tuple[list[float], list[str]]:
-        lat: list[float] = []
-        failed: list[str] = []
-        options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-        async with grpc.aio.insecure_channel(target, options=options) as channel:
-            call = channel.unary_unary(MODEL_INFER)  # bytes in, bytes out: the client does no protobuf work
+    async def one() -> None:
+        while True:
+            start = time.time()
+            if start >= t1:
+                return
+            try:
+                await send()
+                if start >= t0:
+                    lat.append(time.time() - start)
+            except Exception as e:
+                if start >= t0:
+                    failed.append(repr(e)[:200])
 
-            async def one() -> None:
-                while True:
-                    start = time.time()
-                    if start >= t1:
-                        return
-                    try:
-                        await call(body, timeout=120)
-                        if start >= t0:
-                            lat.append(time.time() - start)
-                    except Exception as e:  # counted, never stops the load
-                        if start >= t0:
-                            failed.append(repr(e)[:200])
-
-            await asyncio.gather(*(one() for _ in range(clients)))
-        return lat, failed
-
-    out.send(asyncio.run(main()))
-    out.close()
+    await asyncio.gather(*(one() for _ in range(clients)))
+    return lat, failed
 
 
 def _client_proc(url: str, body: bytes, headers: dict[str, str], clients: int, t0: float, t1: float, out: Any) -> None:
     """One load process: ``clients`` concurrent requests back to back until ``t1``; latencies of those
     started inside [t0, t1) and the failures, sent back through ``out``. A ``grpc://host:port`` URL calls
-    ModelInfer over gRPC instead."""
-    if url.startswith("grpc://"):
-        _grpc_proc(url.removeprefix("grpc://"), body, clients, t0, t1, out)
-        return
-    import aiohttp
+    ModelInfer over gRPC (one channel, the pre-serialised request as bytes: the client does no protobuf work)."""
 
-    async def main() -> tuple[list[float], list[str]]:
-        lat: list[float] = []
-        failed: list[str] = []
+    async def http() -> tuple[list[float], list[str]]:
+        import aiohttp
+
         conn = aiohttp.TCPConnector(limit=clients, force_close=False)
-        timeout = aiohttp.ClientTimeout(total=120)
-        async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as session:
 
-            async def one() -> None:
-                while True:
-                    start = time.time()
-                    if start >= t1:
-                        return
-                    try:
-                        async with session.post(url, data=body, headers=headers) as r:
-                            await r.read()
-                            if r.status != 200:
-                                raise RuntimeError(f"HTTP {r.status}")
-                        if start >= t0:
-                            lat.append(time.time() - start)
-                    except Exception as e:  # counted, never stops the load
-                        if start >= t0:
-                            failed.append(repr(e)[:200])
+            async def send() -> None:
+                async with session.post(url, data=body, headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"HTTP {r.status}")
 
-            await asyncio.gather(*(one() for _ in range(clients)))
-        return lat, failed
+            return await _closed_loop(send, clients, t0, t1)
 
-    out.send(asyncio.run(main()))
+    async def grpc_calls() -> tuple[list[float], list[str]]:
+        import grpc
+
+        options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        async with grpc.aio.insecure_channel(url.removeprefix("grpc://"), options=options) as channel:
+            call = channel.unary_unary(MODEL_INFER)
+
+            async def send() -> None:
+                await call(body, timeout=120)
+
+            return await _closed_loop(send, clients, t0, t1)
+
+    out.send(asyncio.run(grpc_calls() if url.startswith("grpc://") else http()))
     out.close()
 
 

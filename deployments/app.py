@@ -218,7 +218,24 @@ class WarmModel:
         self._swaps = ThreadPoolExecutor(1, thread_name_prefix="weights-swap")  # swaps in order, off requests
         self._nvjpeg = threading.Lock()  # one batch decode at a time on the GPU
         self._configure_batching(self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
+        if self.worker.device.type == "cuda":
+            self._warm_decoder()
         logger.info("replica %s ready: %s", os.getpid(), self.start_report.to_dict())
+
+    def _warm_decoder(self) -> None:
+        """nvJPEG sets itself up on its first decode (half a second): do that before the replica is ready, not
+        in a client's request."""
+        spec = self.settings.model.input
+        if not takes_pixels(spec.shape, spec.torch_dtype):
+            return
+        from PIL import Image
+
+        photo = io.BytesIO()
+        Image.new("RGB", (32, 32), (90, 120, 60)).save(photo, "JPEG")
+        try:
+            decode_jpegs([photo.getvalue()], spec.shape, self.worker.device)
+        except Exception:  # the replica serves anyway; a photo nvJPEG refuses goes through PIL
+            logger.warning("nvJPEG did not decode a test photo", exc_info=True)
 
     # -- Serve hooks ---------------------------------------------------------------------------
     async def reconfigure(self, config: dict[str, Any]) -> None:
