@@ -526,7 +526,7 @@ class WarmModel:
         body = await self._body(request)
         form = request.headers.get("content-type", "").startswith("multipart/form-data")
         names, images = await self._form_files(request) if form else ([""], [body])
-        out, version = await self.infer(await self._decode(images))
+        out, version = await self.infer(await self._decode(images, names if form else None))
         answers = [self._top_k(row, k) for row in out]
         doc: dict[str, Any] = {"model": self.settings.model.name, "weights_version": version}
         if form:
@@ -550,8 +550,9 @@ class WarmModel:
             )
         return [name for name, _ in files], [await f.read() for _, f in files]
 
-    async def _decode(self, images: list[bytes]) -> torch.Tensor:
-        """[N, C, H, W] UINT8 pixels: JPEGs decoded on the GPU where the engine runs on one, else by PIL."""
+    async def _decode(self, images: list[bytes], names: list[str] | None = None) -> torch.Tensor:
+        """[N, C, H, W] UINT8 pixels: JPEGs decoded on the GPU where the engine runs on one, else by PIL. With
+        ``names`` (a form's files), an image PIL cannot read is named in the error."""
         shape = self.settings.model.input.shape
         if self.worker.device.type == "cuda" and all(map(is_jpeg, images)):
 
@@ -560,7 +561,16 @@ class WarmModel:
                     return decode_jpegs(images, shape, self.worker.device)
 
             return await asyncio.to_thread(on_gpu)
-        return torch.stack(await asyncio.gather(*(asyncio.to_thread(decode_image, b, shape) for b in images)))
+
+        def one(data: bytes, name: str | None) -> torch.Tensor:
+            try:
+                return decode_image(data, shape)
+            except InputError as e:
+                raise InputError(f"file {name!r}: {e}" if name else str(e)) from e
+
+        named: list[str | None] = list(names) if names else [None] * len(images)
+        decoded = [asyncio.to_thread(one, b, n) for b, n in zip(images, named, strict=True)]
+        return torch.stack(await asyncio.gather(*decoded))
 
     def _top_k(self, row: torch.Tensor, k: int) -> list[dict[str, Any]]:
         scores, idx = torch.softmax(row.float(), dim=0).topk(k)

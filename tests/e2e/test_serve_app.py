@@ -128,6 +128,14 @@ def test_http_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
         r = requests.post(f"{cluster.http}/v1/classify", data=body, headers={"content-type": ctype}, timeout=60)
         assert r.status_code == 400, (r.status_code, r.text[:200])
         assert r.json()["error"]
+    assert (
+        "file 'no.jpg'"
+        in requests.post(
+            f"{cluster.http}/v1/classify",
+            files=[*files[:1], ("image", ("no.jpg", b"\xff\xd8\xffnot a jpeg"))],
+            timeout=60,
+        ).json()["error"]
+    )
     for path, body, code in bad:
         r = requests.post(f"{cluster.http}{path}", data=body, timeout=60)
         assert r.status_code == code, (path, r.status_code, r.text[:200])
