@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: running `warmserve build --json` in a fresh process."""
+"""What the benchmark scripts share: running `warmserve build --json` in a fresh process, OIP binary requests and
+a steady load of them."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -101,3 +103,50 @@ def must(report: dict[str, Any]) -> dict[str, Any]:
     if not report["ok"]:
         raise RuntimeError(f"build failed: {report['error']}\n{report.get('stderr', '')}")
     return report
+
+
+class Load:
+    """``clients`` threads sending ``x`` back to back as binary OIP requests; records (start, seconds, version)
+    of each answer `answer` accepts, on ``time.monotonic``'s clock, and the failures (counted, never stopping
+    the load)."""
+
+    def __init__(self, url: str, x: Any, clients: int) -> None:
+        self.url = url
+        self.body, self.headers = binary_request(x)
+        self.records: list[tuple[float, float, str]] = []
+        self.failures: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def answer(self, r: Any) -> str:
+        """The version that answered ``r`` (a requests Response), or raise saying what is wrong with it."""
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+        n = int(r.headers.get("Inference-Header-Content-Length", len(r.content)))
+        return str(json.loads(r.content[:n])["model_version"])
+
+    def _run(self) -> None:
+        import requests
+
+        session = requests.Session()
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                version = self.answer(session.post(self.url, data=self.body, headers=self.headers, timeout=120))
+                self.records.append((t0, time.monotonic() - t0, version))
+            except Exception as e:
+                self.failures.append((t0, repr(e)[:300]))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def between(self, t0: float, t1: float) -> list[float]:
+        """Seconds of the requests started in [t0, t1) (``time.monotonic``)."""
+        return [s for start, s, _ in self.records if t0 <= start < t1]

@@ -17,7 +17,6 @@ import json
 import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,56 +28,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import binary_request, build_env  # noqa: E402
+from bench.common import Load, build_env  # noqa: E402
 from deployments.rollout import rollout  # noqa: E402
 from serve.model import build_model  # noqa: E402
 from serve.spec import ModelSpec  # noqa: E402
 from serve.weights import demo_weights, save_weights  # noqa: E402
 from serve.worker import Worker  # noqa: E402
 from tests.e2e.cluster import RayCluster  # noqa: E402
-
-
-class Load:
-    """``clients`` threads sending ``x`` back to back; records (start, seconds, version) or failures."""
-
-    def __init__(self, url: str, x: np.ndarray, clients: int) -> None:
-        self.url, self.clients = url, clients
-        self.body, self.headers = binary_request(x)
-        self.records: list[tuple[float, float, str]] = []
-        self.failures: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def _run(self) -> None:
-        session = requests.Session()
-        while not self._stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                r = session.post(self.url, data=self.body, headers=self.headers, timeout=120)
-                if r.status_code != 200:
-                    raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-                n = (
-                    int(r.headers["Inference-Header-Content-Length"])
-                    if "Inference-Header-Content-Length" in r.headers
-                    else len(r.content)
-                )
-                version = json.loads(r.content[:n])["model_version"]
-                self.records.append((t0, time.perf_counter() - t0, version))
-            except Exception as e:  # a benchmark counts failures, it does not stop on them
-                self.failures.append((t0, repr(e)[:300]))
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
-
-    def between(self, t0: float, t1: float) -> list[float]:
-        return [s for start, s, _ in self.records if t0 <= start < t1]
 
 
 def add_ray_serve_env(ap: argparse.ArgumentParser) -> None:
@@ -221,9 +177,9 @@ def main() -> None:
             # HTTP throughput, one replica.
             with Load(url, x, args.clients) as load:
                 time.sleep(3)  # ramp up
-                t0 = time.perf_counter()
+                t0 = time.monotonic()
                 time.sleep(args.seconds)
-                t1 = time.perf_counter()
+                t1 = time.monotonic()
             done = load.between(t0, t1)
             calls = items = 0.0
             for sample in cluster.metrics().get("ray_warmserve_inference_seconds", []):
@@ -248,11 +204,11 @@ def main() -> None:
             result["second_replica"] = next(s for p, s in statuses.items() if p not in first)["start"]
             with Load(url, x, args.clients) as load:
                 time.sleep(3)
-                s0 = time.perf_counter()
+                s0 = time.monotonic()
                 time.sleep(args.seconds)
-                r0 = time.perf_counter()
+                r0 = time.monotonic()
                 report = rollout(cluster.dashboard, str(v2), "v2", http=cluster.http, wait_s=600)
-                r1 = time.perf_counter()
+                r1 = time.monotonic()
                 time.sleep(2)
             steady, during = load.between(s0, r0), load.between(r0, r1)
             result["rollout"] = {

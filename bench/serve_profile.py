@@ -24,7 +24,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import Load, add_ray_serve_env, serve_env  # noqa: E402
+from bench.common import Load  # noqa: E402
+from bench.serve_bench import add_ray_serve_env, serve_env  # noqa: E402
 from tests.e2e.cluster import RayCluster  # noqa: E402
 
 SPY = ["py-spy", "record", "--rate", "200", "--format", "raw", "--nonblocking"]
@@ -86,7 +87,7 @@ def main() -> None:
             with Load(f"{cluster.http}/v2/models/{name}/infer", x, args.clients) as load:
                 time.sleep(3)
                 before = cluster.metrics()
-                t0 = time.perf_counter()
+                t0 = time.monotonic()
                 spies = [
                     subprocess.Popen(
                         [*SPY, "-p", str(pid), "-d", str(int(args.seconds)), "-o", str(Path(tmp) / f"{what}.txt")],
@@ -98,7 +99,7 @@ def main() -> None:
                 top = subprocess.run(["top", "-b", "-n", "2", "-d", "2", "-w", "160"], capture_output=True, text=True)
                 for spy in spies:
                     spy.wait()
-                t1 = time.perf_counter()
+                t1 = time.monotonic()
                 after = cluster.metrics()
         finally:
             cluster.stop()

@@ -26,7 +26,6 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import binary_request  # noqa: E402
+from bench import common  # noqa: E402
 from bench.procs import MEASURES, Sampler, growth, serve_actors  # noqa: E402
 from tests.e2e.cluster import RayCluster  # noqa: E402
 from tests.e2e.helpers import TINY, deploy_versions, rollout  # noqa: E402
@@ -46,26 +45,18 @@ from tests.e2e.helpers import TINY, deploy_versions, rollout  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
-class Load:
-    """``clients`` threads sending ``x`` back to back as binary OIP requests. Each answer is checked against
-    ``want`` (version label -> expected outputs); records (start, end, version) of the good ones."""
+class Load(common.Load):
+    """The load, each answer also checked against ``want`` (version label -> expected outputs): an answer
+    from a version never rolled out, or with another version's outputs, is a failure."""
 
     def __init__(self, url: str, x: np.ndarray, clients: int, want: dict[str, np.ndarray]) -> None:
-        self.url = url
-        self.body, self.headers = binary_request(x)
+        super().__init__(url, x, clients)
         self.want = want
-        self.records: list[tuple[float, float, str]] = []
-        self.failures: list[tuple[float, str]] = []  # non-200s, exceptions, answers not from their version
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
-    def _check(self, r: requests.Response) -> str:
-        """The answer's version, or raise saying what is wrong with it."""
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+    def answer(self, r: requests.Response) -> str:
+        version = super().answer(r)
         n = int(r.headers["Inference-Header-Content-Length"])
-        head = json.loads(r.content[:n])
-        version, out = head["model_version"], head["outputs"][0]
+        out = json.loads(r.content[:n])["outputs"][0]
         got = np.frombuffer(r.content[n : n + out["parameters"]["binary_data_size"]], dtype=np.float32)
         want = self.want.get(version)
         if want is None:
@@ -75,27 +66,7 @@ class Load:
         # reordered sums and a GPU's TF32 convolutions.
         if float(np.abs(got.reshape(out["shape"]) - want).max()) > 1e-3 * float(np.abs(want).max()):
             raise RuntimeError(f"answered as {version} with other outputs than {version}'s weights give")
-        return str(version)
-
-    def _run(self) -> None:
-        session = requests.Session()
-        while not self._stop.is_set():
-            t0 = time.monotonic()
-            try:
-                version = self._check(session.post(self.url, data=self.body, headers=self.headers, timeout=120))
-                self.records.append((t0, time.monotonic(), version))
-            except Exception as e:  # counted, never stops the load
-                self.failures.append((t0, repr(e)[:300]))
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
+        return version
 
 
 @dataclass
@@ -196,7 +167,7 @@ def soak(
         sampler.sample(done)
     after = cluster.replica_statuses(replicas)
 
-    starts = [(a - t0, b - t0, v) for a, b, v in load.records]
+    starts = [(a - t0, a + s - t0, v) for a, s, v in load.records]
     failures = [(round(a - t0, 2), why) for a, why in load.failures]
     stale = not_live(starts, rollouts, "v1")
     latencies = [b - a for a, b, _ in starts]
