@@ -31,9 +31,11 @@ from tests.e2e.cluster import RayCluster  # noqa: E402
 SPY = ["py-spy", "record", "--rate", "200", "--format", "raw", "--nonblocking"]
 
 
-def hottest(raw: Path, n: int = 12) -> list[str]:
-    """The frames where most samples were taken (py-spy raw format: ``frame;frame;... count``)."""
+def frames(raw: Path, n: int = 16) -> tuple[list[str], list[str], int]:
+    """From a py-spy raw file (``frame;frame;... count`` per stack): the ``n`` frames where most samples were
+    taken (own), the ``n`` frames most samples passed through (inclusive), and the number of samples."""
     own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -41,7 +43,18 @@ def hottest(raw: Path, n: int = 12) -> list[str]:
             continue
         total += int(count)
         own[stack.split(";")[-1] or "(native)"] += int(count)
-    return [f"{c / total:6.1%}  {frame[:150]}" for frame, c in own.most_common(n)] if total else []
+        for frame in set(stack.split(";")):
+            inclusive[frame] += int(count)
+
+    def share(counter: Counter[str]) -> list[str]:
+        return [f"{c / total:6.1%}  {frame[:150]}" for frame, c in counter.most_common(n)] if total else []
+
+    return share(own), share(inclusive), total
+
+
+def hottest(raw: Path, n: int = 12) -> list[str]:
+    """The frames where most samples were taken."""
+    return frames(raw, n)[0]
 
 
 def main() -> None:

@@ -19,6 +19,9 @@ processes, each an asyncio loop of aiohttp clients, so that the load generator i
 ``--check-clients`` repeats the point with the most requests/s with twice the processes to show it.
 The ceiling is the same engine called in process at batch 32 (``--ceiling-batch``). With matplotlib, a PNG of
 items/s against clients (bench/plot.py) is written next to the JSON and Markdown.
+
+``--spy`` profiles each warmserve point: py-spy samples one replica while it holds the GIL (the share of samples
+is how busy its GIL was), and the CPU seconds of every replica and HAProxy process are read from /proc.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ ENDPOINTS = {
 }
 LITSERVE_WORKLOADS = {"b1", "rows32", "u8", "u8rows32", "jpeg"}  # what bench/litserve_app.py answers
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+SPY_RATE = 250  # py-spy samples per second
 
 
 def oip_binary(rows: int, shape: list[int], pixels: bool = False) -> tuple[bytes, dict[str, str]]:
@@ -250,7 +254,10 @@ def measure(
     for workload in workloads:
         url, body, headers, rows = bodies[workload]
         for clients in (int(c) for c in args.concurrency.split(",")):
-            point = load(url, body, headers, clients, args.client_procs, args.seconds)
+            with Spy(args.seconds, enabled=args.spy and not label.startswith("litserve")) as spy:
+                point = load(url, body, headers, clients, args.client_procs, args.seconds)
+            if spy.profile:
+                point["profile"] = spy.profile
             point.update(mode=label, workload=workload, clients=clients, items_per_s=point["requests_per_s"] * rows)
             points.append(point)
             print(
@@ -258,6 +265,8 @@ def measure(
                 f"p50 {point['p50_ms']:7.1f} ms p99 {point['p99_ms']:7.1f} ms failed {point['failed']}",
                 flush=True,
             )
+            if spy.profile:
+                print(spy.summary(), flush=True)
             if point["requests_per_s"] > busiest[0]:  # the point that asks most of the clients
                 busiest = (point["requests_per_s"], (url, body, headers, rows, workload, clients))
     if args.check_clients and busiest[1]:
@@ -277,6 +286,84 @@ def measure(
             flush=True,
         )
     return points
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _pids(pattern: str, full: bool = True) -> list[int]:
+    import subprocess
+
+    found = subprocess.run(["pgrep", *(["-f"] if full else []), pattern], capture_output=True, text=True).stdout.split()
+    return sorted(int(p) for p in found if int(p) != os.getpid())
+
+
+class Spy:
+    """During one point (from the end of `load`'s 3 s ramp): py-spy on the first replica, sampling only while a
+    thread holds the GIL, and the CPU time of each replica and HAProxy process."""
+
+    def __init__(self, seconds: float, enabled: bool) -> None:
+        self.seconds = seconds
+        self.enabled = enabled
+        self.profile: dict[str, Any] = {}
+
+    def __enter__(self) -> Spy:
+        import subprocess
+
+        if not self.enabled:
+            return self
+        self.replicas = _pids("ServeReplica:warmserve")
+        self.haproxy = _pids("haproxy", full=False)
+        if not self.replicas:
+            return self
+        self.raw = Path(tempfile.mkstemp(prefix="spy-", suffix=".txt")[1])
+        d = max(1, int(self.seconds) - 1)
+        cmd = f"sleep 3.3; exec py-spy record --gil --nonblocking --rate {SPY_RATE} --format raw -d {d} "
+        cmd += f"-p {self.replicas[0]} -o {self.raw}"
+        self.proc = subprocess.Popen(["bash", "-c", cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.duration = d
+        self.cpu0 = {p: _cpu_seconds(p) for p in self.replicas + self.haproxy}
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.enabled or not self.replicas:
+            return
+        wall = time.monotonic() - self.t0
+        cpu = {p: (_cpu_seconds(p) - c) / wall for p, c in self.cpu0.items()}
+        _, err = self.proc.communicate(timeout=60)
+        replica_cpu = [cpu[p] for p in self.replicas]
+        self.profile = {
+            "replica_cores": [round(c, 2) for c in replica_cpu],
+            "haproxy_cores": round(sum(cpu[p] for p in self.haproxy), 2),
+        }
+        from bench.serve_profile import frames
+
+        try:
+            own, inclusive, samples = frames(self.raw)
+        except OSError:
+            self.profile["error"] = err.decode()[-300:]
+            return
+        finally:
+            self.raw.unlink(missing_ok=True)
+        self.profile["gil_busy"] = round(samples / (SPY_RATE * self.duration), 3)
+        self.profile["own"] = own
+        self.profile["inclusive"] = inclusive
+
+    def summary(self) -> str:
+        p = self.profile
+        if "gil_busy" not in p:
+            return f"  spy: {p.get('error', 'no samples')}"
+        cores = " ".join(f"{c:.2f}" for c in p["replica_cores"])
+        lines = [f"  replica CPU cores [{cores}], HAProxy {p['haproxy_cores']:.2f}; GIL busy {p['gil_busy']:.0%}"]
+        lines += [f"    own {line}" for line in p["own"][:8]]
+        lines += [f"    in  {line}" for line in p["inclusive"][:16]]
+        return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -340,6 +427,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", help="engine cache to keep between runs (default: a temp dir)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="", help="added to the result files' names")
+    ap.add_argument("--spy", action="store_true", help="profile each warmserve point with py-spy (on PATH)")
     args = ap.parse_args()
 
     from serve.model import build_model
