@@ -34,6 +34,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -328,6 +329,10 @@ class Spy:
         self.proc = subprocess.Popen(["bash", "-c", cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.duration = d
         self.cpu0 = {p: _cpu_seconds(p) for p in self.replicas + self.haproxy}
+        self.smi = None
+        if shutil.which("nvidia-smi"):  # the GPU's busy share, every 200 ms
+            query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"]
+            self.smi = subprocess.Popen(query, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.t0 = time.monotonic()
         return self
 
@@ -342,6 +347,11 @@ class Spy:
             "replica_cores": [round(c, 2) for c in replica_cpu],
             "haproxy_cores": round(sum(cpu[p] for p in self.haproxy), 2),
         }
+        if self.smi:
+            self.smi.terminate()
+            busy = [float(v) for v in self.smi.communicate()[0].split()[16:-2]]  # the 3 s ramp and the tail left out
+            if busy:
+                self.profile["gpu_busy"] = round(sum(busy) / len(busy) / 100, 3)
         from bench.serve_profile import frames
 
         try:
@@ -360,7 +370,8 @@ class Spy:
         if "gil_busy" not in p:
             return f"  spy: {p.get('error', 'no samples')}"
         cores = " ".join(f"{c:.2f}" for c in p["replica_cores"])
-        lines = [f"  replica CPU cores [{cores}], HAProxy {p['haproxy_cores']:.2f}; GIL busy {p['gil_busy']:.0%}"]
+        gpu = f", GPU busy {p['gpu_busy']:.0%}" if "gpu_busy" in p else ""
+        lines = [f"  replica CPU cores [{cores}], HAProxy {p['haproxy_cores']:.2f}{gpu}; GIL busy {p['gil_busy']:.0%}"]
         lines += [f"    own {line}" for line in p["own"][:8]]
         lines += [f"    in  {line}" for line in p["inclusive"][:16]]
         return "\n".join(lines)
