@@ -154,9 +154,22 @@ def is_jpeg(data: bytes) -> bool:
 
 
 def decode_jpegs(images: list[bytes], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """JPEG files -> [N, C, H, W] UINT8 pixels on a CUDA ``device``: nvJPEG decodes them in one batch and
-    the resize and crop of `decode_image` run there too (bicubic with antialiasing, as PIL resizes; pixels
-    may differ from PIL's by rounding). A file nvJPEG cannot read is decoded by PIL, which names the fault."""
+    """JPEG files -> [N, C, H, W] UINT8 pixels on a CUDA ``device`` (`decode_each`); the first file neither
+    nvJPEG nor PIL can read raises PIL's `InputError`."""
+    pixels = []
+    for d in decode_each(images, shape, device):
+        if isinstance(d, InputError):
+            raise d
+        pixels.append(d)
+    return torch.stack(pixels)
+
+
+def decode_each(images: list[bytes], shape: tuple[int, ...], device: torch.device) -> list[torch.Tensor | InputError]:
+    """JPEG files -> one [C, H, W] UINT8 tensor each on a CUDA ``device``, or the `InputError` that names what is
+    wrong with that file: nvJPEG decodes them in one batch and the resize and crop of `decode_image` run there
+    too (bicubic with antialiasing, as PIL resizes; pixels may differ from PIL's by rounding). When nvJPEG
+    refuses the batch, each file is tried alone, and PIL decodes the ones nvJPEG cannot read; so a bad file
+    costs only its own request."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
@@ -167,10 +180,15 @@ def decode_jpegs(images: list[bytes], shape: tuple[int, ...], device: torch.devi
         data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in images]
         decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
-        logger.debug("nvJPEG refused a batch of %d; PIL decodes it", len(images), exc_info=True)
-        return torch.stack([decode_image(b, shape) for b in images]).to(device)
+        if len(images) > 1:
+            logger.debug("nvJPEG refused a batch of %d; each file alone", len(images), exc_info=True)
+            return [d for b in images for d in decode_each([b], shape, device)]
+        try:
+            return [decode_image(images[0], shape).to(device)]
+        except InputError as e:
+            return [e]
     h, w = shape[1], shape[2]
-    out = []
+    out: list[torch.Tensor | InputError] = []
     for img in decoded:
         height, width = img.shape[-2:]
         scale = max(h / height, w / width)
@@ -178,12 +196,12 @@ def decode_jpegs(images: list[bytes], shape: tuple[int, ...], device: torch.devi
         img = F.resize(img, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
         top, left = (size[0] - h) // 2, (size[1] - w) // 2
         out.append(img[:, top : top + h, left : left + w])
-    batch = torch.stack(out)
-    torch.cuda.current_stream(device).synchronize()  # the engine's thread reads it on its own stream
-    return batch
+    torch.cuda.current_stream(device).synchronize()  # the engine's thread reads them on its own stream
+    return out
 
 
 MAX_IMAGES = 64  # files in one multipart /v1/classify request
+GPU_DECODE_MIN = 2  # JPEGs in one request from which a GPU replica decodes them with nvJPEG
 
 
 @serve.deployment(name="WarmModel", max_ongoing_requests=128, health_check_period_s=5, health_check_timeout_s=30)
@@ -551,26 +569,35 @@ class WarmModel:
         return [name for name, _ in files], [await f.read() for _, f in files]
 
     async def _decode(self, images: list[bytes], names: list[str] | None = None) -> torch.Tensor:
-        """[N, C, H, W] UINT8 pixels: JPEGs decoded on the GPU where the engine runs on one, else by PIL. With
-        ``names`` (a form's files), an image PIL cannot read is named in the error."""
+        """[N, C, H, W] UINT8 pixels. On a GPU replica, a request with several JPEGs has them decoded by nvJPEG
+        in one batch; one photo is decoded by PIL on the host, as on a CPU replica: replicas that share a GPU
+        take turns on it, and many small decodes cost more in those turns than on a host core (README, Measured).
+        With ``names`` (a form's files), an image that cannot be read is named in the error."""
         shape = self.settings.model.input.shape
-        if self.worker.device.type == "cuda" and all(map(is_jpeg, images)):
+        if len(shape) != 3 or shape[0] != 3:
+            raise InputError(f"/v1/classify needs a model with [3, H, W] inputs; this one takes {list(shape)}")
+        named: list[str | None] = list(names) if names else [None] * len(images)
 
-            def on_gpu() -> torch.Tensor:
-                with self._nvjpeg:
-                    return decode_jpegs(images, shape, self.worker.device)
+        def on_gpu() -> list[torch.Tensor | InputError]:
+            with self._nvjpeg:
+                return decode_each(images, shape, self.worker.device)
 
-            return await asyncio.to_thread(on_gpu)
-
-        def one(data: bytes, name: str | None) -> torch.Tensor:
+        def one(data: bytes) -> torch.Tensor | InputError:
             try:
                 return decode_image(data, shape)
             except InputError as e:
-                raise InputError(f"file {name!r}: {e}" if name else str(e)) from e
+                return e
 
-        named: list[str | None] = list(names) if names else [None] * len(images)
-        decoded = [asyncio.to_thread(one, b, n) for b, n in zip(images, named, strict=True)]
-        return torch.stack(await asyncio.gather(*decoded))
+        if self.worker.device.type == "cuda" and len(images) >= GPU_DECODE_MIN and all(map(is_jpeg, images)):
+            decoded = await asyncio.to_thread(on_gpu)
+        else:
+            decoded = await asyncio.gather(*(asyncio.to_thread(one, b) for b in images))
+        pixels = []
+        for d, name in zip(decoded, named, strict=True):
+            if isinstance(d, InputError):
+                raise InputError(f"file {name!r}: {d}" if name else str(d)) from d
+            pixels.append(d)
+        return torch.stack(pixels)
 
     def _top_k(self, row: torch.Tensor, k: int) -> list[dict[str, Any]]:
         scores, idx = torch.softmax(row.float(), dim=0).topk(k)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +43,34 @@ def test_a_jpeg_nvjpeg_cannot_read_is_named_by_pil() -> None:
 
     with pytest.raises(InputError, match=r"truncated or corrupt|not an image"):
         decode_jpegs([_jpeg(64, 64), b"\xff\xd8\xff" + b"junk" * 10], (3, 224, 224), torch.device("cuda"))
+
+
+def test_a_bad_file_fails_alone_in_a_batch() -> None:
+    from deployments.app import decode_each
+
+    bad = b"\xff\xd8\xff" + b"junk" * 10
+    out = decode_each([_jpeg(64, 64), bad, _jpeg(80, 60)], (3, 224, 224), torch.device("cuda"))
+    assert isinstance(out[1], InputError)
+    assert all(isinstance(o, torch.Tensor) and tuple(o.shape) == (3, 224, 224) for o in (out[0], out[2]))
+
+
+def test_a_gpu_replica_decodes_one_photo_on_the_host_and_several_with_nvjpeg() -> None:
+    """Replicas take turns on a shared GPU: one small decode each costs more there than on a host core."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import deployments.app as app
+
+    replica = SimpleNamespace(  # what _decode reads of a replica
+        settings=SimpleNamespace(model=SimpleNamespace(input=SimpleNamespace(shape=(3, 224, 224)))),
+        worker=SimpleNamespace(device=torch.device("cuda")),
+        _nvjpeg=threading.Lock(),
+    )
+    decode = app.WarmModel.func_or_class._decode
+    photos = [CAT.read_bytes(), _jpeg(640, 480)]
+    one = asyncio.run(decode(replica, photos[:1]))
+    several = asyncio.run(decode(replica, photos, ["a.jpg", "b.jpg"]))
+    assert one.device.type == "cpu" and several.device.type == "cuda"
+    assert tuple(one.shape) == (1, 3, 224, 224) and tuple(several.shape) == (2, 3, 224, 224)
+    with pytest.raises(InputError, match=r"'b\.jpg'"):
+        asyncio.run(decode(replica, [photos[0], b"\xff\xd8\xff" + b"junk" * 10], ["a.jpg", "b.jpg"]))
