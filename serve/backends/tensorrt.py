@@ -9,6 +9,7 @@ refit verification is only logged upstream (the worker checks outputs itself aft
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import logging
@@ -62,10 +63,24 @@ def trt_input(spec: InputSpec) -> Any:
     )
 
 
+def skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose weights (the tensors of its state dict) are empty meta tensors, for a refit to
+    load new weights into: nothing a refit does, refused or not, reaches the module that serves."""
+    persistent = set(model.state_dict())
+    memo: dict[int, Any] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in persistent:
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        if name in persistent:
+            memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
 class TensorRTEngine(Engine):
     def __init__(self, module: Any, model: nn.Module, spec: InputSpec, device: torch.device) -> None:
         self.module = module
-        self.model = model
+        self.model = skeleton(model)  # the engine's own: the worker's model is never written to
         self.spec = spec
         self.device = device
 
@@ -78,7 +93,7 @@ class TensorRTEngine(Engine):
         from torch_tensorrt.dynamo import refit_module_weights
 
         with torch.no_grad():
-            self.model.load_state_dict(dict(state), strict=True)
+            self.model.load_state_dict(dict(state), strict=True, assign=True)  # shared, not copied
         program = export(self.model, self.spec, self.device)
         # Modules from torch_tensorrt.load are "inline": in_place=True is refused upstream, so swap in the copy.
         self.module = refit_module_weights(
