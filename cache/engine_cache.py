@@ -48,6 +48,7 @@ class EngineCache:
         if not isinstance(local.store, LocalStore):
             raise ValueError("the L1 tier must be a local directory (it holds the per-node build locks)")
         self.local = local
+        self._builds: LocalStore = local.store  # where the per-node build locks live
         self.shared = shared
         self.wait_timeout = wait_timeout
         self.lease_ttl = lease_ttl
@@ -91,12 +92,12 @@ class EngineCache:
         """L1, then L2 (copying a hit into L1). Returns (blob, manifest, tier name) or None."""
         found = self.local.lookup(key)
         if found is not None:
-            emit(self.events, "hit", self.local.name)
+            emit(self.events.hit, self.local.name)
             return found[0], found[1], self.local.name
         if self.shared is not None:
             found = self.shared.lookup(key)
             if found is not None:
-                emit(self.events, "hit", self.shared.name)
+                emit(self.events.hit, self.shared.name)
                 blob, manifest = found
                 self.local.publish(key, blob, backend=manifest.backend, versions=manifest.versions, meta=manifest.meta)
                 return blob, manifest, self.shared.name
@@ -140,17 +141,17 @@ class EngineCache:
         hit = self.get(key)
         if hit is not None:
             return done(hit[0], "local-hit" if hit[2] == self.local.name else "shared-hit", hit[1])
-        emit(self.events, "miss")
+        emit(self.events.miss)
         if not self.single_flight:
             blob = self._build(build)
             return done(blob, "built", self.put(key, blob, backend=backend, versions=versions, meta=meta))
 
-        lock = BuildLock(self.local.store.build_lock_path(key.id))  # type: ignore[attr-defined]
+        lock = BuildLock(self._builds.build_lock_path(key.id))
         waited = lock.acquire(self.wait_timeout)
         lease: Lease | None = None
         try:
             if waited:
-                emit(self.events, "waited", time.perf_counter() - t0)
+                emit(self.events.waited, time.perf_counter() - t0)
                 hit = self.get(key)
                 if hit is not None:
                     return done(hit[0], "waited", hit[1])
@@ -202,7 +203,7 @@ class EngineCache:
                         found = shared.lookup(key)
                         if found is not None:
                             lease.release()
-                            emit(self.events, "hit", shared.name)
+                            emit(self.events.hit, shared.name)
                             return found
                     return lease
                 if not waited:
@@ -210,7 +211,7 @@ class EngineCache:
                     logger.info("another node is building %s; waiting", key.short)
                 found = shared.lookup(key)
                 if found is not None:
-                    emit(self.events, "waited", time.perf_counter() - t0)
+                    emit(self.events.waited, time.perf_counter() - t0)
                     return found
                 if not shared.available:
                     return None
@@ -223,7 +224,7 @@ class EngineCache:
                         "lease on %s not renewed for %.0fs; taking over the build", key.short, now - seen_since
                     )
                     shared.break_lease(key.id, state)
-                    emit(self.events, "lease_takeover")
+                    emit(self.events.lease_takeover)
                     continue
                 if now > deadline:
                     raise LeaseTimeout(f"waited {self.wait_timeout:.0f}s for another node to build {key.short}")

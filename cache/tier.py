@@ -9,9 +9,9 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec
 
 from cache.atomic import TEMP_PREFIX
 from cache.errors import CacheCorrupt, StoreFull, StoreUnavailable
@@ -37,12 +37,16 @@ def _entry(key_id: str, name: str = "") -> str:
     return f"{ENTRIES}/{key_id}/{name}" if name else f"{ENTRIES}/{key_id}"
 
 
-def emit(events: CacheEvents, hook: str, *args: Any) -> None:
-    """Call a metrics hook; a failing hook is logged, never raised into a cache operation."""
+P = ParamSpec("P")
+
+
+def emit(hook: Callable[P, None], *args: P.args, **kwargs: P.kwargs) -> None:
+    """Call a metrics hook (a `CacheEvents` method, so its arguments are type-checked); a failing hook is
+    logged, never raised into a cache operation."""
     try:
-        getattr(events, hook)(*args)
+        hook(*args, **kwargs)
     except Exception:  # a failing metrics hook never fails a cache operation (logged below)
-        logger.exception("cache event hook %s failed", hook)
+        logger.exception("cache event hook %s failed", getattr(hook, "__name__", hook))
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ class Tier:
         logger.warning(
             "%s cache tier unavailable (%s); skipping it for %.0fs: %s", self.name, op, self.retry_after, error
         )
-        emit(self.events, "store_error", self.name, op)
+        emit(self.events.store_error, self.name, op)
 
     # -- lookup and publish -------------------------------------------------------------------
     def lookup(self, key: CacheKey) -> tuple[bytes, Manifest] | None:
@@ -125,7 +129,7 @@ class Tier:
             self._failed("read", e)
             return None
         self._touch(key.id)
-        emit(self.events, "load_seconds", self.name, time.perf_counter() - t0, manifest.size)
+        emit(self.events.load_seconds, self.name, time.perf_counter() - t0, manifest.size)
         return blob, manifest
 
     def _check(self, key: CacheKey, raw: bytes) -> tuple[bytes, Manifest]:
@@ -142,7 +146,7 @@ class Tier:
 
     def _refuse(self, key_id: str, error: CacheCorrupt) -> None:
         logger.warning("%s cache refused entry %s (%s): %s", self.name, key_id[:12], error.reason, error)
-        emit(self.events, "refused", self.name, error.reason)
+        emit(self.events.refused, self.name, error.reason)
         self.quarantine(key_id, error.reason)
 
     def quarantine(self, key_id: str, reason: str) -> None:
@@ -186,7 +190,7 @@ class Tier:
                 len(blob),
                 self.budget_bytes,
             )
-            emit(self.events, "refused", self.name, "too-large")
+            emit(self.events.refused, self.name, "too-large")
             return None
         manifest = Manifest.for_blob(key, blob, backend=backend, versions=versions, meta=meta)
         if self.secret is not None:
@@ -209,12 +213,12 @@ class Tier:
         except StoreFull as e:
             # Reads still work, so the tier stays in use; only this entry is not stored here.
             logger.warning("%s cache: filesystem full, entry %s not stored: %s", self.name, key.short, e)
-            emit(self.events, "store_error", self.name, "write-full")
+            emit(self.events.store_error, self.name, "write-full")
             return None
         except StoreUnavailable as e:
             self._failed("write", e)
             return None
-        emit(self.events, "store_seconds", self.name, time.perf_counter() - t0, len(blob))
+        emit(self.events.store_seconds, self.name, time.perf_counter() - t0, len(blob))
         if self.budget_bytes is not None:
             self.evict(protect=key.id)
         return manifest
@@ -305,12 +309,12 @@ class Tier:
                     total -= e.size
                     removed += 1
                     freed += e.size
-                emit(self.events, "tier_bytes", self.name, total)
+                emit(self.events.tier_bytes, self.name, total)
         except StoreUnavailable as e:
             self._failed("evict", e)
         if removed:
             logger.info("%s cache: evicted %d entries (%d bytes) to fit %d bytes", self.name, removed, freed, limit)
-            emit(self.events, "evicted", self.name, removed, freed)
+            emit(self.events.evicted, self.name, removed, freed)
         return removed, freed
 
     def remove(self, key_id: str) -> bool:

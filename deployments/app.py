@@ -48,11 +48,17 @@ CLIENT_ERRORS: dict[type[Exception], tuple[int, grpc.StatusCode]] = {
 }
 
 
+def client_error(e: BaseException) -> tuple[int, grpc.StatusCode] | None:
+    """The HTTP and gRPC status of a client mistake, or None for a server fault: the first class of the
+    exception's MRO that `CLIENT_ERRORS` maps (the most specific one), as Starlette picks its handlers."""
+    return next((CLIENT_ERRORS[cls] for cls in type(e).__mro__ if cls in CLIENT_ERRORS), None)
+
+
 def grpc_status(e: Exception) -> tuple[grpc.StatusCode, str]:
     """The gRPC status and details for an error of an RPC: a client mistake's own, else INTERNAL, logged."""
-    for cls, (_, code) in CLIENT_ERRORS.items():
-        if isinstance(e, cls):
-            return code, str(e)
+    known = client_error(e)
+    if known is not None:
+        return known[1], str(e)
     logger.error("unhandled error in an RPC", exc_info=e)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"
 
@@ -78,7 +84,7 @@ NOT_READY: dict[int | str, dict[str, Any]] = {200: {"description": "ready"}, 503
 
 
 async def _client_error(request: Request, e: Exception) -> JSONResponse:
-    status = next(code for cls, (code, _) in CLIENT_ERRORS.items() if isinstance(e, cls))
+    status, _ = client_error(e) or (500, None)  # registered for CLIENT_ERRORS' classes only
     return JSONResponse({"error": str(e)}, status_code=status)
 
 

@@ -43,3 +43,24 @@ def test_only_image_models_take_pixels() -> None:
     assert not takes_pixels((1, 28, 28), torch.float32)  # one channel: no RGB pixels
     assert not takes_pixels((3, 16, 16), torch.int64)
     assert not takes_pixels((10,), torch.float32)
+
+
+def test_errors_map_to_statuses_by_their_most_specific_class() -> None:
+    """HTTP and gRPC statuses come from the exception's MRO: a subclass of two mapped errors gets its first
+    base's status, and anything unmapped is a server fault."""
+    import grpc
+
+    from deployments.app import client_error, grpc_status
+    from deployments.errors import BodyTooLarge, ModelNotFound
+
+    class TooLargeInput(BodyTooLarge, InputError):
+        pass
+
+    class MissingInput(ModelNotFound, InputError):
+        pass
+
+    assert client_error(TooLargeInput("x")) == (413, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert client_error(MissingInput("x")) == (404, grpc.StatusCode.NOT_FOUND)
+    assert client_error(InputError("x")) == (400, grpc.StatusCode.INVALID_ARGUMENT)
+    assert client_error(RuntimeError("x")) is None
+    assert grpc_status(RuntimeError("boom")) == (grpc.StatusCode.INTERNAL, "internal error: RuntimeError")
