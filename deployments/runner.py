@@ -290,7 +290,7 @@ def serve(
         return 0
     except Exception as e:  # Ray's many start failures: one line, not its traceback
         logger.debug("ray.init failed", exc_info=True)
-        say(f"error: Ray did not start: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+        say(f"error: Ray did not start: {one_line(e)}")
         return 1
     dashboard = f"http://{context.dashboard_url}" if getattr(context, "dashboard_url", None) else None
     # After ray.init, which installs a crash handler for SIGTERM: `kill` must shut down cleanly too.
@@ -324,10 +324,20 @@ def serve(
             return 1
         except Exception as e:  # Serve refusing the config, the controller dying...: one line, then shut down
             logger.debug("serving failed", exc_info=True)
-            say(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+            say(f"error: {one_line(e)}")
             return 1
         finally:
             _shutdown(ray, ray_serve, name if not local else None)
+
+
+def one_line(e: BaseException, limit: int = 400) -> str:
+    """An error in one line: a Ray task's error by the exception it carries (its own first line says only
+    where the task ran, e.g. HAProxyManager.ready(), not why), its text's whitespace collapsed."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and cause is not e:
+        e = cause
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
 
 
 def _shutdown(ray: Any, ray_serve: Any, app: str | None, timeout: float = 60.0) -> None:

@@ -152,3 +152,16 @@ def test_checks_are_exact_about_where_the_weights_come_from(tmp_path: Path) -> N
     config["applications"][0]["deployments"][0]["user_config"].pop("weights_sha256")
     with pytest.raises(StartError, match="NaN"):
         runner.preflight(config, local=False)
+
+
+def test_a_ray_task_error_is_reported_by_its_cause_on_one_line() -> None:
+    """`warmserve run` prints why a Ray task failed (HAProxy's words), not where the task ran."""
+    from ray.exceptions import RayTaskError
+
+    from deployments.runner import one_line
+
+    crashed = RuntimeError("HAProxy crashed during startup:\n[ALERT] (1) : Starting frontend stats: cannot bind")
+    e = RayTaskError("HAProxyManager.ready", "Traceback (most recent call last): ...", crashed)
+    want = "RuntimeError: HAProxy crashed during startup: [ALERT] (1) : Starting frontend stats: cannot bind"
+    assert one_line(e) == want
+    assert one_line(ValueError("")) == "ValueError"
