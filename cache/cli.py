@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cache.config import CacheConfig
@@ -103,113 +104,132 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _run(args: argparse.Namespace, cache: EngineCache) -> int:
-    tiers = _tiers(cache, args.tier)
-    out: list[dict[str, Any]] = []
-    status = 0
-    if args.verb == "ls":
-        for tier in tiers:
-            for q in tier.quarantined():
-                out.append(
-                    {
-                        "tier": tier.name,
-                        "key": q.key_id,
-                        "backend": "?",
-                        "bytes": q.size,
-                        "created": None,
-                        "last_used": 0.0,
-                        "producer": "?",
-                        "signed": False,
-                        "problem": f"quarantined {_ago(q.since)}: {q.reason}",
-                        "quarantined_at": q.since,
-                    }
-                )
-            for e in tier.entries():
-                m = e.manifest
-                out.append(
-                    {
-                        "tier": tier.name,
-                        "key": e.key_id,
-                        "backend": m.backend if m else "?",
-                        "bytes": e.size,
-                        "created": m.created if m else None,
-                        "last_used": e.last_used,
-                        "producer": m.producer if m else "?",
-                        "signed": bool(m and m.signature),
-                        "problem": e.problem,
-                    }
-                )
-        if not args.json:
-            rows = [
-                {
-                    **r,
-                    "key": r["key"][:16],
-                    "size": _size(r["bytes"]),
-                    "created": _ago(r["created"] or 0),
-                    "last_used": _ago(r["last_used"]),
-                    "status": r["problem"] or "ok",
-                }
-                for r in out
-            ]
-            print(
-                table(rows, ["tier", "key", "backend", "size", "created", "last_used", "producer", "status"])
-                if rows
-                else "no entries"
-            )
-    elif args.verb == "stats":
-        for tier in tiers:
-            entries = tier.entries()
+Records = list[dict[str, Any]]
+Outcome = tuple[Records, int, str]  # the JSON records, the exit status, the text for a person
+
+
+def _ls(tiers: list[Tier], args: argparse.Namespace) -> Outcome:
+    out: Records = []
+    for tier in tiers:
+        for q in tier.quarantined():
             out.append(
                 {
                     "tier": tier.name,
-                    "url": tier.store.url,
-                    "entries": len(entries),
-                    "bytes": sum(e.size for e in entries),
-                    "budget": tier.budget_bytes,
-                    "quarantined": len(tier.store.listdir(QUARANTINE)),
-                    "leases": len(tier.store.listdir(LEASES)),
+                    "key": q.key_id,
+                    "backend": "?",
+                    "bytes": q.size,
+                    "created": None,
+                    "last_used": 0.0,
+                    "producer": "?",
+                    "signed": False,
+                    "problem": f"quarantined {_ago(q.since)}: {q.reason}",
+                    "quarantined_at": q.since,
                 }
             )
-        if not args.json:
-            rows = [
-                {**r, "bytes": _size(r["bytes"]), "budget": _size(r["budget"]) if r["budget"] else "none"} for r in out
-            ]
-            print(table(rows, ["tier", "entries", "bytes", "budget", "quarantined", "leases", "url"]))
-    elif args.verb == "verify":
-        for tier in tiers:
-            for entry in tier.entries():
-                problem = tier.verify(entry.key_id)
-                reason = (problem or "").partition(":")[0]
-                if reason in DAMAGED:  # as a lookup would: moved aside, so no replica can load it
-                    tier.quarantine(entry.key_id, reason)
-                out.append({"tier": tier.name, "key": entry.key_id, "ok": problem is None, "problem": problem})
-        status = 0 if all(r["ok"] for r in out) else 1
-        if not args.json:
-            bad = [r for r in out if not r["ok"]]
-            for r in bad:
-                moved = " (moved to quarantine)" if r["problem"].partition(":")[0] in DAMAGED else ""
-                print(f"BAD  {r['tier']:6}  {r['key']}  {r['problem']}{moved}")
-            print(f"{len(out) - len(bad)} of {len(out)} entries ok" + (f", {len(bad)} bad" if bad else ""))
-    elif args.verb == "evict":
-        for tier in tiers:
-            if args.to_budget:
-                n, freed = tier.evict()
-                out.append({"tier": tier.name, "removed": n, "bytes": freed})
-                continue
-            keys = tier.key_ids() if args.all else [check_key_id(k) for k in args.key]
-            removed = [k for k in keys if tier.remove(k)]
-            out.append({"tier": tier.name, "removed": len(removed), "keys": removed})
-        if not args.json:
-            for r in out:
-                print(f"{r['tier']}: removed {r['removed']} entries")
-    elif args.verb == "gc":
-        for tier in tiers:
-            counts = tier.gc(older_than=args.older_than)
+        for e in tier.entries():
+            m = e.manifest
+            out.append(
+                {
+                    "tier": tier.name,
+                    "key": e.key_id,
+                    "backend": m.backend if m else "?",
+                    "bytes": e.size,
+                    "created": m.created if m else None,
+                    "last_used": e.last_used,
+                    "producer": m.producer if m else "?",
+                    "signed": bool(m and m.signature),
+                    "problem": e.problem,
+                }
+            )
+    rows = [
+        {
+            **r,
+            "key": r["key"][:16],
+            "size": _size(r["bytes"]),
+            "created": _ago(r["created"] or 0),
+            "last_used": _ago(r["last_used"]),
+            "status": r["problem"] or "ok",
+        }
+        for r in out
+    ]
+    columns = ["tier", "key", "backend", "size", "created", "last_used", "producer", "status"]
+    return out, 0, table(rows, columns) if rows else "no entries"
+
+
+def _stats(tiers: list[Tier], args: argparse.Namespace) -> Outcome:
+    out: Records = []
+    for tier in tiers:
+        entries = tier.entries()
+        out.append(
+            {
+                "tier": tier.name,
+                "url": tier.store.url,
+                "entries": len(entries),
+                "bytes": sum(e.size for e in entries),
+                "budget": tier.budget_bytes,
+                "quarantined": len(tier.store.listdir(QUARANTINE)),
+                "leases": len(tier.store.listdir(LEASES)),
+            }
+        )
+    rows = [{**r, "bytes": _size(r["bytes"]), "budget": _size(r["budget"]) if r["budget"] else "none"} for r in out]
+    return out, 0, table(rows, ["tier", "entries", "bytes", "budget", "quarantined", "leases", "url"])
+
+
+def _verify(tiers: list[Tier], args: argparse.Namespace) -> Outcome:
+    out: Records = []
+    for tier in tiers:
+        for entry in tier.entries():
+            problem = tier.verify(entry.key_id)
+            reason = (problem or "").partition(":")[0]
+            if reason in DAMAGED:  # as a lookup would: moved aside, so no replica can load it
+                tier.quarantine(entry.key_id, reason)
+            out.append({"tier": tier.name, "key": entry.key_id, "ok": problem is None, "problem": problem})
+    bad = [r for r in out if not r["ok"]]
+    lines = []
+    for r in bad:
+        moved = " (moved to quarantine)" if r["problem"].partition(":")[0] in DAMAGED else ""
+        lines.append(f"BAD  {r['tier']:6}  {r['key']}  {r['problem']}{moved}")
+    lines.append(f"{len(out) - len(bad)} of {len(out)} entries ok" + (f", {len(bad)} bad" if bad else ""))
+    return out, 1 if bad else 0, "\n".join(lines)
+
+
+def _evict(tiers: list[Tier], args: argparse.Namespace) -> Outcome:
+    out: Records = []
+    for tier in tiers:
+        if args.to_budget:
             n, freed = tier.evict()
-            out.append({"tier": tier.name, **counts, "evicted": n, "evicted_bytes": freed})
-        if not args.json:
-            for r in out:
-                print(f"{r['tier']}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k != "tier"))
+            out.append({"tier": tier.name, "removed": n, "bytes": freed})
+            continue
+        keys = tier.key_ids() if args.all else [check_key_id(k) for k in args.key]
+        removed = [k for k in keys if tier.remove(k)]
+        out.append({"tier": tier.name, "removed": len(removed), "keys": removed})
+    return out, 0, "\n".join(f"{r['tier']}: removed {r['removed']} entries" for r in out)
+
+
+def _gc(tiers: list[Tier], args: argparse.Namespace) -> Outcome:
+    out: Records = []
+    for tier in tiers:
+        counts = tier.gc(older_than=args.older_than)
+        n, freed = tier.evict()
+        out.append({"tier": tier.name, **counts, "evicted": n, "evicted_bytes": freed})
+    return out, 0, "\n".join(f"{r['tier']}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k != "tier") for r in out)
+
+
+VERBS: dict[str, Callable[[list[Tier], argparse.Namespace], Outcome]] = {
+    "ls": _ls,
+    "stats": _stats,
+    "verify": _verify,
+    "evict": _evict,
+    "gc": _gc,
+}
+
+
+def _run(args: argparse.Namespace, cache: EngineCache) -> int:
+    """One verb over the chosen tiers: its records as one JSON document (``--json``; stats keyed by tier), or its
+    text; exit 1 when ``verify`` finds a bad entry."""
+    out, status, text = VERBS[args.verb](_tiers(cache, args.tier), args)
     if args.json:
         print(json.dumps(out if args.verb != "stats" else {r["tier"]: r for r in out}))
+    elif text:
+        print(text)
     return status
