@@ -126,12 +126,17 @@ def normalise_pixels(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.addcmul(shift, x.to(torch.float32), scale).to(dtype)
 
 
+def require_image_input(shape: tuple[int, ...]) -> None:
+    """/v1/classify decodes images for models whose input is one RGB image, [3, H, W]."""
+    if len(shape) != 3 or shape[0] != 3:
+        raise InputError(f"/v1/classify needs a model with [3, H, W] inputs; this one takes {list(shape)}")
+
+
 def decode_image(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     """JPEG/PNG bytes -> [C, H, W] UINT8 pixels: resize the short side, centre crop (`normalise_pixels` next)."""
     from PIL import Image, UnidentifiedImageError
 
-    if len(shape) != 3 or shape[0] != 3:
-        raise InputError(f"/v1/classify needs a model with [3, H, W] inputs; this one takes {list(shape)}")
+    require_image_input(shape)
     try:
         img: Image.Image = Image.open(io.BytesIO(data))
         img.load()
@@ -180,8 +185,7 @@ def decode_each(images: list[bytes], shape: tuple[int, ...], device: torch.devic
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    if len(shape) != 3 or shape[0] != 3:
-        raise InputError(f"/v1/classify needs a model with [3, H, W] inputs; this one takes {list(shape)}")
+    require_image_input(shape)
     try:
         data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in images]
         decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
@@ -580,8 +584,7 @@ class WarmModel:
         take turns on it, and many small decodes cost more in those turns than on a host core (README, Measured).
         With ``names`` (a form's files), an image that cannot be read is named in the error."""
         shape = self.settings.model.input.shape
-        if len(shape) != 3 or shape[0] != 3:
-            raise InputError(f"/v1/classify needs a model with [3, H, W] inputs; this one takes {list(shape)}")
+        require_image_input(shape)
         named: list[str | None] = list(names) if names else [None] * len(images)
 
         def on_gpu() -> list[torch.Tensor | InputError]:
