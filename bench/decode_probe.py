@@ -1,5 +1,5 @@
 """Where a photo's decoding time goes on a GPU host: nvJPEG, the resize on the device (with and without
-antialiasing), and PIL on the host, per image, for examples/cat.jpg (or --image).
+antialiasing), and on the host PIL's decode with PIL's resize (before) or torch's (now), per image, for examples/cat.jpg (or --image).
 
     python bench/decode_probe.py [--image photo.jpg] [--size 224]
 
@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,6 +34,25 @@ def per_image(step: Callable[[], object], images: int, seconds: float = 1.0) -> 
     return (time.perf_counter() - t0) / n / images * 1e3
 
 
+def _pil_decode(data: bytes) -> object:
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")
+
+
+def _pil_resize(data: bytes, size: int) -> object:
+    """What decode_image did before it resized with torch: PIL's bicubic resize, then the centre crop."""
+    img: Any = _pil_decode(data)
+    scale = max(size / img.height, size / img.width)
+    img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))))
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", default=str(ROOT / "examples" / "cat.jpg"))
@@ -44,6 +64,7 @@ def main() -> None:
 
     from deployments.app import decode_each, decode_image
 
+    torch.set_num_threads(1)  # as in a replica, whose torch threads Ray sets to its num_cpus
     data = Path(args.image).read_bytes()
     shape = (3, args.size, args.size)
     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -65,7 +86,9 @@ def main() -> None:
         ),
         ("decode_each, 1 image", lambda: decode_each([data], shape, dev), 1),
         ("decode_each, batch of 32", lambda: decode_each([data] * 32, shape, dev), 32),
-        ("PIL decode + resize + crop (host, 1 thread)", lambda: decode_image(data, shape), 1),
+        ("PIL decode only (host)", lambda: _pil_decode(data), 1),
+        ("PIL decode + PIL resize + crop (host, before)", lambda: _pil_resize(data, args.size), 1),
+        ("decode_image: PIL decode, torch resize (host)", lambda: decode_image(data, shape), 1),
     ]
     for name, step, images in steps:
         print(f"{name:45} {per_image(step, images):8.3f} ms/image", flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +37,28 @@ def test_pixels_are_normalised_as_a_photo_is() -> None:
     )
     assert x.dtype == torch.float32 and torch.allclose(x[0, :, 5, 7], want)
     assert normalise_pixels(pixels, torch.float16).dtype == torch.float16
+
+
+def test_photos_are_resized_as_pil_resizes_them() -> None:
+    """decode_image resizes with torch (bicubic, antialiased: the same function the GPU path uses), so its
+    pixels stay within rounding of PIL's own bicubic resize and centre crop, for shapes that shrink and grow."""
+    import numpy as np
+
+    photo = Image.open(Path(__file__).resolve().parents[2] / "examples" / "cat.jpg").convert("RGB")  # 451 x 300
+    grey = Image.radial_gradient("L").convert("RGB")  # 256 x 256, upscaled below
+    for img, (h, w), resized in [
+        (photo, (224, 224), (337, 224)),
+        (photo, (64, 96), (96, 64)),
+        (grey, (300, 280), (300, 300)),
+    ]:
+        data = io.BytesIO()
+        img.save(data, "PNG")
+        left, top = (resized[0] - w) // 2, (resized[1] - h) // 2
+        want = np.asarray(img.resize(resized, Image.Resampling.BICUBIC).crop((left, top, left + w, top + h)), int)
+        got = decode_image(data.getvalue(), (3, h, w))
+        assert got.shape == (3, h, w) and got.is_contiguous()
+        diff = np.abs(got.permute(1, 2, 0).numpy().astype(int) - want)
+        assert diff.max() <= 2 and (diff > 1).mean() < 1e-4  # rounding: 6 of 252,000 values differ by 2
 
 
 def test_only_image_models_take_pixels() -> None:
