@@ -38,20 +38,21 @@ def fits(layout: host.Layout, gpus: int) -> bool:
 def test_a_gpu_host_gets_replicas_sharing_each_gpu_behind_haproxy() -> None:
     doc = config()
     layout = host.plan(doc, gpus=1, cpus=16, haproxy=HAPROXY)
-    assert (layout.ingress, layout.replicas, layout.num_gpus) == ("haproxy", 8, 0.125)
+    assert (layout.ingress, layout.replicas, layout.num_gpus) == ("haproxy", 12, 0.0833)
     layout.apply(doc)
     dep = deployment(doc)
-    assert dep["num_replicas"] == 8 and "autoscaling_config" not in dep
-    assert dep["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.125}
-    assert layout.why.startswith("8 replicas (replacing the config's autoscaling) on 1 GPU(s)")
+    assert dep["num_replicas"] == 12 and "autoscaling_config" not in dep
+    assert dep["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.0833}
+    assert layout.why.startswith("12 replicas (replacing the config's autoscaling) on 1 GPU(s)")
+    assert "12 per GPU for 16 cores: one per 4/3 cores, at most 12" in layout.why
     assert "HAProxy ingress" in layout.why
 
 
 @pytest.mark.parametrize(
     ("gpus", "cpus", "per_gpu"),
-    [(1, 2, 1), (1, 6, 3), (1, 12, 6), (1, 14, 7), (2, 8, 2), (8, 128, 8), (4, 4, 1), (1, 64, 8)],
+    [(1, 2, 1), (1, 6, 4), (1, 12, 9), (1, 14, 10), (2, 8, 3), (8, 128, 12), (4, 4, 1), (1, 64, 12), (3, 16, 4)],
 )
-def test_one_replica_per_two_cores_at_most_eight_per_gpu(gpus: int, cpus: int, per_gpu: int) -> None:
+def test_three_replicas_per_four_cores_at_most_twelve_per_gpu(gpus: int, cpus: int, per_gpu: int) -> None:
     layout = host.plan(config(), gpus=gpus, cpus=cpus, haproxy=HAPROXY)
     assert layout.replicas == per_gpu * gpus
     assert fits(layout, gpus), layout  # 6 x round(1/6, 4) = 1.0002 GPUs would leave one replica unplaced
@@ -103,7 +104,7 @@ def test_a_joined_cluster_is_laid_out_by_its_own_config() -> None:
 def test_actor_options_may_be_null() -> None:
     doc = config({"ray_actor_options": None})
     host.plan(doc, gpus=1, cpus=16, haproxy=HAPROXY).apply(doc)
-    assert deployment(doc)["ray_actor_options"] == {"num_gpus": 0.125}
+    assert deployment(doc)["ray_actor_options"] == {"num_gpus": 0.0833}
 
 
 def test_no_haproxy_binary() -> None:
@@ -152,9 +153,9 @@ def test_print_config_shows_the_layout_it_chose(
     argv = ["run", "--print-config", "--no-resume", "--cache-dir", str(tmp_path)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert out.startswith("# ") and "8 replicas (replacing the config's autoscaling) on 1 GPU(s)" in out
+    assert out.startswith("# ") and "12 replicas (replacing the config's autoscaling) on 1 GPU(s)" in out
     doc = yaml.safe_load(out)
-    assert deployment(doc)["num_replicas"] == 8 and deployment(doc)["ray_actor_options"]["num_gpus"] == 0.125
+    assert deployment(doc)["num_replicas"] == 12 and deployment(doc)["ray_actor_options"]["num_gpus"] == 0.0833
     # The operator's environment decides the ingress when --ingress is left at auto.
     monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
     assert cli.main(argv) == 0
