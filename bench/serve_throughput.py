@@ -21,7 +21,8 @@ The ceiling is the same engine called in process at batch 32 (``--ceiling-batch`
 items/s against clients (bench/plot.py) is written next to the JSON and Markdown.
 
 ``--spy`` profiles each warmserve point: py-spy samples one replica while it holds the GIL (the share of samples
-is how busy its GIL was), and the CPU seconds of every replica and HAProxy process are read from /proc.
+is how busy its GIL was), and the CPU seconds of every replica and HAProxy process, and of the whole host, are read
+from /proc.
 """
 
 from __future__ import annotations
@@ -297,6 +298,12 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def _host_busy_seconds() -> float:
+    """CPU seconds the whole host has spent busy (all cores, neither idle nor waiting on I/O) since boot."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def _pids(pattern: str, full: bool = True) -> list[int]:
     import subprocess
 
@@ -329,6 +336,7 @@ class Spy:
         self.proc = subprocess.Popen(["bash", "-c", cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.duration = d
         self.cpu0 = {p: _cpu_seconds(p) for p in self.replicas + self.haproxy}
+        self.host0 = _host_busy_seconds()
         self.smi = None
         if shutil.which("nvidia-smi"):  # the GPU's busy share, every 200 ms
             query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"]
@@ -341,11 +349,13 @@ class Spy:
             return
         wall = time.monotonic() - self.t0
         cpu = {p: (_cpu_seconds(p) - c) / wall for p, c in self.cpu0.items()}
+        host = (_host_busy_seconds() - self.host0) / wall
         _, err = self.proc.communicate(timeout=60)
         replica_cpu = [cpu[p] for p in self.replicas]
         self.profile = {
             "replica_cores": [round(c, 2) for c in replica_cpu],
             "haproxy_cores": round(sum(cpu[p] for p in self.haproxy), 2),
+            "host_cores": round(host, 2),  # every process on the host, the load generator's included
         }
         if self.smi:
             self.smi.terminate()
@@ -371,7 +381,10 @@ class Spy:
             return f"  spy: {p.get('error', 'no samples')}"
         cores = " ".join(f"{c:.2f}" for c in p["replica_cores"])
         gpu = f", GPU busy {p['gpu_busy']:.0%}" if "gpu_busy" in p else ""
-        lines = [f"  replica CPU cores [{cores}], HAProxy {p['haproxy_cores']:.2f}{gpu}; GIL busy {p['gil_busy']:.0%}"]
+        host = f", host {p['host_cores']:.1f} of {os.cpu_count()} cores busy" if "host_cores" in p else ""
+        lines = [
+            f"  replica CPU cores [{cores}], HAProxy {p['haproxy_cores']:.2f}{host}{gpu}; GIL busy {p['gil_busy']:.0%}"
+        ]
         lines += [f"    own {line}" for line in p["own"][:8]]
         lines += [f"    in  {line}" for line in p["inclusive"][:16]]
         return "\n".join(lines)

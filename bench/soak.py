@@ -276,6 +276,7 @@ def main() -> None:
     ap.add_argument("--backend", default=TINY["backend"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus per replica")
+    ap.add_argument("--cache-dir", help="engine cache to start from and keep (default: the replicas' own)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="", help="added to the result files' names")
     args = ap.parse_args()
@@ -297,6 +298,8 @@ def main() -> None:
     if args.device.startswith("cuda"):
         actor["num_gpus"] = math.floor(10_000 / args.replicas) / 10_000  # all fit in Ray's steps
     app = {"model": args.model, "input_shape": args.input_shape, "backend": args.backend, "device": args.device}
+    if args.cache_dir:
+        app["cache_dir"] = args.cache_dir
     with tempfile.TemporaryDirectory() as tmp:
         cluster = RayCluster(Path(tmp) / "ray").start(num_cpus=max(os.cpu_count() or 2, 4))
         try:
