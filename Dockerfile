@@ -23,6 +23,8 @@ RUN if ! command -v g++ >/dev/null 2>&1; then \
 
 WORKDIR /opt/warmserve
 COPY pyproject.toml README.md ./
+# The package is warmserve: warmserve/ holds links to the three folders below (installed as warmserve.cache...).
+COPY warmserve ./warmserve
 COPY cache ./cache
 COPY serve ./serve
 COPY deployments ./deployments

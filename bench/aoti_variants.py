@@ -37,10 +37,10 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
 
-    from serve.backends import aoti
-    from serve.model import build_model
-    from serve.spec import InputSpec
-    from serve.weights import demo_weights
+    from warmserve.serve.backends import aoti
+    from warmserve.serve.model import build_model
+    from warmserve.serve.spec import InputSpec
+    from warmserve.serve.weights import demo_weights
 
     device = torch.device("cuda")
     spec = InputSpec(shape=(3, 224, 224), min_batch=1, max_batch=32)

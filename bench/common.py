@@ -28,7 +28,7 @@ def build_command(
     cmd = [
         sys.executable,
         "-m",
-        "deployments.cli",
+        "warmserve.deployments.cli",
         "build",
         model,
         "--backend",
@@ -51,7 +51,7 @@ def build_env(inductor_dir: str | Path, extra: Mapping[str, str] | None = None) 
         **os.environ,
         "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir),
         "PYTHONPATH": str(ROOT),
-        "WARMSERVE_CACHE_KEY": os.environ.get("WARMSERVE_CACHE_KEY", "bench-signing-key"),  # as in production
+        "WARMSERVE_SIGNING_KEY": os.environ.get("WARMSERVE_SIGNING_KEY", "bench-signing-key"),  # as in production
         **(extra or {}),
     }
 

@@ -12,9 +12,9 @@ variant = sys.argv[1]
 if variant == "worker":
     import tempfile
 
-    from cache import CacheConfig
-    from serve.spec import InputSpec, ModelSpec
-    from serve.worker import Worker
+    from warmserve.cache import CacheConfig
+    from warmserve.serve.spec import InputSpec, ModelSpec
+    from warmserve.serve.worker import Worker
 
     spec = ModelSpec(model="torchvision:resnet18", input=InputSpec(shape=(3, 224, 224), min_batch=1, max_batch=32))
     try:
@@ -49,8 +49,8 @@ if variant == "thread-after-main":
         print(variant, "FAILED:", repr(e)[:300], flush=True)
     sys.exit(0)
 if variant == "meta-assign":
-    from serve.model import build_model
-    from serve.weights import demo_weights
+    from warmserve.serve.model import build_model
+    from warmserve.serve.weights import demo_weights
 
     state = demo_weights(build_model("torchvision:resnet18"), seed=0)
     m = build_model("torchvision:resnet18", meta=True)

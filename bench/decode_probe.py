@@ -62,7 +62,7 @@ def main() -> None:
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    from deployments.app import decode_each, decode_image
+    from warmserve.deployments.app import decode_each, decode_image
 
     torch.set_num_threads(1)  # as in a replica, whose torch threads Ray sets to its num_cpus
     data = Path(args.image).read_bytes()

@@ -94,11 +94,11 @@ def latency_rounds(fns: dict[str, Any], x: torch.Tensor, rounds: int = 7, iters:
 
 
 def cycle(model: str, backend: str, tmp: Path, timeout: float, pyc_first: bool) -> dict[str, Any]:
-    from cache import CacheConfig
-    from serve.model import build_model
-    from serve.spec import ModelSpec
-    from serve.weights import demo_weights
-    from serve.worker import Worker
+    from warmserve.cache import CacheConfig
+    from warmserve.serve.model import build_model
+    from warmserve.serve.spec import ModelSpec
+    from warmserve.serve.weights import demo_weights
+    from warmserve.serve.worker import Worker
 
     cache_dir = tmp / f"cache-{backend}"
     row: dict[str, Any] = {"backend": backend}

@@ -21,8 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serve.model import build_model  # noqa: E402
-from serve.weights import demo_weights  # noqa: E402
+from warmserve.serve.model import build_model  # noqa: E402
+from warmserve.serve.weights import demo_weights  # noqa: E402
 
 
 def items_per_s(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, seconds: float = 3.0) -> float:

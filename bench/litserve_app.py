@@ -58,10 +58,10 @@ class _Engine(ls.LitAPI):
     def setup(self, device: str) -> None:
         import torch
 
-        from cache import CacheConfig
-        from deployments.app import normalise_pixels, takes_pixels
-        from serve.spec import ModelSpec
-        from serve.worker import Worker
+        from warmserve.cache import CacheConfig
+        from warmserve.deployments.app import normalise_pixels, takes_pixels
+        from warmserve.serve.spec import ModelSpec
+        from warmserve.serve.worker import Worker
 
         e = self.engine
         if device == "cpu":
@@ -80,7 +80,7 @@ class _Engine(ls.LitAPI):
         """``x``, or the InputError warmserve would answer 400 (an image model also takes UINT8 pixels)."""
         import torch
 
-        from serve.errors import InputError
+        from warmserve.serve.errors import InputError
 
         try:
             return self.worker.check_input(x, dtype=torch.uint8 if self.pixels else None)
@@ -118,8 +118,8 @@ class OipAPI(_Engine):
     """``/v2/models/<name>/infer``: OIP JSON or binary requests of one input tensor."""
 
     def decode_request(self, request: RawBody) -> Any:
-        from deployments.oip import parse_request
-        from serve.errors import InputError
+        from warmserve.deployments.oip import parse_request
+        from warmserve.serve.errors import InputError
 
         body, header_length = request
         try:
@@ -132,7 +132,7 @@ class OipAPI(_Engine):
         return x if isinstance(x, Exception) else (x, (req.id, req.binary_output))
 
     def encode_response(self, output: Any) -> Response:
-        from deployments.oip import encode_response
+        from warmserve.deployments.oip import encode_response
 
         if isinstance(output, Exception):
             return self.refused(output)
@@ -147,8 +147,8 @@ class ClassifyAPI(_Engine):
     top_k = 5
 
     def decode_request(self, request: RawBody) -> Any:
-        from deployments.app import decode_image
-        from serve.errors import InputError
+        from warmserve.deployments.app import decode_image
+        from warmserve.serve.errors import InputError
 
         try:
             x = decode_image(request[0], self.worker.spec.input.shape).unsqueeze(0)
@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument("--report-dir", required=True, help="where each worker writes its start report")
     args = ap.parse_args()
 
-    from serve.spec import ModelSpec
+    from warmserve.serve.spec import ModelSpec
 
     name = ModelSpec(model=args.model).name
     engine = {

@@ -28,9 +28,9 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
-    from cache.config import CacheConfig
-    from serve.spec import ModelSpec
-    from serve.worker import Worker, process_age
+    from warmserve.cache.config import CacheConfig
+    from warmserve.serve.spec import ModelSpec
+    from warmserve.serve.worker import Worker, process_age
 
     spec = ModelSpec(model=args.model)
     worker = Worker(

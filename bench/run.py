@@ -137,12 +137,12 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
-    from cache import CacheConfig
-    from serve.model import build_model
-    from serve.spec import ModelSpec
-    from serve.weights import demo_weights
-    from serve.worker import Worker
     from tests.servers import seaweedfs
+    from warmserve.cache import CacheConfig
+    from warmserve.serve.model import build_model
+    from warmserve.serve.spec import ModelSpec
+    from warmserve.serve.weights import demo_weights
+    from warmserve.serve.worker import Worker
 
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),

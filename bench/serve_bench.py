@@ -29,12 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import Load, build_env  # noqa: E402
-from deployments.rollout import rollout  # noqa: E402
-from serve.model import build_model  # noqa: E402
-from serve.spec import ModelSpec  # noqa: E402
-from serve.weights import demo_weights, save_weights  # noqa: E402
-from serve.worker import Worker  # noqa: E402
 from tests.e2e.cluster import RayCluster  # noqa: E402
+from warmserve.deployments.rollout import rollout  # noqa: E402
+from warmserve.serve.model import build_model  # noqa: E402
+from warmserve.serve.spec import ModelSpec  # noqa: E402
+from warmserve.serve.weights import demo_weights, save_weights  # noqa: E402
+from warmserve.serve.worker import Worker  # noqa: E402
 
 
 def add_ray_serve_env(ap: argparse.ArgumentParser) -> None:
@@ -65,7 +65,7 @@ def pct(values: list[float], q: float) -> float:
 def in_process(args: argparse.Namespace, cache_dir: Path, weights: Path) -> dict[str, Any]:
     """Throughput of the engine called directly at Serve's batch size, and its batch-1 latency."""
     spec = ModelSpec.from_mapping({"model": args.model, "weights": str(weights), "batch": f"1:{args.max_batch}"})
-    from cache import CacheConfig
+    from warmserve.cache import CacheConfig
 
     torch.set_num_threads(args.replica_cpus)
     worker = Worker(spec, backend=args.backend, device=args.device, cache_config=CacheConfig.load(cache_dir=cache_dir))
@@ -138,7 +138,7 @@ def main() -> None:
 
         # The Serve cluster comes first: its first replica builds the engine cold.
         env = build_env(tmpdir / "inductor")
-        keep = {k: env[k] for k in ("WARMSERVE_CACHE_KEY", "TORCHINDUCTOR_CACHE_DIR")}
+        keep = {k: env[k] for k in ("WARMSERVE_SIGNING_KEY", "TORCHINDUCTOR_CACHE_DIR")}
         cluster = RayCluster(tmpdir / "ray", env={**keep, **serve_env(args.ray_serve_env)})
         cluster.start(num_cpus=args.cpus)
         try:

@@ -43,7 +43,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="warmserve-home-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WARMSERVE_"))}
     env.update(HOME=str(home), PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "deployments.cli", "run", "--model", args.model, "--port", str(args.port)]
+    cmd = [sys.executable, "-m", "warmserve.deployments.cli", "run", "--model", args.model, "--port", str(args.port)]
     cmd += args.run_args
     log = home / "run.log"
     t0 = time.monotonic()

@@ -203,9 +203,9 @@ def in_process(
     if device == "cpu":
         torch.set_num_threads(threads)
 
-    from cache import CacheConfig
-    from serve.spec import ModelSpec
-    from serve.worker import Worker
+    from warmserve.cache import CacheConfig
+    from warmserve.serve.spec import ModelSpec
+    from warmserve.serve.worker import Worker
 
     spec = ModelSpec.from_mapping({"model": model, "weights": str(weights), "batch": f"1:{batch}"})
     worker = Worker(spec, backend=backend, device=device, cache_config=CacheConfig.load(cache_dir=cache_dir))
@@ -454,10 +454,10 @@ def main() -> None:
     ap.add_argument("--spy", action="store_true", help="profile each warmserve point with py-spy (on PATH)")
     args = ap.parse_args()
 
-    from serve.model import build_model
-    from serve.spec import ModelSpec
-    from serve.weights import demo_weights, save_weights
     from tests.servers import free_port
+    from warmserve.serve.model import build_model
+    from warmserve.serve.spec import ModelSpec
+    from warmserve.serve.weights import demo_weights, save_weights
 
     modes = [(m.split(":")[0], int(m.split(":")[1])) for m in args.modes.split(",")]
     unknown = sorted({m for m, _ in modes} - {"proxy", "haproxy", "litserve"})

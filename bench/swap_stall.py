@@ -33,11 +33,11 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
 
-    from cache import CacheConfig
-    from serve.model import build_model
-    from serve.spec import ModelSpec
-    from serve.weights import demo_weights
-    from serve.worker import Worker
+    from warmserve.cache import CacheConfig
+    from warmserve.serve.model import build_model
+    from warmserve.serve.spec import ModelSpec
+    from warmserve.serve.weights import demo_weights
+    from warmserve.serve.worker import Worker
 
     spec = ModelSpec(model=args.model)
     with tempfile.TemporaryDirectory() as tmp:

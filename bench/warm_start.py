@@ -49,10 +49,10 @@ def main() -> None:
     args = ap.parse_args()
     extra = ["--batch", args.batch, "--input-shape", args.input_shape]
 
-    from cache import CacheConfig
-    from serve.spec import InputSpec, ModelSpec, parse_batch, parse_shape
-    from serve.weights import demo_weights
-    from serve.worker import Worker
+    from warmserve.cache import CacheConfig
+    from warmserve.serve.spec import InputSpec, ModelSpec, parse_batch, parse_shape
+    from warmserve.serve.weights import demo_weights
+    from warmserve.serve.worker import Worker
 
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir, inductor = f"{tmp}/cache", f"{tmp}/inductor"

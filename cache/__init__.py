@@ -1,8 +1,8 @@
 """warmserve's engine cache: verified entries in a node-local tier and a shared tier, built once per fleet."""
 
-from cache.config import CacheConfig
-from cache.engine_cache import EngineCache, Fetched
-from cache.errors import (
+from warmserve.cache.config import CacheConfig
+from warmserve.cache.engine_cache import EngineCache, Fetched
+from warmserve.cache.errors import (
     CacheCorrupt,
     CacheError,
     InvalidKey,
@@ -12,10 +12,10 @@ from cache.errors import (
     UnknownStore,
     UntrustedCache,
 )
-from cache.events import CacheEvents
-from cache.keys import CacheKey
-from cache.manifest import Manifest
-from cache.tier import Tier
+from warmserve.cache.events import CacheEvents
+from warmserve.cache.keys import CacheKey
+from warmserve.cache.manifest import Manifest
+from warmserve.cache.tier import Tier
 
 __all__ = [
     "CacheConfig",

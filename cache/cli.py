@@ -9,11 +9,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cache.config import CacheConfig
-from cache.engine_cache import EngineCache
-from cache.errors import CacheError
-from cache.keys import check_key_id
-from cache.tier import LEASES, QUARANTINE, Tier
+from warmserve.cache.config import CacheConfig
+from warmserve.cache.engine_cache import EngineCache
+from warmserve.cache.errors import CacheError
+from warmserve.cache.keys import check_key_id
+from warmserve.cache.tier import LEASES, QUARANTINE, Tier
 
 # What `verify` moves to quarantine: damaged bytes. Not an entry still being written (no manifest yet), and
 # not a signature this operator's key does not match: with another key than the replicas', that would empty

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import re
 import stat
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from cache.errors import UntrustedCache
+from warmserve.cache.errors import UntrustedCache
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -52,7 +53,7 @@ class CacheConfig:
     ENV = {
         "WARMSERVE_CACHE_DIR": "cache_dir",
         "WARMSERVE_SHARED_CACHE": "shared_url",
-        "WARMSERVE_CACHE_KEY": "signing_key",
+        "WARMSERVE_SIGNING_KEY": "signing_key",
         "WARMSERVE_CACHE_BUDGET": "local_budget",
         "WARMSERVE_SHARED_CACHE_BUDGET": "shared_budget",
         "WARMSERVE_CACHE_WAIT_TIMEOUT": "wait_timeout",
@@ -60,12 +61,24 @@ class CacheConfig:
         "WARMSERVE_SINGLE_FLIGHT": "single_flight",
         "WARMSERVE_TRUST_SHARED_CACHE": "trust_shared",
     }
+    # an old variable -> the one that replaced it; read, with a warning, only where the new one is not set
+    RENAMED = {"WARMSERVE_CACHE_KEY": "WARMSERVE_SIGNING_KEY"}
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> CacheConfig:
         """Defaults, then the environment, then explicit ``overrides`` (``None`` values are ignored)."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        for old, new in cls.RENAMED.items():
+            if env.get(old):
+                warnings.warn(
+                    f"{old} is deprecated and will be removed: set {new} instead"
+                    + (f" (both are set; {new} is used)" if env.get(new) else ""),
+                    FutureWarning,
+                    stacklevel=2,
+                )
+                if not env.get(new):
+                    values[cls.ENV[new]] = (old, env[old])
         for var, name in cls.ENV.items():
             if env.get(var):
                 values[name] = (var, env[var])
@@ -111,7 +124,7 @@ class CacheConfig:
             raise UntrustedCache(
                 "refusing to load engines from a cache that others may write to: "
                 + "; ".join(stores)
-                + ". Entries hold code that every replica loads. Set WARMSERVE_CACHE_KEY to a secret shared by"
+                + ". Entries hold code that every replica loads. Set WARMSERVE_SIGNING_KEY to a secret shared by"
                 " your replicas (only entries signed with it are used), or, if only trusted principals can"
                 " write to the shared store, set WARMSERVE_TRUST_SHARED_CACHE=1."
             )

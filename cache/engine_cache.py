@@ -8,15 +8,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cache.config import CacheConfig
-from cache.errors import LeaseTimeout, StoreUnavailable
-from cache.events import NO_EVENTS, CacheEvents
-from cache.keys import CacheKey
-from cache.locks import BuildLock, backoff
-from cache.manifest import Manifest
-from cache.stores import open_store
-from cache.stores.local import LocalStore
-from cache.tier import Lease, Tier, emit
+from warmserve.cache.config import CacheConfig
+from warmserve.cache.errors import LeaseTimeout, StoreUnavailable
+from warmserve.cache.events import NO_EVENTS, CacheEvents
+from warmserve.cache.keys import CacheKey
+from warmserve.cache.locks import BuildLock, backoff
+from warmserve.cache.manifest import Manifest
+from warmserve.cache.stores import open_store
+from warmserve.cache.stores.local import LocalStore
+from warmserve.cache.tier import Lease, Tier, emit
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class EngineCache:
             LocalStore(config.cache_dir),
             "local",
             budget_bytes=config.local_budget,
-            secret=config.signing_key,
+            signing_key=config.signing_key,
             events=events,
             retry_after=config.retry_after,
         )
@@ -71,7 +71,7 @@ class EngineCache:
                 open_store(config.shared_url, config.storage_options),
                 "shared",
                 budget_bytes=config.shared_budget,
-                secret=config.signing_key,
+                signing_key=config.signing_key,
                 events=events,
                 retry_after=config.retry_after,
             )

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cache.errors import InvalidKey
+from warmserve.cache.errors import InvalidKey
 
 KEY_ID = re.compile(r"^[0-9a-f]{64}$")
 

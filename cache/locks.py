@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from cache.errors import LeaseTimeout
+from warmserve.cache.errors import LeaseTimeout
 
 
 def _open(path: Path) -> int:

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cache.errors import CacheCorrupt
-from cache.keys import CacheKey, canonical_json
+from warmserve.cache.errors import CacheCorrupt
+from warmserve.cache.keys import CacheKey, canonical_json
 
 FORMAT = 1
 
@@ -66,18 +66,18 @@ class Manifest:
         doc.pop("signature")
         return canonical_json(doc)
 
-    def signed(self, secret: bytes) -> Manifest:
+    def signed(self, signing_key: bytes) -> Manifest:
         """A copy carrying an HMAC-SHA256 over every field, the blob's digest and size included."""
-        mac = hmac.new(secret, self._signed_part(), hashlib.sha256).hexdigest()
+        mac = hmac.new(signing_key, self._signed_part(), hashlib.sha256).hexdigest()
         return Manifest(**{**asdict(self), "signature": mac})
 
-    def check_signature(self, secret: bytes | None) -> None:
-        """Raise ``CacheCorrupt`` unless the signature is valid; with no secret, any entry passes."""
-        if secret is None:
+    def check_signature(self, signing_key: bytes | None) -> None:
+        """Raise ``CacheCorrupt`` unless the signature is valid; with no signing key, any entry passes."""
+        if signing_key is None:
             return
         if not self.signature:
             raise CacheCorrupt(f"entry {self.key_id[:12]} is unsigned and signing is on", reason="unsigned")
-        want = hmac.new(secret, self._signed_part(), hashlib.sha256).hexdigest()
+        want = hmac.new(signing_key, self._signed_part(), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(want, self.signature):
             raise CacheCorrupt(f"entry {self.key_id[:12]} has a bad signature", reason="signature")
 

@@ -13,12 +13,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ParamSpec
 
-from cache.atomic import TEMP_PREFIX
-from cache.errors import CacheCorrupt, StoreFull, StoreUnavailable
-from cache.events import NO_EVENTS, CacheEvents
-from cache.keys import CacheKey, check_key_id
-from cache.manifest import Manifest, producer
-from cache.stores.base import Store
+from warmserve.cache.atomic import TEMP_PREFIX
+from warmserve.cache.errors import CacheCorrupt, StoreFull, StoreUnavailable
+from warmserve.cache.events import NO_EVENTS, CacheEvents
+from warmserve.cache.keys import CacheKey, check_key_id
+from warmserve.cache.manifest import Manifest, producer
+from warmserve.cache.stores.base import Store
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Tier:
         name: str,
         *,
         budget_bytes: int | None = None,
-        secret: bytes | None = None,
+        signing_key: bytes | None = None,
         events: CacheEvents = NO_EVENTS,
         retry_after: float = 30.0,
         touch_interval: float | None = None,
@@ -83,7 +83,7 @@ class Tier:
         self.store = store
         self.name = name
         self.budget_bytes = budget_bytes
-        self.secret = secret
+        self.signing_key = signing_key
         self.events = events
         self.retry_after = retry_after
         # Recording a use is a utime() locally but a PUT on an object store: throttle the latter.
@@ -136,7 +136,7 @@ class Tier:
         manifest = Manifest.from_bytes(raw)
         if manifest.key_id != key.id or dict(manifest.key) != dict(key.doc):
             raise CacheCorrupt(f"entry {key.short} holds the manifest of another key", reason="foreign")
-        manifest.check_signature(self.secret)
+        manifest.check_signature(self.signing_key)
         try:
             blob = self.store.read(_entry(key.id, BLOB_PREFIX + manifest.blob_sha256))
         except FileNotFoundError as e:
@@ -193,8 +193,8 @@ class Tier:
             emit(self.events.refused, self.name, "too-large")
             return None
         manifest = Manifest.for_blob(key, blob, backend=backend, versions=versions, meta=meta)
-        if self.secret is not None:
-            manifest = manifest.signed(self.secret)
+        if self.signing_key is not None:
+            manifest = manifest.signed(self.signing_key)
         t0 = time.perf_counter()
         try:
             try:

@@ -12,8 +12,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from cache.engine_cache import EngineCache
-from cache.keys import CacheKey
+from warmserve.cache.engine_cache import EngineCache
+from warmserve.cache.keys import CacheKey
 
 if TYPE_CHECKING:
     import torch

@@ -18,14 +18,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from cache.config import CacheConfig
-from deployments import oip, oip_grpc
-from deployments.auth import admin_token, authorized, rollout_problem
-from deployments.errors import BodyTooLarge, ModelNotFound, ReplicaStartError, Unauthorized
-from deployments.settings import AppSettings
-from serve.errors import InputError, NotReady
-from serve.metrics import Metrics
-from serve.worker import SwapReport, Worker
+from warmserve.cache.config import CacheConfig
+from warmserve.deployments import oip, oip_grpc
+from warmserve.deployments.auth import admin_token, authorized, rollout_problem
+from warmserve.deployments.errors import BodyTooLarge, ModelNotFound, ReplicaStartError, Unauthorized
+from warmserve.deployments.settings import AppSettings
+from warmserve.serve.errors import InputError, NotReady
+from warmserve.serve.metrics import Metrics
+from warmserve.serve.worker import SwapReport, Worker
 
 logger = logging.getLogger("warmserve.app")
 
@@ -219,7 +219,7 @@ class WarmModel:
     """One replica: warm-starts its engine in the constructor, so it takes traffic only once ready."""
 
     def __init__(self, args: dict[str, Any] | None = None) -> None:
-        from deployments.ray_metrics import RaySink
+        from warmserve.deployments.ray_metrics import RaySink
 
         logging.basicConfig(level=logging.INFO)
         self.settings = AppSettings.from_mapping(args)
@@ -632,6 +632,6 @@ class WarmModel:
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """Application builder for ``import_path: deployments.app:build_app`` (config.yaml ``args``)."""
+    """Application builder for ``import_path: warmserve.deployments.app:build_app`` (config.yaml ``args``)."""
     AppSettings.from_mapping(args)  # fail at deploy time, with the offending key, not in every replica
     return WarmModel.bind(args)  # type: ignore[attr-defined]

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cache import cli as cache_cli
-from deployments.host import INGRESSES
+from warmserve.cache import cli as cache_cli
+from warmserve.deployments.host import INGRESSES
 
 
 def parser(cache_only: bool = False) -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def parser(cache_only: bool = False) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cache_cli.add_parser(sub)
     if not cache_only:
-        from serve import cli as serve_cli
+        from warmserve.serve import cli as serve_cli
 
         serve_cli.add_parser(sub)
         add_run_parser(sub)
@@ -54,7 +54,7 @@ def add_run_parser(sub: Any) -> None:
     p.add_argument("--weights-version", metavar="V", help="label of --weights (default v1)")
     p.add_argument("--input-shape", metavar="C,H,W", help="input shape without the batch (default 3,224,224)")
     p.add_argument("--batch", metavar="MIN:MAX", help="batch sizes the compiled engine takes (default 1:32)")
-    from serve import backends
+    from warmserve.serve import backends
 
     p.add_argument(
         "--backend", choices=backends.NAMES, help="auto: tensorrt on a GPU with TensorRT, else aoti, else inductor"
@@ -108,8 +108,8 @@ def _positive(text: str) -> int:
 def effective_config(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], str]:
     """The config `warmserve run` deploys, what to tell the operator (the weights it resumed or did not, the
     layout it chose for this host) and the ingress."""
-    from deployments import host
-    from deployments.runner import app_entry, bind_weights, effective_config, load_config, ray_address
+    from warmserve.deployments import host
+    from warmserve.deployments.runner import app_entry, bind_weights, effective_config, load_config, ray_address
 
     overrides = {
         "model": args.model,
@@ -167,8 +167,8 @@ def _gpus() -> int:
 def run_service(args: argparse.Namespace) -> int:
     import yaml
 
-    from deployments import runner
-    from deployments.errors import ServiceError
+    from warmserve.deployments import runner
+    from warmserve.deployments.errors import ServiceError
 
     try:
         config, notes, ingress = effective_config(args)
@@ -227,8 +227,8 @@ def add_rollout_parser(sub: Any) -> None:
 def run_rollout(args: argparse.Namespace) -> int:
     import signal
 
-    from deployments.errors import ServiceError
-    from deployments.rollout import rollout
+    from warmserve.deployments.errors import ServiceError
+    from warmserve.deployments.rollout import rollout
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # `kill` restores the previous config, as Ctrl-C does

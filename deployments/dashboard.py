@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from deployments.errors import DashboardError
+from warmserve.deployments.errors import DashboardError
 
 API = "/api/serve/applications/"
 

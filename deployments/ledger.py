@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cache.atomic import atomic_write
+from warmserve.cache.atomic import atomic_write
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from serve.errors import InputError
+from warmserve.serve.errors import InputError
 
 # Protocol datatype <-> numpy/torch
 DATATYPES: dict[str, tuple[Any, torch.dtype]] = {

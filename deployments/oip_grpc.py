@@ -16,9 +16,9 @@ import grpc
 import torch
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from deployments.errors import BodyTooLarge
-from deployments.oip import TORCH_TO_DATATYPE, check_header, tensor_from_bytes, tensor_from_values
-from serve.errors import InputError
+from warmserve.deployments.errors import BodyTooLarge
+from warmserve.deployments.oip import TORCH_TO_DATATYPE, check_header, tensor_from_bytes, tensor_from_values
+from warmserve.serve.errors import InputError
 
 PACKAGE = "inference"
 SERVICE = f"{PACKAGE}.GRPCInferenceService"

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from serve.metrics import MetricSpec, Sink
+from warmserve.serve.metrics import MetricSpec, Sink
 
 logger = logging.getLogger(__name__)
 

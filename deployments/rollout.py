@@ -22,13 +22,13 @@ from urllib.parse import urlsplit
 
 import requests
 
-from cache.config import CacheConfig
-from deployments import ledger
-from deployments.auth import admin_token, sign_rollout
-from deployments.dashboard import Dashboard
-from deployments.errors import DashboardError, RolloutError, VersionConflict
-from serve.spec import ModelSpec
-from serve.weights import weights_digest
+from warmserve.cache.config import CacheConfig
+from warmserve.deployments import ledger
+from warmserve.deployments.auth import admin_token, sign_rollout
+from warmserve.deployments.dashboard import Dashboard
+from warmserve.deployments.errors import DashboardError, RolloutError, VersionConflict
+from warmserve.serve.spec import ModelSpec
+from warmserve.serve.weights import weights_digest
 
 logger = logging.getLogger(__name__)
 

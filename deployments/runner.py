@@ -24,13 +24,13 @@ from typing import Any, TextIO
 
 import requests
 
-from cache.config import CacheConfig
-from cache.errors import CacheError
-from deployments import ledger
-from deployments.auth import admin_token, sign_rollout
-from deployments.errors import StartError
-from deployments.settings import AppSettings
-from serve.errors import WarmserveError
+from warmserve.cache.config import CacheConfig
+from warmserve.cache.errors import CacheError
+from warmserve.deployments import ledger
+from warmserve.deployments.auth import admin_token, sign_rollout
+from warmserve.deployments.errors import StartError
+from warmserve.deployments.settings import AppSettings
+from warmserve.serve.errors import WarmserveError
 
 SERVE_NAMESPACE = "serve"
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def bind_weights(config: dict[str, Any], *, explicit: bool, resume: bool) -> str
     explicitly, or ``resume`` is off), and carry its version labels, so that a label keeps naming one content
     across restarts (explicit weights get their digest pinned, and a label already bound to other weights is
     refused). Returns what to tell the operator, or None."""
-    from serve.weights import weights_digest
+    from warmserve.serve.weights import weights_digest
 
     app = app_entry(config)
     settings = AppSettings.from_mapping(app.get("args"))
@@ -106,10 +106,10 @@ def bind_weights(config: dict[str, Any], *, explicit: bool, resume: bool) -> str
 def preflight(config: dict[str, Any], *, local: bool) -> AppSettings:
     """Everything a replica would fail on, checked here first: settings, model, weights (readable, digest,
     fitting the model), and on this machine the backend, the cache's trust and the HTTP port."""
-    from serve import backends
-    from serve.model import build_model
-    from serve.weights import expected_tensors, read_weights, validate
-    from serve.worker import pick_device
+    from warmserve.serve import backends
+    from warmserve.serve.model import build_model
+    from warmserve.serve.weights import expected_tensors, read_weights, validate
+    from warmserve.serve.worker import pick_device
 
     app = app_entry(config)
     try:

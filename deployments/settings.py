@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from serve.backends import NAMES
-from serve.spec import ModelSpec
+from warmserve.serve.backends import NAMES
+from warmserve.serve.spec import ModelSpec
 
 MODEL_KEYS = {"model", "weights", "input_shape", "dtype", "batch", "precision", "name", "weights_version"}
 

@@ -8,13 +8,13 @@ import logging
 import sys
 from typing import Any
 
-from cache import cli as cache_cli
-from cache.errors import CacheError
-from serve import backends
-from serve.errors import WarmserveError
-from serve.metrics import Metrics, PrometheusSink
-from serve.progress import Progress
-from serve.spec import InputSpec, ModelSpec, parse_batch, parse_shape
+from warmserve.cache import cli as cache_cli
+from warmserve.cache.errors import CacheError
+from warmserve.serve import backends
+from warmserve.serve.errors import WarmserveError
+from warmserve.serve.metrics import Metrics, PrometheusSink
+from warmserve.serve.progress import Progress
+from warmserve.serve.spec import InputSpec, ModelSpec, parse_batch, parse_shape
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from cache.config import CacheConfig
-    from serve.worker import Worker
+    from warmserve.cache.config import CacheConfig
+    from warmserve.serve.worker import Worker
 
     sink = PrometheusSink()
     if args.metrics_port:

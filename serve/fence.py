@@ -15,7 +15,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 
-from serve.metrics import Metrics
+from warmserve.serve.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

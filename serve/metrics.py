@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cache.events import CacheEvents
+from warmserve.cache.events import CacheEvents
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +37,12 @@ SPECS = {
         MetricSpec("warmserve_compile_seconds", "histogram", "Seconds to compile an engine", ("backend",)),
         MetricSpec("warmserve_refit_seconds", "histogram", "Seconds to refit an engine with weights", ("backend",)),
         MetricSpec("warmserve_engine_load_seconds", "histogram", "Seconds to load an engine artifact", ("backend",)),
-        MetricSpec("warmserve_warm_start_seconds", "histogram", "Start to serving, by path taken", ("path",)),
+        MetricSpec("warmserve_warm_start_seconds", "histogram", "Start to serving, by outcome", ("outcome",)),
         # Exact values of the last event: Ray's exporter reports histogram sums rounded to bucket bounds.
         MetricSpec("warmserve_last_compile_seconds", "gauge", "Seconds the last compile took", ("backend",)),
         MetricSpec("warmserve_last_refit_seconds", "gauge", "Seconds the last refit took", ("backend",)),
         MetricSpec("warmserve_last_engine_load_seconds", "gauge", "Seconds the last engine load took", ("backend",)),
-        MetricSpec("warmserve_last_warm_start_seconds", "gauge", "Seconds the last start took", ("path",)),
+        MetricSpec("warmserve_last_warm_start_seconds", "gauge", "Seconds the last start took", ("outcome",)),
         MetricSpec(
             "warmserve_start_phase_seconds",
             "histogram",

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from serve.errors import ModelSpecError
+from warmserve.serve.errors import ModelSpecError
 
 
 def build_model(model: str, *, meta: bool = False) -> nn.Module:

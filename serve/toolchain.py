@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cache.atomic import atomic_write
-from serve.errors import BackendUnavailable, ToolchainChanged
+from warmserve.cache.atomic import atomic_write
+from warmserve.serve.errors import BackendUnavailable, ToolchainChanged
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cache.atomic import atomic_write
-from serve.errors import WeightsError
+from warmserve.cache.atomic import atomic_write
+from warmserve.serve.errors import WeightsError
 
 logger = logging.getLogger(__name__)
 

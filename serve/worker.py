@@ -16,17 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from cache.config import CacheConfig
-from cache.engine_cache import EngineCache
-from cache.keys import CacheKey
-from serve import backends, fence
-from serve.backends.base import Backend, Engine, device_doc
-from serve.errors import BackendUnavailable, InputError, NotReady, RefitError, ToolchainChanged, WeightsError
-from serve.metrics import Metrics, MetricsCacheEvents
-from serve.model import architecture_doc, build_model, class_names
-from serve.rwlock import RWLock
-from serve.spec import ModelSpec
-from serve.weights import StateDict, ensure_demo_weights, expected_tensors, read_weights, validate
+from warmserve.cache.config import CacheConfig
+from warmserve.cache.engine_cache import EngineCache
+from warmserve.cache.keys import CacheKey
+from warmserve.serve import backends, fence
+from warmserve.serve.backends.base import Backend, Engine, device_doc
+from warmserve.serve.errors import BackendUnavailable, InputError, NotReady, RefitError, ToolchainChanged, WeightsError
+from warmserve.serve.metrics import Metrics, MetricsCacheEvents
+from warmserve.serve.model import architecture_doc, build_model, class_names
+from warmserve.serve.rwlock import RWLock
+from warmserve.serve.spec import ModelSpec
+from warmserve.serve.weights import StateDict, ensure_demo_weights, expected_tensors, read_weights, validate
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class Worker:
         phases = self._phases(imports, steps.seconds)
         for phase, value in phases.items():
             self.metrics.observe("warmserve_start_phase_seconds", value, phase=phase)
-        self.metrics.observe("warmserve_warm_start_seconds", total, path=outcome)
+        self.metrics.observe("warmserve_warm_start_seconds", total, outcome=outcome)
         self.metrics.set("warmserve_weights_version_info", 1, version=self.spec.weights_version)
         self.report = StartReport(
             model=self.spec.model,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from deployments.settings import AppSettings
-from serve.metrics import SPECS
+from warmserve.deployments.settings import AppSettings
+from warmserve.serve.metrics import SPECS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,3 +69,36 @@ def test_dashboard_and_scrape_config_use_real_metric_names() -> None:
                 assert name in exported, f"panel {panel['title']!r} uses unknown metric {name}"
     prom = yaml.safe_load((ROOT / "deployments" / "prometheus.yml").read_text())
     assert prom["scrape_configs"][0]["job_name"] == "ray"
+
+
+def test_the_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
+    """`pip install warmserve` puts warmserve alone at the top of site-packages: the repository's cache/, serve/
+    and deployments/ inside it (warmserve.cache, ...), with every module and the config the command reads."""
+    import importlib.util
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"  # setuptools writes build/ next to the sources: a copy keeps the checkout clean
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "warmserve", "cache", "serve", "deployments"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, src / name)
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(tmp_path), str(src)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("warmserve-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"warmserve", wheel.name.split("-py")[0] + ".dist-info"}
+    modules = {
+        f"warmserve/{p.relative_to(ROOT)}"
+        for room in ("cache", "serve", "deployments")
+        for p in (ROOT / room).rglob("*.py")
+    }
+    assert modules <= set(names)
+    assert "warmserve/deployments/config.yaml" in names
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "warmserve = warmserve.deployments.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.backends.tensorrt import COMPILE_SETTINGS
+from warmserve.serve.backends.tensorrt import COMPILE_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +33,20 @@ def test_ruff_clean() -> None:
 def test_mypy_clean() -> None:
     out = run(sys.executable, "-m", "mypy")
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_code_imports_the_rooms_by_their_package_names() -> None:
+    """``warmserve.serve``, never ``serve``: a module imported under both names would load twice, with two copies
+    of its state (and ``serve`` is also Ray's)."""
+    files = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    bare = []
+    for f in files:
+        for node in ast.walk(ast.parse((ROOT / f).read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            bare += [f"{f}:{node.lineno} {n}" for n in names if n.split(".")[0] in ("cache", "serve", "deployments")]
+    assert not bare, bare
 
 
 def ttrt_sources() -> list[Path]:

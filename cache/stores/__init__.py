@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cache.stores.base import ObjectInfo, Store
+from warmserve.cache.stores.base import ObjectInfo, Store
 
 
 def open_store(location: str, storage_options: Mapping[str, Any] | None = None) -> Store:
@@ -14,10 +14,10 @@ def open_store(location: str, storage_options: Mapping[str, Any] | None = None) 
     Backends are imported only when used; a missing one raises ``UnknownStore`` naming what to install.
     """
     if "://" not in location or location.startswith("file://"):
-        from cache.stores.local import LocalStore
+        from warmserve.cache.stores.local import LocalStore
 
         return LocalStore(location.removeprefix("file://"))
-    from cache.stores.remote import FsspecStore
+    from warmserve.cache.stores.remote import FsspecStore
 
     return FsspecStore(location, storage_options)
 

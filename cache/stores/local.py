@@ -10,10 +10,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from cache.atomic import atomic_write
-from cache.errors import InvalidKey, StoreFull, StoreUnavailable
-from cache.locks import locked, try_lock, unlock
-from cache.stores.base import ObjectInfo, Store
+from warmserve.cache.atomic import atomic_write
+from warmserve.cache.errors import InvalidKey, StoreFull, StoreUnavailable
+from warmserve.cache.locks import locked, try_lock, unlock
+from warmserve.cache.stores.base import ObjectInfo, Store
 
 
 class LocalStore(Store):

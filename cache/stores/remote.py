@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from cache.errors import InvalidKey, StoreUnavailable, UnknownStore
-from cache.stores.base import ObjectInfo, Store
+from warmserve.cache.errors import InvalidKey, StoreUnavailable, UnknownStore
+from warmserve.cache.stores.base import ObjectInfo, Store
 
 T = TypeVar("T")
 

@@ -6,14 +6,14 @@ import importlib
 
 import torch
 
-from serve.backends.base import Backend, Engine
-from serve.errors import BackendUnavailable
+from warmserve.serve.backends.base import Backend, Engine
+from warmserve.serve.errors import BackendUnavailable
 
 REGISTRY = {
-    "tensorrt": "serve.backends.tensorrt:TensorRTBackend",
-    "aoti": "serve.backends.aoti:AOTIBackend",
-    "inductor": "serve.backends.inductor:InductorBackend",
-    "eager": "serve.backends.eager:EagerBackend",
+    "tensorrt": "warmserve.serve.backends.tensorrt:TensorRTBackend",
+    "aoti": "warmserve.serve.backends.aoti:AOTIBackend",
+    "inductor": "warmserve.serve.backends.inductor:InductorBackend",
+    "eager": "warmserve.serve.backends.eager:EagerBackend",
 }
 NAMES = ("auto", *REGISTRY)
 

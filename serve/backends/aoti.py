@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from serve.backends.base import Backend, Engine
-from serve.backends.export import export
-from serve.errors import RefitError
-from serve.spec import InputSpec
-from serve.toolchain import CompilerPin
+from warmserve.serve.backends.base import Backend, Engine
+from warmserve.serve.backends.export import export
+from warmserve.serve.errors import RefitError
+from warmserve.serve.spec import InputSpec
+from warmserve.serve.toolchain import CompilerPin
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from cache.config import default_cache_dir
-from cache.engine_cache import EngineCache
-from serve.spec import InputSpec
+from warmserve.cache.config import default_cache_dir
+from warmserve.cache.engine_cache import EngineCache
+from warmserve.serve.spec import InputSpec
 
 
 class Engine(ABC):

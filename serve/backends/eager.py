@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from serve.backends.base import Backend, Engine
-from serve.spec import InputSpec
+from warmserve.serve.backends.base import Backend, Engine
+from warmserve.serve.spec import InputSpec
 
 
 class EagerEngine(Engine):

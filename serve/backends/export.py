@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from serve.spec import InputSpec
+from warmserve.serve.spec import InputSpec
 
 
 def export(model: nn.Module, spec: InputSpec, device: torch.device) -> torch.export.ExportedProgram:

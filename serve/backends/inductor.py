@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from serve.backends.base import Backend, Engine
-from serve.spec import InputSpec
-from serve.toolchain import CompilerPin
+from warmserve.serve.backends.base import Backend, Engine
+from warmserve.serve.spec import InputSpec
+from warmserve.serve.toolchain import CompilerPin
 
 logger = logging.getLogger(__name__)
 

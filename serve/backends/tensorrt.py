@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from serve.backends.base import Backend, Engine
-from serve.backends.export import export
-from serve.errors import BackendUnavailable
-from serve.spec import InputSpec
+from warmserve.serve.backends.base import Backend, Engine
+from warmserve.serve.backends.export import export
+from warmserve.serve.errors import BackendUnavailable
+from warmserve.serve.spec import InputSpec
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class TensorRTBackend(Backend):
 
         kwargs = dict(COMPILE_SETTINGS)
         if self.cache is not None:
-            from cache.trt import engine_cache_adapter
+            from warmserve.cache.trt import engine_cache_adapter
 
             kwargs["custom_engine_cache"] = engine_cache_adapter(self.cache, extra={"input": spec.doc()})
         program = export(model, spec, self.device)

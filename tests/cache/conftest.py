@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from cache.stores import Store, open_store
 from tests.servers import SeaweedFS
+from warmserve.cache.stores import Store, open_store
 
 
 @pytest.fixture(params=["local", "s3"])

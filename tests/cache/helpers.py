@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from cache import CacheConfig, CacheEvents, CacheKey, EngineCache
+from warmserve.cache import CacheConfig, CacheEvents, CacheKey, EngineCache
 
 
 class RecordingEvents(CacheEvents):

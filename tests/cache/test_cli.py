@@ -8,13 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cache.tier import _entry
 from tests.cache.helpers import key, make_cache
+from warmserve.cache.tier import _entry
 
 
 def warmserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "deployments.cli", *args], capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "-m", "warmserve.deployments.cli", *args], capture_output=True, text=True, timeout=60, env=env
     )
 
 
@@ -104,7 +104,7 @@ def test_verify_moves_damaged_entries_only(tmp_path: Path) -> None:
     empty the store for every node: signature problems are reported, not quarantined."""
     cache, _ = make_cache(tmp_path, signing_key=b"the replicas' key")
     cache.get_or_build(key(1), lambda: b"engine bytes", backend="aoti")
-    other = {**os.environ, "WARMSERVE_CACHE_KEY": "another key"}
+    other = {**os.environ, "WARMSERVE_SIGNING_KEY": "another key"}
     bad = warmserve("cache", "verify", "--cache-dir", str(tmp_path), env=other)
     assert bad.returncode == 1 and "signature" in bad.stdout and "quarantine" not in bad.stdout
     assert (
@@ -113,7 +113,7 @@ def test_verify_moves_damaged_entries_only(tmp_path: Path) -> None:
             "verify",
             "--cache-dir",
             str(tmp_path),
-            env={**os.environ, "WARMSERVE_CACHE_KEY": "the replicas' key"},
+            env={**os.environ, "WARMSERVE_SIGNING_KEY": "the replicas' key"},
         ).returncode
         == 0
     )

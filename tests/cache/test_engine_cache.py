@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from cache import CacheKey, InvalidKey, LeaseTimeout
-from cache.tier import _entry
 from tests.cache import workers
 from tests.cache.helpers import key, make_cache
 from tests.servers import SeaweedFS, seaweedfs
+from warmserve.cache import CacheKey, InvalidKey, LeaseTimeout
+from warmserve.cache.tier import _entry
 
 spawn = mp.get_context("spawn")
 
@@ -55,7 +55,7 @@ def test_builder_errors_propagate_and_release_the_lock(tmp_path: Path) -> None:
 
 
 def test_single_flight_can_be_switched_off(tmp_path: Path) -> None:
-    from cache import CacheConfig
+    from warmserve.cache import CacheConfig
 
     assert CacheConfig.load({"WARMSERVE_SINGLE_FLIGHT": "0"}).single_flight is False
     with pytest.raises(ValueError, match="WARMSERVE_SINGLE_FLIGHT"):
@@ -72,7 +72,7 @@ def test_builder_must_return_bytes(tmp_path: Path) -> None:
 
 
 def test_wait_timeout_names_the_holder(tmp_path: Path) -> None:
-    from cache.locks import BuildLock
+    from warmserve.cache.locks import BuildLock
 
     cache, _ = make_cache(tmp_path, wait_timeout=0.3)
     # Another process holds the build lock longer than we are willing to wait.
@@ -92,7 +92,7 @@ def test_wait_timeout_names_the_holder(tmp_path: Path) -> None:
 
 
 def _hold_build_lock(path: str, seconds: float) -> None:
-    from cache.locks import BuildLock
+    from warmserve.cache.locks import BuildLock
 
     lock = BuildLock(Path(path))
     lock.acquire(60)

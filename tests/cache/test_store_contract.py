@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from cache import CacheCorrupt, CacheKey, InvalidKey, Tier
-from cache.stores import Store
-from cache.tier import MANIFEST, QUARANTINE, _entry
 from tests.cache.helpers import RecordingEvents, key
+from warmserve.cache import CacheCorrupt, CacheKey, InvalidKey, Tier
+from warmserve.cache.stores import Store
+from warmserve.cache.tier import MANIFEST, QUARANTINE, _entry
 
 
 def test_read_missing_is_file_not_found(store: Store) -> None:
@@ -130,24 +130,24 @@ def test_signing_refuses_unsigned_and_forged_entries(store: Store) -> None:
     events = RecordingEvents()
     unsigned = Tier(store, "t")
     unsigned.publish(key(1), b"made without a key")
-    signed = Tier(store, "t", secret=b"s3cret", events=events)
+    signed = Tier(store, "t", signing_key=b"s3cret", events=events)
     assert signed.lookup(key(1)) is None
     assert events.counts[("refused", "t", "unsigned")] == 1
 
     signed.publish(key(2), b"signed entry")
     assert signed.lookup(key(2)) is not None
-    other_key = Tier(store, "t", secret=b"another", events=events)
+    other_key = Tier(store, "t", signing_key=b"another", events=events)
     assert other_key.lookup(key(2)) is None
     assert events.counts[("refused", "t", "signature")] == 1
 
 
 def test_signature_covers_the_manifest(store: Store) -> None:
-    tier = Tier(store, "t", secret=b"k")
+    tier = Tier(store, "t", signing_key=b"k")
     tier.publish(key(1), b"payload")
     raw = store.read(_entry(key(1).id, MANIFEST)).replace(b'"backend": ""', b'"backend": "evil"')
     store.write(_entry(key(1).id, MANIFEST), raw)
     with pytest.raises(CacheCorrupt):
-        from cache.manifest import Manifest
+        from warmserve.cache.manifest import Manifest
 
         Manifest.from_bytes(raw).check_signature(b"k")
     assert tier.lookup(key(1)) is None

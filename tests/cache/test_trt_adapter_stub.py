@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from cache.trt import engine_cache_adapter, node_arguments_digest
 from tests.cache.helpers import make_cache
+from warmserve.cache.trt import engine_cache_adapter, node_arguments_digest
 
 
 class StubBaseEngineCache:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cache import CacheConfig, UntrustedCache
+from warmserve.cache import CacheConfig, UntrustedCache
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,7 @@ def test_private_local_cache_needs_no_key(tmp_path: Path) -> None:
 
 
 def test_remote_shared_store_needs_a_key_or_an_explicit_trust(tmp_path: Path) -> None:
-    with pytest.raises(UntrustedCache, match="WARMSERVE_CACHE_KEY") as e:
+    with pytest.raises(UntrustedCache, match="WARMSERVE_SIGNING_KEY") as e:
         config(tmp_path, shared_url="s3://bucket/warmserve").require_trust()
     assert "s3://bucket/warmserve" in str(e.value)
     config(tmp_path, shared_url="s3://bucket/warmserve", signing_key=b"k").require_trust()
@@ -31,6 +31,16 @@ def test_remote_shared_store_needs_a_key_or_an_explicit_trust(tmp_path: Path) ->
         environ={"WARMSERVE_TRUST_SHARED_CACHE": "1"}, cache_dir=tmp_path / "l1", shared_url="s3://b/w"
     )
     trusted.require_trust()
+
+
+def test_the_old_name_of_the_signing_key_still_works_with_a_warning(tmp_path: Path) -> None:
+    with pytest.warns(FutureWarning, match="WARMSERVE_CACHE_KEY is deprecated .* set WARMSERVE_SIGNING_KEY"):
+        old = CacheConfig.load(environ={"WARMSERVE_CACHE_KEY": "k1"}, cache_dir=tmp_path)
+    assert old.signing_key == b"k1"
+    both = {"WARMSERVE_CACHE_KEY": "k1", "WARMSERVE_SIGNING_KEY": "k2"}
+    with pytest.warns(FutureWarning, match="both are set; WARMSERVE_SIGNING_KEY is used"):
+        assert CacheConfig.load(environ=both, cache_dir=tmp_path).signing_key == b"k2"
+    assert CacheConfig.load(environ={"WARMSERVE_SIGNING_KEY": "k2"}, cache_dir=tmp_path).signing_key == b"k2"
 
 
 @pytest.mark.parametrize(
@@ -55,7 +65,7 @@ def test_build_refuses_an_unsigned_shared_store_with_a_clear_error(tmp_path: Pat
     cmd = [
         sys.executable,
         "-m",
-        "deployments.cli",
+        "warmserve.deployments.cli",
         "build",
         "tests.serve.models:tiny_cnn",
         "--input-shape",
@@ -69,4 +79,4 @@ def test_build_refuses_an_unsigned_shared_store_with_a_clear_error(tmp_path: Pat
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "WARMSERVE_CACHE_KEY" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "WARMSERVE_SIGNING_KEY" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

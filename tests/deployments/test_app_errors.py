@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments.app import decode_image, normalise_pixels, takes_pixels
-from serve.errors import InputError
+from warmserve.deployments.app import decode_image, normalise_pixels, takes_pixels
+from warmserve.serve.errors import InputError
 
 
 def test_undecodable_images_say_what_to_send() -> None:
@@ -73,8 +73,8 @@ def test_errors_map_to_statuses_by_their_most_specific_class() -> None:
     base's status, and anything unmapped is a server fault."""
     import grpc
 
-    from deployments.app import client_error, grpc_status
-    from deployments.errors import BodyTooLarge, ModelNotFound
+    from warmserve.deployments.app import client_error, grpc_status
+    from warmserve.deployments.errors import BodyTooLarge, ModelNotFound
 
     class TooLargeInput(BodyTooLarge, InputError):
         pass

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from deployments.auth import authorized, rollout_problem, sign_rollout
+from warmserve.deployments.auth import authorized, rollout_problem, sign_rollout
 
 
 def test_rollouts_need_a_matching_signature_when_a_token_is_set() -> None:

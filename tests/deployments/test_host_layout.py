@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from deployments import cli, host, runner
-from deployments.cli import DEFAULT_CONFIG
+from warmserve.deployments import cli, host, runner
+from warmserve.deployments.cli import DEFAULT_CONFIG
 
 HAPROXY = "/usr/sbin/haproxy"
 

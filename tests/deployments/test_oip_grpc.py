@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from deployments import oip_grpc
-from deployments.errors import BodyTooLarge
-from serve.errors import InputError
+from warmserve.deployments import oip_grpc
+from warmserve.deployments.errors import BodyTooLarge
+from warmserve.serve.errors import InputError
 
 
 def _shape(descriptor: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -54,7 +54,7 @@ def _request(x: np.ndarray, datatype: str) -> Any:
 
 @pytest.mark.parametrize("datatype", ["FP32", "FP16", "UINT8", "INT64"])
 def test_a_tritonclient_request_decodes_to_its_tensor(datatype: str) -> None:
-    from deployments.oip import DATATYPES
+    from warmserve.deployments.oip import DATATYPES
 
     x = (np.arange(24).reshape(2, 3, 4) % 200).astype(DATATYPES[datatype][0])
     request = _request(x, datatype)

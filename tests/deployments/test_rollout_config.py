@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from deployments import ledger
-from deployments.dashboard import Dashboard, ray_token
-from deployments.errors import DashboardError, VersionConflict
-from deployments.rollout import user_config_of, with_weights
-from deployments.runner import bind_weights
+from warmserve.deployments import ledger
+from warmserve.deployments.dashboard import Dashboard, ray_token
+from warmserve.deployments.errors import DashboardError, VersionConflict
+from warmserve.deployments.rollout import user_config_of, with_weights
+from warmserve.deployments.runner import bind_weights
 
 A, B = "a" * 64, "b" * 64
 
@@ -123,9 +123,9 @@ def test_dashboard_calls_carry_the_token(token_server: str, tmp_path: Path, monk
 
 
 def test_explicit_weights_get_their_digest_pinned_and_cannot_reuse_a_label(tmp_path: Path) -> None:
-    from deployments.errors import StartError
-    from serve.model import build_model
-    from serve.weights import demo_weights, save_weights, weights_digest
+    from warmserve.deployments.errors import StartError
+    from warmserve.serve.model import build_model
+    from warmserve.serve.weights import demo_weights, save_weights, weights_digest
 
     model = build_model("tests.serve.models:tiny_cnn")
     save_weights(demo_weights(model, seed=1), tmp_path / "a.safetensors")
@@ -146,7 +146,7 @@ def test_explicit_weights_get_their_digest_pinned_and_cannot_reuse_a_label(tmp_p
 
 def test_a_restart_signs_the_weights_it_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Replicas with an admin token take only signed weights, the ones a restart resumes included."""
-    from deployments.auth import rollout_problem
+    from warmserve.deployments.auth import rollout_problem
 
     ledger.record(
         tmp_path, ledger.Rollout("warmserve", "tests.serve.models:tiny_cnn", "/w/v2", "v2", A, versions={"v2": A})

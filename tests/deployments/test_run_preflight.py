@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from deployments import cli, runner
-from deployments.errors import StartError
-from serve.model import build_model
-from serve.weights import demo_weights, save_weights
 from tests.servers import free_port
+from warmserve.deployments import cli, runner
+from warmserve.deployments.errors import StartError
+from warmserve.serve.model import build_model
+from warmserve.serve.weights import demo_weights, save_weights
 
 TINY = ["--model", "tests.serve.models:tiny_cnn", "--input-shape", "3,16,16", "--batch", "1:8"]
 
@@ -57,7 +57,7 @@ def test_mistakes_are_reported_before_ray_starts(
         ([*TINY, "--weights", str(wide), *cache], "weights do not fit the model"),
         ([*TINY, "--weights", str(tmp_path / "notes.pt"), *cache], "neither safetensors nor a torch state dict"),
         ([*TINY, "--backend", "tensorrt", *cache], "backend 'tensorrt' cannot run on cpu"),
-        ([*TINY, "--shared-cache", "s3://bucket/warmserve", *cache], "WARMSERVE_CACHE_KEY"),
+        ([*TINY, "--shared-cache", "s3://bucket/warmserve", *cache], "WARMSERVE_SIGNING_KEY"),
         ([*TINY, "--batch", "8:1", *cache], "batch range"),
     ]
     for argv, message in cases:
@@ -101,7 +101,7 @@ def test_the_command_line_prints_one_line_and_no_traceback(tmp_path: Path) -> No
     env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "raytmp"), "HOME": str(tmp_path)}
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run(
-        [sys.executable, "-m", "deployments.cli", "run", "--model", "torchvision:resnet_nope", "--port", "1"],
+        [sys.executable, "-m", "warmserve.deployments.cli", "run", "--model", "torchvision:resnet_nope", "--port", "1"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -122,7 +122,7 @@ def test_deployment_failure_reason_is_one_line() -> None:
         '  File "replica.py", line 1, in initialize\n    raise RuntimeError(traceback.format_exc()) from None\n'
         "RuntimeError: Traceback (most recent call last):\n"
         '  File "app.py", line 3, in __init__\n'
-        "deployments.errors.ReplicaStartError: this replica cannot serve the configured weights v2 (/w): "
+        "warmserve.deployments.errors.ReplicaStartError: this replica cannot serve the configured weights v2 (/w): "
         "/w changed\n"
     )
     assert runner.failure_reason(message) == (
@@ -158,7 +158,7 @@ def test_a_ray_task_error_is_reported_by_its_cause_on_one_line() -> None:
     """`warmserve run` prints why a Ray task failed (HAProxy's words), not where the task ran."""
     from ray.exceptions import RayTaskError
 
-    from deployments.runner import one_line
+    from warmserve.deployments.runner import one_line
 
     crashed = RuntimeError("HAProxy crashed during startup:\n[ALERT] (1) : Starting frontend stats: cannot bind")
     e = RayTaskError("HAProxyManager.ready", "Traceback (most recent call last): ...", crashed)

@@ -183,13 +183,13 @@ class RayCluster:
             "http_options": {"host": "127.0.0.1", "port": self.http_port},
             "grpc_options": {
                 "port": self.grpc_port,
-                "grpc_servicer_functions": ["deployments.oip_grpc.add_inference_service"],
+                "grpc_servicer_functions": ["warmserve.deployments.oip_grpc.add_inference_service"],
             },
             "applications": [
                 {
                     "name": name,
                     "route_prefix": "/",
-                    "import_path": "deployments.app:build_app",
+                    "import_path": "warmserve.deployments.app:build_app",
                     "args": args,
                     "deployments": [{"name": "WarmModel", "ray_actor_options": {"num_cpus": 0.5}, **deployment}],
                 }

@@ -13,8 +13,8 @@ import numpy as np
 import requests
 import torch
 
-from serve.model import build_model
 from tests.e2e.cluster import ROOT, RayCluster
+from warmserve.serve.model import build_model
 
 # Replicas import the test models from the checkout.
 ROOT_ENV = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
@@ -56,7 +56,7 @@ def rollout(
         [
             sys.executable,
             "-m",
-            "deployments.cli",
+            "warmserve.deployments.cli",
             "rollout",
             "--weights",
             str(weights),
@@ -90,7 +90,7 @@ def deploy_versions(
     ``app`` overrides TINY's settings (another model, a device), ``deployment`` the deployment's.
 
     Returns the state dicts, eager's answer to ``x`` per version, and the replicas' statuses."""
-    from serve.weights import demo_weights, save_weights
+    from warmserve.serve.weights import demo_weights, save_weights
 
     args = {**TINY, "cache_dir": str(tmp_path / "c"), "weights": str(tmp_path / "v1.safetensors"), **(app or {})}
     model = build_model(args["model"])

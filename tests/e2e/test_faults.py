@@ -18,11 +18,11 @@ import pytest
 import requests
 import torch
 
-from cache.stores.remote import FsspecStore
-from serve.weights import save_weights
 from tests.e2e.cluster import RayCluster
 from tests.e2e.helpers import TINY, deploy_versions, infer, rollout
 from tests.servers import SeaweedFS
+from warmserve.cache.stores.remote import FsspecStore
+from warmserve.serve.weights import save_weights
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -52,7 +52,7 @@ def test_replica_killed_during_a_build_another_takes_over_the_lease(
         "shared_cache": s3_url,
         "storage_options": s3_server.storage_options(),
     }
-    deployment = with_env({"num_replicas": 2}, WARMSERVE_LEASE_TTL=str(LEASE_TTL), WARMSERVE_CACHE_KEY="fault-key")
+    deployment = with_env({"num_replicas": 2}, WARMSERVE_LEASE_TTL=str(LEASE_TTL), WARMSERVE_SIGNING_KEY="fault-key")
     cluster.deploy(cluster.config(args, deployment), wait=False)
     # The builder holds the build lease in the shared store; its document names the holder (host:pid).
     store = FsspecStore(s3_url, s3_server.storage_options())
@@ -81,7 +81,7 @@ def test_replica_killed_during_a_build_another_takes_over_the_lease(
     assert outcomes.count("built") == 1, outcomes
     assert wait_for_metric(cluster, "ray_warmserve_cache_lease_takeovers")
     # Nothing half-written: the one shared entry verifies (size, digest, signature).
-    from cache import CacheConfig, EngineCache
+    from warmserve.cache import CacheConfig, EngineCache
 
     config = CacheConfig.load(
         environ={},
@@ -125,7 +125,7 @@ def test_replica_killed_during_a_rollout(cluster: RayCluster, tmp_path: Path) ->
         cmd = [
             sys.executable,
             "-m",
-            "deployments.cli",
+            "warmserve.deployments.cli",
             "rollout",
             "--weights",
             str(tmp_path / "v2.safetensors"),

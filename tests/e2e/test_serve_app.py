@@ -15,10 +15,10 @@ import pytest
 import requests
 import torch
 
-from serve.model import build_model
-from serve.weights import demo_weights, save_weights
 from tests.e2e.cluster import ROOT, RayCluster
 from tests.e2e.helpers import TINY, deploy_versions, infer, rollout
+from warmserve.serve.model import build_model
+from warmserve.serve.weights import demo_weights, save_weights
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -351,7 +351,7 @@ def test_metrics_on_rays_endpoint(cluster: RayCluster, tmp_path: Path) -> None:
     versions = [s for s in mine["ray_warmserve_weights_version_info"] if s.value == 1]
     assert [s.labels["version"] for s in versions] == ["v1"]
     # The exact figures: the last start's seconds, as the replica measured them (histograms are bucketed).
-    last = [s for s in mine["ray_warmserve_last_warm_start_seconds"] if s.labels["path"] == "built"]
+    last = [s for s in mine["ray_warmserve_last_warm_start_seconds"] if s.labels["outcome"] == "built"]
     start = next(iter(cluster.replica_statuses(1).values()))["start"]
     assert last and last[0].value == pytest.approx(start["total_seconds"], rel=1e-3)
 
@@ -372,7 +372,7 @@ def test_prometheus_reads_warmserve_metrics(cluster: RayCluster, tmp_path: Path)
         paths: set[str] = set()
         versions: set[str] = set()
         while time.monotonic() < deadline and not ("built" in paths and "v1" in versions):
-            paths = {r["metric"]["path"] for r in prom.query("ray_warmserve_warm_start_seconds_count")}
+            paths = {r["metric"]["outcome"] for r in prom.query("ray_warmserve_warm_start_seconds_count")}
             versions = {r["metric"]["version"] for r in prom.query("ray_warmserve_weights_version_info == 1")}
             time.sleep(2)
         assert "built" in paths and "v1" in versions, (paths, versions)
@@ -458,7 +458,14 @@ def test_a_slow_weights_read_never_stops_serving(cluster: RayCluster, tmp_path: 
     payload = (tmp_path / "v2.safetensors").read_bytes()
     os.mkfifo(tmp_path / "slow.safetensors")  # a read that blocks until someone writes: the slowest store
     cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
-    cmd = [sys.executable, "-m", "deployments.cli", "rollout", "--weights", str(tmp_path / "slow.safetensors")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "warmserve.deployments.cli",
+        "rollout",
+        "--weights",
+        str(tmp_path / "slow.safetensors"),
+    ]
     cmd += ["--version", "v2", "--sha256", hashlib.sha256(payload).hexdigest(), "--address", cluster.dashboard]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **cluster.auth_env}

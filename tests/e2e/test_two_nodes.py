@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     # A shared store needs a signing key (replicas refuse an unsigned one): entries are signed and checked.
-    cluster = RayCluster(tmp_path_factory.mktemp("ray2"), env={"WARMSERVE_CACHE_KEY": "two-node-key"})
+    cluster = RayCluster(tmp_path_factory.mktemp("ray2"), env={"WARMSERVE_SIGNING_KEY": "two-node-key"})
     cluster.start(num_cpus=2)
     try:
         cluster.add_node("node2", num_cpus=2)

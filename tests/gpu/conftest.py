@@ -7,7 +7,7 @@ import torch
 def tensorrt_missing() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU"
-    from serve.backends.tensorrt import TensorRTBackend
+    from warmserve.serve.backends.tensorrt import TensorRTBackend
 
     return TensorRTBackend.unavailable(torch.device("cuda"))
 

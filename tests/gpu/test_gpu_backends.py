@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache import CacheConfig
-from serve.model import build_model
-from serve.spec import InputSpec, ModelSpec
-from serve.weights import demo_weights
-from serve.worker import StartReport, Worker
+from warmserve.cache import CacheConfig
+from warmserve.serve.model import build_model
+from warmserve.serve.spec import InputSpec, ModelSpec
+from warmserve.serve.weights import demo_weights
+from warmserve.serve.worker import StartReport, Worker
 
 pytestmark = pytest.mark.gpu
 SPEC = ModelSpec(model="torchvision:resnet18", input=InputSpec(shape=(3, 224, 224), min_batch=1, max_batch=32))
@@ -103,7 +103,7 @@ def test_inductor_lifecycle_on_cuda(tmp_path: Path) -> None:
 
 
 def test_auto_picks_aoti_on_cuda_without_tensorrt(tmp_path: Path) -> None:
-    from serve.backends.tensorrt import TensorRTBackend
+    from warmserve.serve.backends.tensorrt import TensorRTBackend
 
     if TensorRTBackend.unavailable(torch.device("cuda")) is None:
         pytest.skip("TensorRT is here: auto picks it")
@@ -121,7 +121,7 @@ def test_tensorrt_lifecycle(tmp_path: Path) -> None:
 def test_tensorrt_engines_land_in_warmserve_cache(tmp_path: Path) -> None:
     config = CacheConfig.load(environ={}, cache_dir=tmp_path / "cache")
     Worker(SPEC, backend="tensorrt", device="cuda", cache_config=config).start()
-    from cache import EngineCache
+    from warmserve.cache import EngineCache
 
     entries = EngineCache.from_config(config).local.entries()
     kinds = {e.manifest.key.get("kind") for e in entries if e.manifest}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from serve.errors import InputError
+from warmserve.serve.errors import InputError
 
 pytestmark = pytest.mark.gpu
 CAT = Path(__file__).resolve().parents[2] / "examples" / "cat.jpg"
@@ -27,7 +27,7 @@ def _jpeg(width: int, height: int) -> bytes:
 
 
 def test_jpegs_decode_on_the_gpu_as_pil_decodes_them() -> None:
-    from deployments.app import decode_image, decode_jpegs
+    from warmserve.deployments.app import decode_image, decode_jpegs
 
     images = [CAT.read_bytes(), _jpeg(640, 480), _jpeg(300, 500)]
     gpu = decode_jpegs(images, (3, 224, 224), torch.device("cuda"))
@@ -39,14 +39,14 @@ def test_jpegs_decode_on_the_gpu_as_pil_decodes_them() -> None:
 
 
 def test_a_jpeg_nvjpeg_cannot_read_is_named_by_pil() -> None:
-    from deployments.app import decode_jpegs
+    from warmserve.deployments.app import decode_jpegs
 
     with pytest.raises(InputError, match=r"truncated or corrupt|not an image"):
         decode_jpegs([_jpeg(64, 64), b"\xff\xd8\xff" + b"junk" * 10], (3, 224, 224), torch.device("cuda"))
 
 
 def test_a_bad_file_fails_alone_in_a_batch() -> None:
-    from deployments.app import decode_each
+    from warmserve.deployments.app import decode_each
 
     bad = b"\xff\xd8\xff" + b"junk" * 10
     out = decode_each([_jpeg(64, 64), bad, _jpeg(80, 60)], (3, 224, 224), torch.device("cuda"))
@@ -59,7 +59,7 @@ def test_a_gpu_replica_decodes_one_photo_on_the_host_and_several_with_nvjpeg() -
     import asyncio
     from types import SimpleNamespace
 
-    import deployments.app as app
+    import warmserve.deployments.app as app
 
     replica = SimpleNamespace(  # what _decode reads of a replica
         settings=SimpleNamespace(model=SimpleNamespace(input=SimpleNamespace(shape=(3, 224, 224)))),

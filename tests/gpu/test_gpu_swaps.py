@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache import CacheConfig
-from serve.model import build_model
-from serve.spec import InputSpec, ModelSpec
-from serve.weights import demo_weights
-from serve.worker import Worker
+from warmserve.cache import CacheConfig
+from warmserve.serve.model import build_model
+from warmserve.serve.spec import InputSpec, ModelSpec
+from warmserve.serve.weights import demo_weights
+from warmserve.serve.worker import Worker
 
 pytestmark = pytest.mark.gpu
 SPEC = ModelSpec(model="torchvision:resnet18", input=InputSpec(shape=(3, 224, 224), min_batch=1, max_batch=32))

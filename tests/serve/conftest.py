@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from cache import CacheConfig
-from serve.spec import InputSpec, ModelSpec
+from warmserve.cache import CacheConfig
+from warmserve.serve.spec import InputSpec, ModelSpec
 
 TINY = "tests.serve.models:tiny_cnn"
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve.errors import ModelSpecError, WeightsError
-from serve.model import architecture_doc, build_model, class_names
-from serve.spec import InputSpec, ModelSpec, parse_batch, parse_shape
-from serve.weights import demo_weights, expected_tensors, load_weights, save_weights, validate
 from tests.serve.conftest import TINY
+from warmserve.serve.errors import ModelSpecError, WeightsError
+from warmserve.serve.model import architecture_doc, build_model, class_names
+from warmserve.serve.spec import InputSpec, ModelSpec, parse_batch, parse_shape
+from warmserve.serve.weights import demo_weights, expected_tensors, load_weights, save_weights, validate
 
 
 def test_parsers() -> None:
@@ -108,7 +108,7 @@ def test_weights_errors_say_what_to_send(tmp_path: Path) -> None:
 
 
 def test_a_pinned_digest_refuses_other_content(tmp_path: Path) -> None:
-    from serve.weights import read_weights, weights_digest
+    from warmserve.serve.weights import read_weights, weights_digest
 
     model = build_model(TINY)
     save_weights(demo_weights(model, seed=1), tmp_path / "w.safetensors")

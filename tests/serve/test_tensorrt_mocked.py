@@ -10,9 +10,9 @@ import types
 import pytest
 import torch
 
-from serve.backends.tensorrt import TensorRTEngine, skeleton
 from tests.serve.conftest import tiny_spec
 from tests.serve.models import TinyCNN
+from warmserve.serve.backends.tensorrt import TensorRTEngine, skeleton
 
 
 @pytest.fixture

@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch._inductor.config
 
-from cache import CacheConfig
-from serve import toolchain
-from serve.errors import BackendUnavailable
-from serve.metrics import Metrics, PrometheusSink
-from serve.model import build_model
-from serve.weights import demo_weights
-from serve.worker import Worker
 from tests.serve.conftest import tiny_spec
+from warmserve.cache import CacheConfig
+from warmserve.serve import toolchain
+from warmserve.serve.errors import BackendUnavailable
+from warmserve.serve.metrics import Metrics, PrometheusSink
+from warmserve.serve.model import build_model
+from warmserve.serve.weights import demo_weights
+from warmserve.serve.worker import Worker
 
 pytestmark = pytest.mark.usefixtures("inductor_cache")
 

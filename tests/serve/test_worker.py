@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache import CacheConfig
-from serve.errors import BackendUnavailable, InputError
-from serve.metrics import Metrics, PrometheusSink
-from serve.model import build_model
-from serve.spec import InputSpec
-from serve.weights import demo_weights, save_weights
-from serve.worker import Worker
 from tests.serve.conftest import tiny_spec
+from warmserve.cache import CacheConfig
+from warmserve.serve.errors import BackendUnavailable, InputError
+from warmserve.serve.metrics import Metrics, PrometheusSink
+from warmserve.serve.model import build_model
+from warmserve.serve.spec import InputSpec
+from warmserve.serve.weights import demo_weights, save_weights
+from warmserve.serve.worker import Worker
 
 pytestmark = pytest.mark.usefixtures("inductor_cache")
 
@@ -48,7 +48,7 @@ def test_second_process_warm_starts_from_the_cache(aoti_cache: CacheConfig, tmp_
         [
             sys.executable,
             "-m",
-            "deployments.cli",
+            "warmserve.deployments.cli",
             "build",
             "tests.serve.models:tiny_cnn",
             "--backend",
@@ -208,5 +208,5 @@ def test_metrics_record_the_warm_start_path(aoti_cache: CacheConfig) -> None:
     Worker(tiny_spec(), backend="aoti", cache_config=aoti_cache, metrics=Metrics(sink)).start()
     text = sink.exposition().decode()
     assert 'warmserve_engine_cache_hits_total{backend="aoti",tier="local"} 1.0' in text
-    assert 'warmserve_warm_start_seconds_count{path="local-hit"} 1.0' in text
+    assert 'warmserve_warm_start_seconds_count{outcome="local-hit"} 1.0' in text
     assert "warmserve_engine_load_seconds_bucket" in text
