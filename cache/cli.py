@@ -9,11 +9,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from warmserve.cache import maintenance
 from warmserve.cache.config import CacheConfig
 from warmserve.cache.engine_cache import EngineCache
 from warmserve.cache.errors import CacheError
 from warmserve.cache.keys import check_key_id
-from warmserve.cache.tier import LEASES, QUARANTINE, Tier
+from warmserve.cache.layout import LEASES, QUARANTINE
+from warmserve.cache.tier import Tier
 
 # What `verify` moves to quarantine: damaged bytes. Not an entry still being written (no manifest yet), and
 # not a signature this operator's key does not match: with another key than the replicas', that would empty
@@ -111,7 +113,7 @@ Outcome = tuple[Records, int, str]  # the JSON records, the exit status, the tex
 def _ls(tiers: list[Tier], args: argparse.Namespace) -> Outcome:
     out: Records = []
     for tier in tiers:
-        for q in tier.quarantined():
+        for q in maintenance.quarantined(tier.store):
             out.append(
                 {
                     "tier": tier.name,
@@ -126,7 +128,7 @@ def _ls(tiers: list[Tier], args: argparse.Namespace) -> Outcome:
                     "quarantined_at": q.since,
                 }
             )
-        for e in tier.entries():
+        for e in maintenance.entries(tier.store):
             m = e.manifest
             out.append(
                 {
@@ -159,7 +161,7 @@ def _ls(tiers: list[Tier], args: argparse.Namespace) -> Outcome:
 def _stats(tiers: list[Tier], args: argparse.Namespace) -> Outcome:
     out: Records = []
     for tier in tiers:
-        entries = tier.entries()
+        entries = maintenance.entries(tier.store)
         out.append(
             {
                 "tier": tier.name,
@@ -178,8 +180,8 @@ def _stats(tiers: list[Tier], args: argparse.Namespace) -> Outcome:
 def _verify(tiers: list[Tier], args: argparse.Namespace) -> Outcome:
     out: Records = []
     for tier in tiers:
-        for entry in tier.entries():
-            problem = tier.verify(entry.key_id)
+        for entry in maintenance.entries(tier.store):
+            problem = maintenance.verify(tier.store, entry.key_id, tier.signing_key)
             reason = (problem or "").partition(":")[0]
             if reason in DAMAGED:  # as a lookup would: moved aside, so no replica can load it
                 tier.quarantine(entry.key_id, reason)
@@ -200,8 +202,8 @@ def _evict(tiers: list[Tier], args: argparse.Namespace) -> Outcome:
             n, freed = tier.evict()
             out.append({"tier": tier.name, "removed": n, "bytes": freed})
             continue
-        keys = tier.key_ids() if args.all else [check_key_id(k) for k in args.key]
-        removed = [k for k in keys if tier.remove(k)]
+        keys = maintenance.key_ids(tier.store) if args.all else [check_key_id(k) for k in args.key]
+        removed = [k for k in keys if maintenance.remove(tier.store, k)]
         out.append({"tier": tier.name, "removed": len(removed), "keys": removed})
     return out, 0, "\n".join(f"{r['tier']}: removed {r['removed']} entries" for r in out)
 
@@ -209,7 +211,7 @@ def _evict(tiers: list[Tier], args: argparse.Namespace) -> Outcome:
 def _gc(tiers: list[Tier], args: argparse.Namespace) -> Outcome:
     out: Records = []
     for tier in tiers:
-        counts = tier.gc(older_than=args.older_than)
+        counts = maintenance.gc(tier.store, older_than=args.older_than)
         n, freed = tier.evict()
         out.append({"tier": tier.name, **counts, "evicted": n, "evicted_bytes": freed})
     return out, 0, "\n".join(f"{r['tier']}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k != "tier") for r in out)

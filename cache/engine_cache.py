@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from warmserve.cache.config import CacheConfig
-from warmserve.cache.errors import LeaseTimeout, StoreUnavailable
-from warmserve.cache.events import NO_EVENTS, CacheEvents
+from warmserve.cache.events import NO_EVENTS, CacheEvents, emit
 from warmserve.cache.keys import CacheKey
-from warmserve.cache.locks import BuildLock, backoff
+from warmserve.cache.leases import Lease, lease_or_entry
+from warmserve.cache.locks import BuildLock
 from warmserve.cache.manifest import Manifest
 from warmserve.cache.stores import open_store
 from warmserve.cache.stores.local import LocalStore
-from warmserve.cache.tier import Lease, Tier, emit
+from warmserve.cache.tier import Tier
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,9 @@ class EngineCache:
                 if hit is not None:
                     return done(hit[0], "waited", hit[1])
             if self.shared is not None and self.shared.available:
-                got = self._lease_or_entry(key, t0)
+                got = lease_or_entry(
+                    self.shared, key, ttl=self.lease_ttl, wait_timeout=self.wait_timeout, events=self.events, t0=t0
+                )
                 if isinstance(got, Lease):
                     lease = got
                 elif got is not None:
@@ -180,59 +182,6 @@ class EngineCache:
         if not isinstance(blob, bytes | bytearray | memoryview):
             raise TypeError(f"the builder must return bytes, got {type(blob).__name__}")
         return bytes(blob)
-
-    def _lease_or_entry(self, key: CacheKey, t0: float) -> Lease | tuple[bytes, Manifest] | None:
-        """Take the shared build lease, or wait until its holder publishes the entry.
-
-        Returns the lease, the published (blob, manifest), or None when the shared store failed
-        (then the caller builds without a lease).
-        """
-        shared = self.shared
-        if shared is None:  # pragma: no cover - guarded by the caller
-            return None
-        seen: bytes | None = None
-        seen_since = time.monotonic()
-        deadline = time.monotonic() + self.wait_timeout
-        waited = False
-        try:
-            for delay in backoff(cap=min(1.0, self.lease_ttl / 4)):
-                lease = shared.try_lease(key.id, self.lease_ttl)
-                if lease is not None:
-                    if waited:
-                        # The holder may have published just before releasing.
-                        found = shared.lookup(key)
-                        if found is not None:
-                            lease.release()
-                            emit(self.events.hit, shared.name)
-                            return found
-                    return lease
-                if not waited:
-                    waited = True
-                    logger.info("another node is building %s; waiting", key.short)
-                found = shared.lookup(key)
-                if found is not None:
-                    emit(self.events.waited, time.perf_counter() - t0)
-                    return found
-                if not shared.available:
-                    return None
-                state = shared.lease_state(key.id)
-                now = time.monotonic()
-                if state != seen:
-                    seen, seen_since = state, now
-                elif state is not None and now - seen_since > self.lease_ttl:
-                    logger.warning(
-                        "lease on %s not renewed for %.0fs; taking over the build", key.short, now - seen_since
-                    )
-                    shared.break_lease(key.id, state)
-                    emit(self.events.lease_takeover)
-                    continue
-                if now > deadline:
-                    raise LeaseTimeout(f"waited {self.wait_timeout:.0f}s for another node to build {key.short}")
-                time.sleep(delay)
-        except StoreUnavailable as e:
-            logger.warning("shared cache failed while waiting for %s; building locally: %s", key.short, e)
-            return None
-        return None  # pragma: no cover
 
     def close(self) -> None:
         for tier in self.tiers:

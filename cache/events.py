@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import ParamSpec
+
+logger = logging.getLogger(__name__)
+P = ParamSpec("P")
+
 
 class CacheEvents:
     """No-op base: subclass and override what you want to count. A hook must never raise."""
@@ -19,3 +26,12 @@ class CacheEvents:
 
 
 NO_EVENTS = CacheEvents()
+
+
+def emit(hook: Callable[P, None], *args: P.args, **kwargs: P.kwargs) -> None:
+    """Call a hook (a `CacheEvents` method, so its arguments are type-checked); a failing hook is logged,
+    never raised into a cache operation."""
+    try:
+        hook(*args, **kwargs)
+    except Exception:  # a failing metrics hook never fails a cache operation (logged below)
+        logger.exception("cache event hook %s failed", getattr(hook, "__name__", hook))

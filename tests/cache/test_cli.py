@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.cache.helpers import key, make_cache
-from warmserve.cache.tier import _entry
+from warmserve.cache.layout import entry_path
 
 
 def warmserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -40,10 +40,10 @@ def test_ls_stats_verify_evict_gc(tmp_path: Path) -> None:
 
     # Flip one byte of one blob: verify names it and exits 1.
     store = cache.local.store
-    blob = next(n for n in store.listdir(_entry(key(1).id)) if n.startswith("blob-"))
-    data = bytearray(store.read(_entry(key(1).id, blob)))
+    blob = next(n for n in store.listdir(entry_path(key(1).id)) if n.startswith("blob-"))
+    data = bytearray(store.read(entry_path(key(1).id, blob)))
     data[0] ^= 0xFF
-    store.write(_entry(key(1).id, blob), bytes(data))
+    store.write(entry_path(key(1).id, blob), bytes(data))
     bad = warmserve("cache", "verify", *d, "--json")
     assert bad.returncode == 1
     assert len(bad.stdout.splitlines()) == 1  # machine output: one JSON document per line

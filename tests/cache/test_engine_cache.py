@@ -13,8 +13,9 @@ import pytest
 from tests.cache import workers
 from tests.cache.helpers import key, make_cache
 from tests.servers import SeaweedFS, seaweedfs
-from warmserve.cache import CacheKey, InvalidKey, LeaseTimeout
-from warmserve.cache.tier import _entry
+from warmserve.cache import CacheKey, InvalidKey, LeaseTimeout, maintenance
+from warmserve.cache.layout import entry_path
+from warmserve.cache.leases import lease_state
 
 spawn = mp.get_context("spawn")
 
@@ -137,17 +138,18 @@ def test_kill_9_builder_lease_expires_and_a_waiter_builds(tmp_path: Path, s3_ser
     victim.join()
 
     node_b, events = make_cache(tmp_path / "b", s3_url, opts, lease_ttl=2)
-    assert node_b.shared is not None and node_b.shared.lease_state(key("k").id) is not None  # the dead man's lease
+    assert node_b.shared is not None
+    assert lease_state(node_b.shared.store, key("k").id) is not None  # the dead man's lease
     assert node_b.shared.lookup(key("k")) is None  # no partial entry visible
     t0 = time.monotonic()
     got = node_b.get_or_build(key("k"), lambda: b"rebuilt")
     assert got.outcome == "built" and got.blob == b"rebuilt"
     assert time.monotonic() - t0 >= 2  # waited for the lease to go stale...
     assert events.counts[("lease_takeover",)] == 1  # ...then took it over
-    assert node_b.shared.lease_state(key("k").id) is None  # and released it
+    assert lease_state(node_b.shared.store, key("k").id) is None  # and released it
 
 
-def test_kill_9_mid_write_never_shows_a_partial_entry(tmp_path: Path) -> None:
+def test_kill_9_mid_write_never_shows_a_partialentry_path(tmp_path: Path) -> None:
     cache, events = make_cache(tmp_path, local_budget=None)
     for attempt in range(5):
         proc = spawn.Process(target=workers.publish_forever, args=(str(tmp_path), 8 * 2**20))
@@ -161,8 +163,13 @@ def test_kill_9_mid_write_never_shows_a_partial_entry(tmp_path: Path) -> None:
                 blob, _manifest = found
                 assert len(blob) == 8 * 2**20 and blob == blob[:1] * len(blob)
     assert events.total("refused") == 0
-    cache.local.gc(older_than=0)  # temp files of the killed writers
-    leftovers = [n for k in cache.local.key_ids() for n in cache.local.store.listdir(_entry(k)) if n.startswith(".tmp")]
+    maintenance.gc(cache.local.store, older_than=0)  # temp files of the killed writers
+    leftovers = [
+        n
+        for k in maintenance.key_ids(cache.local.store)
+        for n in cache.local.store.listdir(entry_path(k))
+        if n.startswith(".tmp")
+    ]
     assert leftovers == []
 
 
@@ -176,7 +183,7 @@ def test_lru_eviction_with_two_processes_sharing_the_directory(tmp_path: Path) -
     with spawn.Pool(1) as pool:
         assert pool.apply(workers.touch_entry, (str(tmp_path), 0)) is True
     cache.local.publish(key(3), b"\x03" * mib)  # over budget: the least recently *used* (1) goes
-    remaining = sorted(cache.local.key_ids())
+    remaining = sorted(maintenance.key_ids(cache.local.store))
     assert remaining == sorted(key(n).id for n in (0, 2, 3))
     assert events.counts[("evicted", "local")] == 1
 
@@ -194,14 +201,14 @@ def test_an_entry_being_read_is_not_evicted(tmp_path: Path) -> None:
         time.sleep(0.02)
     cache.local.publish(key(2), b"\x02" * mib)  # LRU would pick 0, but it is being read: 1 goes
     reader.join()
-    assert sorted(cache.local.key_ids()) == sorted([key(0).id, key(2).id])
+    assert sorted(maintenance.key_ids(cache.local.store)) == sorted([key(0).id, key(2).id])
 
 
 def test_too_large_for_the_budget_is_served_not_stored(tmp_path: Path) -> None:
     cache, events = make_cache(tmp_path, local_budget=100)
     got = cache.get_or_build(key(1), lambda: b"x" * 1000)
     assert got.outcome == "built" and len(got.blob) == 1000
-    assert cache.local.key_ids() == []
+    assert maintenance.key_ids(cache.local.store) == []
     assert events.counts[("refused", "local", "too-large")] == 1
 
 

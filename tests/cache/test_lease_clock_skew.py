@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.cache.helpers import key, make_cache
+from warmserve.cache.leases import try_lease
 from warmserve.cache.stores import open_store
 from warmserve.cache.tier import Tier
 
@@ -23,10 +24,10 @@ def test_a_live_holder_with_a_skewed_clock_keeps_its_lease(
     waiter, events = make_cache(tmp_path / "b", f"file://{shared}", lease_ttl=1.0)
     assert holder.shared is not None and waiter.shared is not None
     real_time = time.time
-    monkeypatch.setattr("warmserve.cache.tier.time.time", lambda: real_time() + skew)  # the holder's lease docs lie
-    lease = holder.shared.try_lease(key(1).id, ttl=1.0)
+    monkeypatch.setattr("warmserve.cache.leases.time.time", lambda: real_time() + skew)  # the holder's lease docs lie
+    lease = try_lease(holder.shared.store, key(1).id, ttl=1.0)
     assert lease is not None
-    monkeypatch.setattr("warmserve.cache.tier.time.time", real_time)
+    monkeypatch.setattr("warmserve.cache.leases.time.time", real_time)
     built = threading.Event()
 
     def publish_later() -> None:

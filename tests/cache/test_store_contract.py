@@ -7,9 +7,10 @@ import time
 import pytest
 
 from tests.cache.helpers import RecordingEvents, key
-from warmserve.cache import CacheCorrupt, CacheKey, InvalidKey, Tier
+from warmserve.cache import CacheCorrupt, CacheKey, InvalidKey, Tier, maintenance
+from warmserve.cache.layout import MANIFEST, QUARANTINE, entry_path
+from warmserve.cache.leases import try_lease
 from warmserve.cache.stores import Store
-from warmserve.cache.tier import MANIFEST, QUARANTINE, _entry
 
 
 def test_read_missing_is_file_not_found(store: Store) -> None:
@@ -79,25 +80,25 @@ def test_publish_then_lookup(store: Store) -> None:
     assert found is not None and found[0] == b"engine bytes"
     assert found[1].key == key(1).doc and found[1].backend == "aoti"
     assert tier.lookup(key(2)) is None
-    assert tier.verify(key(1).id) is None
+    assert maintenance.verify(tier.store, key(1).id, tier.signing_key) is None
 
 
 def _corrupt(store: Store, k: CacheKey, how: str) -> None:
-    names = store.listdir(_entry(k.id))
+    names = store.listdir(entry_path(k.id))
     blob = next(n for n in names if n.startswith("blob-"))
-    data = bytearray(store.read(_entry(k.id, blob)))
+    data = bytearray(store.read(entry_path(k.id, blob)))
     if how == "flip":
         data[len(data) // 2] ^= 0x01
-        store.write(_entry(k.id, blob), bytes(data))
+        store.write(entry_path(k.id, blob), bytes(data))
     elif how == "truncate":
-        store.write(_entry(k.id, blob), bytes(data[:-3]))
+        store.write(entry_path(k.id, blob), bytes(data[:-3]))
     elif how == "foreign":
-        other = store.read(_entry(key("other").id, MANIFEST))
-        store.write(_entry(k.id, MANIFEST), other)
+        other = store.read(entry_path(key("other").id, MANIFEST))
+        store.write(entry_path(k.id, MANIFEST), other)
     elif how == "garbage-manifest":
-        store.write(_entry(k.id, MANIFEST), b"{not json")
+        store.write(entry_path(k.id, MANIFEST), b"{not json")
     elif how == "missing-blob":
-        store.delete(_entry(k.id, blob))
+        store.delete(entry_path(k.id, blob))
 
 
 @pytest.mark.parametrize(
@@ -116,10 +117,10 @@ def test_bad_entries_are_refused_counted_and_quarantined(store: Store, how: str,
     tier.publish(key("other"), b"another entry")
     tier.publish(key(1), b"x" * 1000)
     _corrupt(store, key(1), how)
-    assert tier.verify(key(1).id) is not None
+    assert maintenance.verify(tier.store, key(1).id, tier.signing_key) is not None
     assert tier.lookup(key(1)) is None
     assert events.counts[("refused", "t", reason)] == 1
-    assert store.listdir(_entry(key(1).id)) == []  # moved aside...
+    assert store.listdir(entry_path(key(1).id)) == []  # moved aside...
     assert any(n.startswith(key(1).id) for n in store.listdir(QUARANTINE))  # ...not lost
     # The next publish makes the key whole again.
     tier.publish(key(1), b"rebuilt")
@@ -144,8 +145,8 @@ def test_signing_refuses_unsigned_and_forged_entries(store: Store) -> None:
 def test_signature_covers_the_manifest(store: Store) -> None:
     tier = Tier(store, "t", signing_key=b"k")
     tier.publish(key(1), b"payload")
-    raw = store.read(_entry(key(1).id, MANIFEST)).replace(b'"backend": ""', b'"backend": "evil"')
-    store.write(_entry(key(1).id, MANIFEST), raw)
+    raw = store.read(entry_path(key(1).id, MANIFEST)).replace(b'"backend": ""', b'"backend": "evil"')
+    store.write(entry_path(key(1).id, MANIFEST), raw)
     with pytest.raises(CacheCorrupt):
         from warmserve.cache.manifest import Manifest
 
@@ -156,24 +157,24 @@ def test_signature_covers_the_manifest(store: Store) -> None:
 def test_gc_removes_leftovers(store: Store) -> None:
     tier = Tier(store, "t")
     tier.publish(key(1), b"good")
-    store.write(_entry(key(2).id, "blob-" + "0" * 64), b"orphan of a crashed writer")
+    store.write(entry_path(key(2).id, "blob-" + "0" * 64), b"orphan of a crashed writer")
     store.write(f"{QUARANTINE}/x/manifest.json", b"{}")
-    counts = tier.gc(older_than=0)
+    counts = maintenance.gc(tier.store, older_than=0)
     assert counts["incomplete_entries"] == 1 and counts["quarantined"] == 1
     assert tier.lookup(key(1)) is not None
     assert tier.lookup(key(2)) is None
-    assert store.listdir(_entry(key(2).id)) == []  # the crashed writer's blob is gone
+    assert store.listdir(entry_path(key(2).id)) == []  # the crashed writer's blob is gone
     # Quarantine is emptied (some S3 servers keep an empty "directory" name: no files under it).
     assert all(store.listdir(f"{QUARANTINE}/{n}") == [] for n in store.listdir(QUARANTINE))
-    assert [e.key_id for e in tier.entries()] == [key(1).id]
+    assert [e.key_id for e in maintenance.entries(tier.store)] == [key(1).id]
 
 
 def test_leases_are_exclusive_and_released(store: Store) -> None:
     tier = Tier(store, "t")
-    lease = tier.try_lease(key(1).id, ttl=30)
+    lease = try_lease(tier.store, key(1).id, ttl=30)
     assert lease is not None
-    assert tier.try_lease(key(1).id, ttl=30) is None
+    assert try_lease(tier.store, key(1).id, ttl=30) is None
     lease.release()
-    again = tier.try_lease(key(1).id, ttl=30)
+    again = try_lease(tier.store, key(1).id, ttl=30)
     assert again is not None
     again.release()

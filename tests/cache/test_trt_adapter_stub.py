@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.cache.helpers import make_cache
+from warmserve.cache import maintenance
 from warmserve.cache.trt import engine_cache_adapter, node_arguments_digest
 
 
@@ -82,7 +83,7 @@ def test_insert_and_check_go_through_the_verified_tiers(stub_torch_tensorrt: Non
     assert adapter.check(h) is None
     adapter.insert(h, (b"serialized engine", ["x"], ["y"]))
     assert adapter.check(h) == (b"serialized engine", ["x"], ["y"])
-    entry = cache.local.entries()[0]
+    entry = maintenance.entries(cache.local.store)[0]
     assert entry.manifest is not None and entry.manifest.key["kind"] == "torch_tensorrt_engine"
     assert entry.manifest.versions["tensorrt"] == "10.15.1-stub"
     # A tampered blob is never unpickled: the adapter reports a miss.

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.cache.helpers import key, make_cache
+from warmserve.cache import maintenance
 
 
 def build_log_append(log: Path, what: str) -> None:
@@ -102,4 +103,4 @@ def full_filesystem(l1: str, l2: str) -> dict[str, Any]:
 def _names(tier: Any) -> list[str]:
     """The committed entries of a tier, by the names the scenario gave their keys."""
     names = {key(n).id: n for n in "abcd"}
-    return sorted(names.get(e.key_id, e.key_id) for e in tier.entries() if e.manifest is not None)
+    return sorted(names.get(e.key_id, e.key_id) for e in maintenance.entries(tier.store) if e.manifest is not None)

@@ -21,6 +21,7 @@ import torch
 from tests.e2e.cluster import RayCluster
 from tests.e2e.helpers import TINY, deploy_versions, infer, rollout
 from tests.servers import SeaweedFS
+from warmserve.cache import maintenance
 from warmserve.cache.stores.remote import FsspecStore
 from warmserve.serve.weights import save_weights
 
@@ -92,8 +93,8 @@ def test_replica_killed_during_a_build_another_takes_over_the_lease(
     )
     shared = EngineCache.from_config(config).shared
     assert shared is not None
-    entries = shared.entries()
-    assert len(entries) == 1 and shared.verify(entries[0].key_id) is None
+    entries = maintenance.entries(shared.store)
+    assert len(entries) == 1 and maintenance.verify(shared.store, entries[0].key_id, shared.signing_key) is None
 
 
 def test_replica_killed_during_a_rollout(cluster: RayCluster, tmp_path: Path) -> None:

@@ -458,14 +458,8 @@ def test_a_slow_weights_read_never_stops_serving(cluster: RayCluster, tmp_path: 
     payload = (tmp_path / "v2.safetensors").read_bytes()
     os.mkfifo(tmp_path / "slow.safetensors")  # a read that blocks until someone writes: the slowest store
     cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
-    cmd = [
-        sys.executable,
-        "-m",
-        "warmserve.deployments.cli",
-        "rollout",
-        "--weights",
-        str(tmp_path / "slow.safetensors"),
-    ]
+    slow = str(tmp_path / "slow.safetensors")
+    cmd = [sys.executable, "-m", "warmserve.deployments.cli", "rollout", "--weights", slow]
     cmd += ["--version", "v2", "--sha256", hashlib.sha256(payload).hexdigest(), "--address", cluster.dashboard]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **cluster.auth_env}

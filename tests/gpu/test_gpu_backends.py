@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from warmserve.cache import CacheConfig
+from warmserve.cache import CacheConfig, maintenance
 from warmserve.serve.model import build_model
 from warmserve.serve.spec import InputSpec, ModelSpec
 from warmserve.serve.weights import demo_weights
@@ -123,7 +123,7 @@ def test_tensorrt_engines_land_in_warmserve_cache(tmp_path: Path) -> None:
     Worker(SPEC, backend="tensorrt", device="cuda", cache_config=config).start()
     from warmserve.cache import EngineCache
 
-    entries = EngineCache.from_config(config).local.entries()
+    entries = maintenance.entries(EngineCache.from_config(config).local.store)
     kinds = {e.manifest.key.get("kind") for e in entries if e.manifest}
     assert "torch_tensorrt_engine" in kinds  # per-subgraph engines through the adapter
     assert any(e.manifest and e.manifest.backend == "tensorrt" for e in entries)  # the whole-model artifact
