@@ -14,7 +14,7 @@ from warmserve.cache.errors import (
 )
 from warmserve.cache.events import CacheEvents
 from warmserve.cache.keys import CacheKey
-from warmserve.cache.manifest import Manifest
+from warmserve.cache.manifest import Manifest, Provenance
 from warmserve.cache.tier import Tier
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "InvalidKey",
     "LeaseTimeout",
     "Manifest",
+    "Provenance",
     "StoreFull",
     "StoreUnavailable",
     "Tier",

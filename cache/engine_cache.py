@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from warmserve.cache.config import CacheConfig
 from warmserve.cache.events import NO_EVENTS, CacheEvents, emit
 from warmserve.cache.keys import CacheKey
 from warmserve.cache.leases import Lease, lease_or_entry
 from warmserve.cache.locks import BuildLock
-from warmserve.cache.manifest import Manifest
+from warmserve.cache.manifest import Manifest, Provenance
 from warmserve.cache.stores import open_store
 from warmserve.cache.stores.local import LocalStore
 from warmserve.cache.tier import Tier
@@ -99,7 +99,7 @@ class EngineCache:
             if found is not None:
                 emit(self.events.hit, self.shared.name)
                 blob, manifest = found
-                self.local.publish(key, blob, backend=manifest.backend, versions=manifest.versions, meta=manifest.meta)
+                self.local.publish(key, blob, manifest.provenance)
                 return blob, manifest, self.shared.name
         return None
 
@@ -107,25 +107,19 @@ class EngineCache:
         self,
         key: CacheKey,
         blob: bytes,
-        *,
-        backend: str = "",
-        versions: Mapping[str, str] | None = None,
-        meta: Mapping[str, Any] | None = None,
+        provenance: Provenance | None = None,
     ) -> Manifest | None:
         """Publish to L2 first (other nodes can use it at once), then L1. Store failures are logged."""
         manifest = None
         for tier in reversed(self.tiers):
-            manifest = tier.publish(key, blob, backend=backend, versions=versions, meta=meta) or manifest
+            manifest = tier.publish(key, blob, provenance) or manifest
         return manifest
 
     def get_or_build(
         self,
         key: CacheKey,
         build: Callable[[], bytes],
-        *,
-        backend: str = "",
-        versions: Mapping[str, str] | None = None,
-        meta: Mapping[str, Any] | None = None,
+        provenance: Provenance | None = None,
     ) -> Fetched:
         """Return the entry for ``key``, building it with ``build()`` only if no process has it.
 
@@ -144,7 +138,7 @@ class EngineCache:
         emit(self.events.miss)
         if not self.single_flight:
             blob = self._build(build)
-            return done(blob, "built", self.put(key, blob, backend=backend, versions=versions, meta=meta))
+            return done(blob, "built", self.put(key, blob, provenance))
 
         lock = BuildLock(self._builds.build_lock_path(key.id))
         waited = lock.acquire(self.wait_timeout)
@@ -163,13 +157,11 @@ class EngineCache:
                     lease = got
                 elif got is not None:
                     blob, manifest = got
-                    self.local.publish(
-                        key, blob, backend=manifest.backend, versions=manifest.versions, meta=manifest.meta
-                    )
+                    self.local.publish(key, blob, manifest.provenance)
                     return done(blob, "waited", manifest)
-            logger.info("building %s entry %s", backend or "cache", key.short)
+            logger.info("building %s entry %s", (provenance and provenance.backend) or "cache", key.short)
             blob = self._build(build)
-            published = self.put(key, blob, backend=backend, versions=versions, meta=meta)
+            published = self.put(key, blob, provenance)
             return done(blob, "built", published)
         finally:
             if lease is not None:

@@ -24,6 +24,15 @@ def producer() -> str:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """What made a blob, kept in its manifest: the backend, the versions of what built it, and free notes."""
+
+    backend: str = ""
+    versions: Mapping[str, str] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The commit point of an entry: written after its blob, read before it."""
 
@@ -40,15 +49,8 @@ class Manifest:
     signature: str | None = None
 
     @classmethod
-    def for_blob(
-        cls,
-        key: CacheKey,
-        blob: bytes | memoryview,
-        *,
-        backend: str = "",
-        versions: Mapping[str, str] | None = None,
-        meta: Mapping[str, Any] | None = None,
-    ) -> Manifest:
+    def for_blob(cls, key: CacheKey, blob: bytes | memoryview, provenance: Provenance | None = None) -> Manifest:
+        made = provenance or Provenance()
         return cls(
             key_id=key.id,
             key=key.doc,
@@ -56,10 +58,14 @@ class Manifest:
             size=len(blob),
             created=time.time(),
             producer=producer(),
-            backend=backend,
-            versions=dict(versions or {}),
-            meta=dict(meta or {}),
+            backend=made.backend,
+            versions=dict(made.versions),
+            meta=dict(made.meta),
         )
+
+    @property
+    def provenance(self) -> Provenance:
+        return Provenance(self.backend, self.versions, self.meta)
 
     def _signed_part(self) -> bytes:
         doc = asdict(self)

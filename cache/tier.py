@@ -11,15 +11,13 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
 
 from warmserve.cache.errors import CacheCorrupt, StoreFull, StoreUnavailable
 from warmserve.cache.events import NO_EVENTS, CacheEvents, emit
 from warmserve.cache.keys import CacheKey
 from warmserve.cache.layout import BLOB_PREFIX, MANIFEST, QUARANTINE, USED, entry_path
 from warmserve.cache.maintenance import checked, entries
-from warmserve.cache.manifest import Manifest
+from warmserve.cache.manifest import Manifest, Provenance
 from warmserve.cache.stores.base import Store
 
 logger = logging.getLogger(__name__)
@@ -124,10 +122,7 @@ class Tier:
         self,
         key: CacheKey,
         blob: bytes,
-        *,
-        backend: str = "",
-        versions: Mapping[str, str] | None = None,
-        meta: Mapping[str, Any] | None = None,
+        provenance: Provenance | None = None,
     ) -> Manifest | None:
         """Write blob, then manifest (the commit point). Returns None if the entry was not stored."""
         if not self.available:
@@ -142,7 +137,7 @@ class Tier:
             )
             emit(self.events.refused, self.name, "too-large")
             return None
-        manifest = Manifest.for_blob(key, blob, backend=backend, versions=versions, meta=meta)
+        manifest = Manifest.for_blob(key, blob, provenance)
         if self.signing_key is not None:
             manifest = manifest.signed(self.signing_key)
         t0 = time.perf_counter()

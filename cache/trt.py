@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from warmserve.cache.engine_cache import EngineCache
 from warmserve.cache.keys import CacheKey
+from warmserve.cache.manifest import Provenance
 
 if TYPE_CHECKING:
     import torch
@@ -96,7 +97,7 @@ def engine_cache_adapter(cache: EngineCache, extra: Mapping[str, Any] | None = N
             return self._keys.get(hash) or CacheKey.from_doc({"kind": "torch_tensorrt_engine", "hash": hash})
 
         def save(self, hash: str, blob: bytes, *args: Any, **kwargs: Any) -> None:
-            self.cache.put(self._key(hash), blob, backend="tensorrt-engine", versions=platform)
+            self.cache.put(self._key(hash), blob, Provenance("tensorrt-engine", platform))
 
         def load(self, hash: str, *args: Any, **kwargs: Any) -> bytes | None:
             found = self.cache.get(self._key(hash))

@@ -19,6 +19,7 @@ from torch import nn
 from warmserve.cache.config import CacheConfig
 from warmserve.cache.engine_cache import EngineCache
 from warmserve.cache.keys import CacheKey
+from warmserve.cache.manifest import Provenance
 from warmserve.serve import backends, fence
 from warmserve.serve.backends.base import Backend, Engine, device_doc
 from warmserve.serve.errors import BackendUnavailable, InputError, NotReady, RefitError, ToolchainChanged, WeightsError
@@ -310,9 +311,7 @@ class Worker:
                     fetched = self.cache.get_or_build(
                         key,
                         functools.partial(self._build, model, key),
-                        backend=self.backend.name,
-                        versions=self.backend.versions(),
-                        meta={"model": self.spec.model},
+                        Provenance(self.backend.name, self.backend.versions(), {"model": self.spec.model}),
                     )
                 return key, fetched.outcome, fetched.blob
             except ToolchainChanged as e:  # the compiler check chose another compiler: key again (it is kept)

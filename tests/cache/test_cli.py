@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tests.cache.helpers import key, make_cache
 from warmserve.cache.layout import entry_path
+from warmserve.cache.manifest import Provenance
 
 
 def warmserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -21,7 +22,7 @@ def warmserve(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 def test_ls_stats_verify_evict_gc(tmp_path: Path) -> None:
     cache, _ = make_cache(tmp_path)
     for n in range(3):
-        cache.get_or_build(key(n), lambda n=n: b"e" * (1000 + n), backend="aoti")
+        cache.get_or_build(key(n), lambda n=n: b"e" * (1000 + n), Provenance("aoti"))
     d = ["--cache-dir", str(tmp_path)]
 
     ls = warmserve("cache", "ls", *d)
@@ -103,7 +104,7 @@ def test_verify_moves_damaged_entries_only(tmp_path: Path) -> None:
     """An operator whose signing key differs from the replicas' sees every entry as BAD, but verify must not
     empty the store for every node: signature problems are reported, not quarantined."""
     cache, _ = make_cache(tmp_path, signing_key=b"the replicas' key")
-    cache.get_or_build(key(1), lambda: b"engine bytes", backend="aoti")
+    cache.get_or_build(key(1), lambda: b"engine bytes", Provenance("aoti"))
     other = {**os.environ, "WARMSERVE_SIGNING_KEY": "another key"}
     bad = warmserve("cache", "verify", "--cache-dir", str(tmp_path), env=other)
     assert bad.returncode == 1 and "signature" in bad.stdout and "quarantine" not in bad.stdout

@@ -16,6 +16,7 @@ from tests.servers import SeaweedFS, seaweedfs
 from warmserve.cache import CacheKey, InvalidKey, LeaseTimeout, maintenance
 from warmserve.cache.layout import entry_path
 from warmserve.cache.leases import lease_state
+from warmserve.cache.manifest import Provenance
 
 spawn = mp.get_context("spawn")
 
@@ -24,7 +25,7 @@ def test_outcomes_local_then_shared(tmp_path: Path, s3_server: SeaweedFS, s3_url
     opts = s3_server.storage_options()
     node_a, ev_a = make_cache(tmp_path / "a", s3_url, opts)
     node_b, ev_b = make_cache(tmp_path / "b", s3_url, opts)
-    built = node_a.get_or_build(key(1), lambda: b"engine", backend="aoti", versions={"torch": "t"})
+    built = node_a.get_or_build(key(1), lambda: b"engine", Provenance("aoti", {"torch": "t"}))
     assert built.outcome == "built" and built.blob == b"engine"
     assert node_a.get_or_build(key(1), lambda: b"never").outcome == "local-hit"
     shared = node_b.get_or_build(key(1), lambda: b"never")

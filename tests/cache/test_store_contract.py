@@ -10,6 +10,7 @@ from tests.cache.helpers import RecordingEvents, key
 from warmserve.cache import CacheCorrupt, CacheKey, InvalidKey, Tier, maintenance
 from warmserve.cache.layout import MANIFEST, QUARANTINE, entry_path
 from warmserve.cache.leases import try_lease
+from warmserve.cache.manifest import Provenance
 from warmserve.cache.stores import Store
 
 
@@ -74,7 +75,7 @@ def test_paths_cannot_escape(store: Store, bad: str) -> None:
 
 def test_publish_then_lookup(store: Store) -> None:
     tier = Tier(store, "t")
-    manifest = tier.publish(key(1), b"engine bytes", backend="aoti", versions={"torch": "x"})
+    manifest = tier.publish(key(1), b"engine bytes", Provenance("aoti", {"torch": "x"}))
     assert manifest is not None and manifest.size == 12
     found = tier.lookup(key(1))
     assert found is not None and found[0] == b"engine bytes"
