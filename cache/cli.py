@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +11,6 @@ from typing import Any
 from warmserve.cache import maintenance
 from warmserve.cache.config import CacheConfig
 from warmserve.cache.engine_cache import EngineCache
-from warmserve.cache.errors import CacheError
 from warmserve.cache.keys import check_key_id
 from warmserve.cache.layout import LEASES, QUARANTINE
 from warmserve.cache.tier import Tier
@@ -90,20 +88,14 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = config_from_args(args)
-        if not config.cache_dir.is_dir():
-            print(
-                f"error: there is no cache directory at {config.cache_dir} (nothing was cached there); "
-                "--cache-dir or $WARMSERVE_CACHE_DIR names the directory replicas use",
-                file=sys.stderr,
-            )
-            return 2
-        cache = EngineCache.from_config(config)
-        return _run(args, cache)
-    except (CacheError, ValueError) as e:  # CacheError covers bad keys, stores, corrupt entries
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """One verb; its errors end the command at the one boundary of `warmserve` (warmserve.deployments.cli)."""
+    config = config_from_args(args)
+    if not config.cache_dir.is_dir():
+        raise FileNotFoundError(
+            f"there is no cache directory at {config.cache_dir} (nothing was cached there); "
+            "--cache-dir or $WARMSERVE_CACHE_DIR names the directory replicas use"
+        )
+    return _run(args, EngineCache.from_config(config))
 
 
 Records = list[dict[str, Any]]

@@ -21,6 +21,10 @@ def parser(cache_only: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="warmserve",
         description="Serve PyTorch models on Ray Serve with a shared warm-start engine cache.",
+        epilog="Exit codes, every command: 0 done; 1 a check failed (a refused rollout, a bad cache entry, an engine "
+        "that does not match eager); 2 usage or configuration (a wrong model, weights or option); 3 something "
+        "unreachable or refusing (a store, the Ray dashboard, its token). An error is one line on stderr, and with "
+        '--json also one JSON line on stdout: {"error": ..., "exit_code": ...}.',
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -70,7 +74,7 @@ def add_run_parser(sub: Any) -> None:
         "--replicas",
         type=_positive,
         metavar="N",
-        help="fixed replica count (default: on a GPU host, one replica per 2 cores, at most 8 per GPU, sharing it; "
+        help="fixed replica count (default: on a GPU host, 3 replicas per 4 cores, at most 12 per GPU, sharing it; "
         "on a CPU, the config's autoscaling)",
     )
     p.add_argument(
@@ -168,23 +172,14 @@ def run_service(args: argparse.Namespace) -> int:
     import yaml
 
     from warmserve.deployments import runner
-    from warmserve.deployments.errors import ServiceError
 
-    try:
-        config, notes, ingress = effective_config(args)
-    except (ServiceError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config, notes, ingress = effective_config(args)
     if args.print_config:
         for note in notes:
             print(f"# {note}")
         print(yaml.safe_dump(config, sort_keys=False))
         return 0
-    try:
-        return runner.serve(config, verbose=args.verbose > 0, ingress=ingress, notes=notes)
-    except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return runner.serve(config, verbose=args.verbose > 0, ingress=ingress, notes=notes)
 
 
 def add_rollout_parser(sub: Any) -> None:
@@ -227,7 +222,6 @@ def add_rollout_parser(sub: Any) -> None:
 def run_rollout(args: argparse.Namespace) -> int:
     import signal
 
-    from warmserve.deployments.errors import ServiceError
     from warmserve.deployments.rollout import rollout
 
     def interrupt(signum: int, frame: Any) -> None:
@@ -246,9 +240,6 @@ def run_rollout(args: argparse.Namespace) -> int:
             sha256=args.sha256,
             check=args.http != "",
         )
-    except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted before the rollout began; nothing was changed", file=sys.stderr)
         return 1
@@ -260,15 +251,51 @@ def run_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def exit_code(e: BaseException) -> int | None:
+    """The exit status of an error that ends a command (see the root parser's epilog): the error's own
+    ``exit_code``, else that of the most specific class in its MRO listed below; None for anything else, a bug,
+    which keeps its traceback."""
+    from warmserve.cache import errors as cache
+    from warmserve.serve import errors as serve
+
+    own = getattr(e, "exit_code", None)
+    if isinstance(own, int):
+        return own
+    requests = sys.modules.get("requests")  # loaded by whatever made the HTTP call
+    if requests is not None and isinstance(e, requests.RequestException):
+        return 3
+    codes: dict[type[BaseException], int] = {
+        cache.StoreUnavailable: 3,
+        ConnectionError: 3,
+        cache.UntrustedCache: 2,
+        cache.InvalidKey: 2,
+        cache.UnknownStore: 2,
+        FileNotFoundError: 2,  # a path the operator gave
+        cache.CacheError: 1,  # a corrupt entry, a build waited for in vain
+        serve.RefitError: 1,
+        serve.WarmserveError: 2,  # model, weights, backend, input: what the operator gave
+        ValueError: 2,
+    }
+    return next((codes[c] for c in type(e).__mro__ if c in codes), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     command = next((w for w in words if not w.startswith("-")), None)
     args = parser(cache_only=command == "cache").parse_args(words)
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "cache":
-        return cache_cli.run(args)
-    return int(args.func(args))
+    try:
+        return cache_cli.run(args) if args.command == "cache" else int(args.func(args))
+    except Exception as e:  # the one error boundary of every command
+        code = exit_code(e)
+        if code is None:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        if getattr(args, "json", False):
+            print(json.dumps({"error": message, "exit_code": code}))
+        print(f"error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ import sys
 from typing import Any
 
 from warmserve.cache import cli as cache_cli
-from warmserve.cache.errors import CacheError
 from warmserve.serve import backends
-from warmserve.serve.errors import WarmserveError
 from warmserve.serve.metrics import Metrics, PrometheusSink
 from warmserve.serve.progress import Progress
 from warmserve.serve.spec import InputSpec, ModelSpec, parse_batch, parse_shape
@@ -82,23 +80,19 @@ def run_build(args: argparse.Namespace) -> int:
         import prometheus_client
 
         prometheus_client.start_http_server(args.metrics_port, addr="127.0.0.1", registry=sink.registry)
-    try:
-        spec = spec_from_args(args)
-        config = CacheConfig.load(cache_dir=args.cache_dir, shared_url=args.shared_cache)
-        worker = Worker(
-            spec,
-            backend=args.backend,
-            device=args.device,
-            cache_config=config,
-            metrics=Metrics(sink),
-            verify=not args.no_verify,
-        )
-        what = f"preparing {spec.model} ({worker.backend.name} on {worker.device})"
-        with Progress(what, stream=sys.stderr):
-            report = worker.start()
-    except (WarmserveError, CacheError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    spec = spec_from_args(args)  # errors end the command at its one boundary (warmserve.deployments.cli)
+    config = CacheConfig.load(cache_dir=args.cache_dir, shared_url=args.shared_cache)
+    worker = Worker(
+        spec,
+        backend=args.backend,
+        device=args.device,
+        cache_config=config,
+        metrics=Metrics(sink),
+        verify=not args.no_verify,
+    )
+    what = f"preparing {spec.model} ({worker.backend.name} on {worker.device})"
+    with Progress(what, stream=sys.stderr):
+        report = worker.start()
     if args.pushgateway:
         import prometheus_client
 

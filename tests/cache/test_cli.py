@@ -80,6 +80,10 @@ def test_bad_input_gets_a_clear_error(tmp_path: Path) -> None:
         r = warmserve("cache", verb, "--cache-dir", str(tmp_path / "does-not-exist"))
         assert r.returncode == 2 and "there is no cache directory at" in r.stderr, (verb, r.stdout)
     assert not (tmp_path / "does-not-exist").exists()
+    r = warmserve("cache", "ls", "--json", "--cache-dir", str(tmp_path / "does-not-exist"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert json.loads(r.stdout) == {"error": json.loads(r.stdout)["error"], "exit_code": 2}  # one JSON line
+    assert "there is no cache directory at" in json.loads(r.stdout)["error"] and len(r.stdout.splitlines()) == 1
 
 
 def test_help_answers() -> None:

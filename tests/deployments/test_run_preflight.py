@@ -165,3 +165,32 @@ def test_a_ray_task_error_is_reported_by_its_cause_on_one_line() -> None:
     want = "RuntimeError: HAProxy crashed during startup: [ALERT] (1) : Starting frontend stats: cannot bind"
     assert one_line(e) == want
     assert one_line(ValueError("")) == "ValueError"
+
+
+def test_every_command_maps_its_errors_to_the_documented_exit_codes() -> None:
+    """0 done, 1 a check failed, 2 usage or configuration, 3 unreachable or refusing; anything else is a bug
+    and keeps its traceback (None)."""
+    import requests
+
+    from warmserve.cache import errors as cache
+    from warmserve.deployments import errors as service
+    from warmserve.serve import errors as serve
+
+    assert cli.exit_code(cache.StoreUnavailable("s3 down")) == 3
+    assert cli.exit_code(cache.StoreFull("disk full")) == 3
+    assert cli.exit_code(service.DashboardError("no dashboard")) == 3
+    assert cli.exit_code(requests.ConnectionError("refused")) == 3
+    assert cli.exit_code(cache.UntrustedCache("no key")) == 2
+    assert cli.exit_code(cache.InvalidKey("../x")) == 2
+    assert cli.exit_code(cache.UnknownStore("nosuchproto")) == 2
+    assert cli.exit_code(serve.WeightsError("shapes")) == 2
+    assert cli.exit_code(serve.BackendUnavailable("no compiler")) == 2
+    assert cli.exit_code(service.VersionConflict("v2 taken")) == 2
+    assert cli.exit_code(service.StartError("port busy")) == 2
+    assert cli.exit_code(FileNotFoundError("no such config")) == 2
+    assert cli.exit_code(ValueError("bad option")) == 2
+    assert cli.exit_code(service.RolloutError("refused")) == 1
+    assert cli.exit_code(serve.RefitError("mismatch with eager")) == 1
+    assert cli.exit_code(cache.CacheCorrupt("bad digest", reason="digest")) == 1
+    assert cli.exit_code(cache.LeaseTimeout("waited")) == 1
+    assert cli.exit_code(RuntimeError("a bug")) is None and cli.exit_code(KeyError("k")) is None
