@@ -157,7 +157,7 @@ def decode_image(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
 
 def resize_crop(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """[C, H', W'] UINT8 pixels -> [C, h, w]: the short side resized to fit (bicubic with antialiasing, as PIL
-    resizes: within rounding of PIL's pixels, and 2-4x faster than PIL on the host), then the centre cropped.
+    resizes: within rounding of PIL's pixels, and 2-4x faster than PIL on the host), then cropped to the centre.
     The same on the host and on the device, so a photo's pixels do not depend on where it was decoded."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
