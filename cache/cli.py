@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from warmserve.cache import maintenance
-from warmserve.cache.config import CacheConfig
+from warmserve.cache.config import CACHE_SETTINGS, CacheConfig, add_options, given, resolve
 from warmserve.cache.engine_cache import EngineCache
 from warmserve.cache.keys import check_key_id
 from warmserve.cache.layout import LEASES, QUARANTINE
@@ -22,16 +22,11 @@ DAMAGED = {"digest", "size", "missing-blob", "foreign", "manifest", "format"}
 
 
 def add_cache_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--cache-dir", help="node-local cache directory (default: $WARMSERVE_CACHE_DIR or ~/.cache/warmserve)"
-    )
-    p.add_argument(
-        "--shared-cache", metavar="URL", help="shared store, e.g. s3://bucket/warmserve ($WARMSERVE_SHARED_CACHE)"
-    )
+    add_options(p, CACHE_SETTINGS, "cache")
 
 
 def config_from_args(args: argparse.Namespace) -> CacheConfig:
-    return CacheConfig.load(cache_dir=args.cache_dir, shared_url=args.shared_cache)
+    return CacheConfig.from_values(resolve(CACHE_SETTINGS, options=given(args, CACHE_SETTINGS)))
 
 
 def add_parser(sub: Any) -> None:

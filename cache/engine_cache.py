@@ -68,7 +68,7 @@ class EngineCache:
         shared = None
         if config.shared_url:
             shared = Tier(
-                open_store(config.shared_url, config.storage_options),
+                open_store(config.shared_url, config.store_options()),
                 "shared",
                 budget_bytes=config.shared_budget,
                 signing_key=config.signing_key,

@@ -18,13 +18,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from warmserve.cache.config import CacheConfig
 from warmserve.deployments import oip, oip_grpc
-from warmserve.deployments.auth import admin_token, authorized, rollout_problem
+from warmserve.deployments.auth import authorized, rollout_problem
 from warmserve.deployments.errors import BodyTooLarge, ModelNotFound, ReplicaStartError, Unauthorized
-from warmserve.deployments.settings import AppSettings
 from warmserve.serve.errors import InputError, NotReady
 from warmserve.serve.metrics import Metrics
+from warmserve.serve.settings import Settings
 from warmserve.serve.worker import SwapReport, Worker
 
 logger = logging.getLogger("warmserve.app")
@@ -222,17 +221,12 @@ class WarmModel:
         from warmserve.deployments.ray_metrics import RaySink
 
         logging.basicConfig(level=logging.INFO)
-        self.settings = AppSettings.from_mapping(args)
-        cache = CacheConfig.load(
-            cache_dir=self.settings.cache_dir,
-            shared_url=self.settings.shared_cache,
-            storage_options=self.settings.storage_options or None,
-        )
+        self.settings = Settings.load(args=args)  # the environment is read here, once
         self.worker = Worker(
             self.settings.model,
             backend=self.settings.backend,
             device=self.settings.device,
-            cache_config=cache,
+            cache_config=self.settings.cache,
             metrics=Metrics(RaySink()),
             verify=self.settings.verify,
         )
@@ -319,7 +313,7 @@ class WarmModel:
                 f"{start.weights_sha256[:16]}...), not {sha256[:16]}...: a version label names one content"
             )
         else:
-            problem = rollout_problem(config, admin_token())
+            problem = rollout_problem(config, self.settings.admin_token)
         if problem is None:
             self.last_swap = self.worker.swap_weights(str(weights), version, sha256=sha256)
             if self.last_swap.ok:
@@ -616,7 +610,7 @@ class WarmModel:
 
     @api.get("/v1/status", responses=errors(401))
     async def status(self, request: Request) -> dict[str, Any]:
-        if not authorized(request.headers.get("authorization"), admin_token()):
+        if not authorized(request.headers.get("authorization"), self.settings.admin_token):
             raise Unauthorized("this endpoint needs Authorization: Bearer <WARMSERVE_ADMIN_TOKEN>")
         return {
             "replica_pid": os.getpid(),
@@ -633,5 +627,5 @@ class WarmModel:
 
 def build_app(args: dict[str, Any]) -> Any:
     """Application builder for ``import_path: warmserve.deployments.app:build_app`` (config.yaml ``args``)."""
-    AppSettings.from_mapping(args)  # fail at deploy time, with the offending key, not in every replica
+    Settings.load(args=args)  # fail at deploy time, with the offending key, not in every replica
     return WarmModel.bind(args)  # type: ignore[attr-defined]

@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 from collections.abc import Mapping
 from typing import Any
 
 TOKEN_ENV = "WARMSERVE_ADMIN_TOKEN"
-
-
-def admin_token(environ: Mapping[str, str] | None = None) -> str | None:
-    return (os.environ if environ is None else environ).get(TOKEN_ENV) or None
 
 
 def sign_rollout(token: str, weights: str, version: str, sha256: str = "") -> str:

@@ -49,27 +49,15 @@ def add_run_parser(sub: Any) -> None:
         "below. With no options: resnet18 with seeded demo weights (random labels), the best backend here, a "
         "local cache directory. Mistakes (model, weights, backend, port, cache trust) are reported before Ray "
         "starts; a deployment that fails anyway ends the command with its reason (exit 1).",
-        epilog="After `warmserve rollout`, a restart serves the last rolled-out weights (recorded under the cache "
-        "directory) unless --weights or --no-resume is given.",
+        epilog="A setting comes from its option, else the config's application args (same names, with _), else "
+        "its variable, else its default. After `warmserve rollout`, a restart serves the last rolled-out weights "
+        "(recorded under the cache directory) unless --weights or --no-resume is given. " + _environment_help(),
     )
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file (default: the embedded one)")
-    p.add_argument("--model", help="torchvision:<name> or package.module:factory (default torchvision:resnet18)")
-    p.add_argument("--weights", metavar="URI", help="safetensors or torch state dict (default: seeded demo weights)")
-    p.add_argument("--weights-version", metavar="V", help="label of --weights (default v1)")
-    p.add_argument("--input-shape", metavar="C,H,W", help="input shape without the batch (default 3,224,224)")
-    p.add_argument("--batch", metavar="MIN:MAX", help="batch sizes the compiled engine takes (default 1:32)")
-    from warmserve.serve import backends
+    from warmserve.cache.config import add_options
+    from warmserve.serve.settings import SETTINGS
 
-    p.add_argument(
-        "--backend", choices=backends.NAMES, help="auto: tensorrt on a GPU with TensorRT, else aoti, else inductor"
-    )
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument(
-        "--cache-dir", metavar="DIR", help="node-local engine cache ($WARMSERVE_CACHE_DIR, ~/.cache/warmserve)"
-    )
-    p.add_argument(
-        "--shared-cache", metavar="URL", help="shared store, e.g. s3://bucket/warmserve ($WARMSERVE_SHARED_CACHE)"
-    )
+    add_options(p, SETTINGS, "run")
     p.add_argument(
         "--replicas",
         type=_positive,
@@ -96,7 +84,20 @@ def add_run_parser(sub: Any) -> None:
     )
     p.add_argument("--no-resume", action="store_true", help="serve the config's weights, not the last rollout's")
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="once ready, print one JSON line on stdout (url, model, backend, weights, start report); an error "
+        "is one JSON line too",
+    )
     p.set_defaults(func=run_service)
+
+
+def _environment_help() -> str:
+    from warmserve.cache.config import environment_help
+    from warmserve.serve.settings import SETTINGS
+
+    return environment_help(SETTINGS)
 
 
 def _positive(text: str) -> int:
@@ -112,20 +113,12 @@ def _positive(text: str) -> int:
 def effective_config(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], str]:
     """The config `warmserve run` deploys, what to tell the operator (the weights it resumed or did not, the
     layout it chose for this host) and the ingress."""
+    from warmserve.cache.config import given
     from warmserve.deployments import host
     from warmserve.deployments.runner import app_entry, bind_weights, effective_config, load_config, ray_address
+    from warmserve.serve.settings import SETTINGS
 
-    overrides = {
-        "model": args.model,
-        "weights": args.weights,
-        "weights_version": args.weights_version,
-        "input_shape": args.input_shape,
-        "batch": args.batch,
-        "backend": args.backend,
-        "device": args.device,
-        "cache_dir": args.cache_dir,
-        "shared_cache": args.shared_cache,
-    }
+    overrides = given(args, SETTINGS)
     config = effective_config(load_config(args.config), overrides)
     app = app_entry(config)
     if args.weights or args.weights_version:
@@ -179,7 +172,7 @@ def run_service(args: argparse.Namespace) -> int:
             print(f"# {note}")
         print(yaml.safe_dump(config, sort_keys=False))
         return 0
-    return runner.serve(config, verbose=args.verbose > 0, ingress=ingress, notes=notes)
+    return runner.serve(config, verbose=args.verbose > 0, ingress=ingress, notes=notes, json_lines=args.json)
 
 
 def add_rollout_parser(sub: Any) -> None:
@@ -216,12 +209,18 @@ def add_rollout_parser(sub: Any) -> None:
         help="the service's URL, to confirm what each replica serves (default: the cluster's own HTTP address; "
         "'' waits for Serve only)",
     )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as one JSON line on stdout (status, version, sha256, replicas); an error too",
+    )
     p.set_defaults(func=run_rollout)
 
 
 def run_rollout(args: argparse.Namespace) -> int:
     import signal
 
+    from warmserve.deployments.auth import TOKEN_ENV
     from warmserve.deployments.rollout import rollout
 
     def interrupt(signum: int, frame: Any) -> None:
@@ -239,6 +238,7 @@ def run_rollout(args: argparse.Namespace) -> int:
             http=args.http or None,
             sha256=args.sha256,
             check=args.http != "",
+            token=os.environ.get(TOKEN_ENV) or None,  # the replicas' admin token, where it is set
         )
     except KeyboardInterrupt:
         print("error: interrupted before the rollout began; nothing was changed", file=sys.stderr)
@@ -247,7 +247,8 @@ def run_rollout(args: argparse.Namespace) -> int:
         print(f"warmserve: {result['version']} with these weights is already what the config serves", file=sys.stderr)
     else:
         print(f"warmserve: {result['replicas']} replica(s) serve {result['version']}", file=sys.stderr)
-    print(json.dumps(result))
+    if args.json:
+        print(json.dumps(result))
     return 0
 
 

@@ -24,7 +24,7 @@ import requests
 
 from warmserve.cache.config import CacheConfig
 from warmserve.deployments import ledger
-from warmserve.deployments.auth import admin_token, sign_rollout
+from warmserve.deployments.auth import TOKEN_ENV, sign_rollout
 from warmserve.deployments.dashboard import Dashboard
 from warmserve.deployments.errors import DashboardError, RolloutError, VersionConflict
 from warmserve.serve.spec import ModelSpec
@@ -67,9 +67,16 @@ def versions_of(user_config: dict[str, Any]) -> dict[str, str]:
 
 
 def with_weights(
-    config: dict[str, Any], app: str, deployment: str, weights: str, version: str, sha256: str
+    config: dict[str, Any],
+    app: str,
+    deployment: str,
+    weights: str,
+    version: str,
+    sha256: str,
+    token: str | None = None,
 ) -> dict[str, Any]:
-    """``config`` with the deployment's user_config pointing at ``weights`` as ``version``.
+    """``config`` with the deployment's user_config pointing at ``weights`` as ``version`` (signed with the
+    admin ``token``, if there is one).
 
     Raises ``VersionConflict`` if ``version`` already names weights with another digest."""
     new = copy.deepcopy(config)
@@ -85,23 +92,21 @@ def with_weights(
     known[version] = sha256
     user_config.update({"weights": weights, "weights_version": version, "weights_sha256": sha256, "versions": known})
     user_config.pop("signature", None)
-    token = admin_token()
     if token:
         user_config["signature"] = sign_rollout(token, weights, version, sha256)
     entry["user_config"] = user_config
     return new
 
 
-def replica_states(http: str, samples: int) -> dict[int, dict[str, Any]]:
+def replica_states(http: str, samples: int, token: str | None = None) -> dict[int, dict[str, Any]]:
     """Sample ``/v1/status`` through one proxy (requests land on its replicas at random): pid -> status."""
     seen: dict[int, dict[str, Any]] = {}
-    token = admin_token()
     headers = {"authorization": f"Bearer {token}"} if token else {}
     for _ in range(samples):
         try:
             r = requests.get(f"{http}/v1/status", headers=headers, timeout=10)
             if r.status_code == 401:
-                raise RolloutError("the replicas require an admin token: set WARMSERVE_ADMIN_TOKEN")
+                raise RolloutError(f"the replicas require an admin token: set {TOKEN_ENV}")
             status = r.json()
             seen[int(status["replica_pid"])] = status
         except (requests.RequestException, ValueError, KeyError, TypeError):
@@ -116,7 +121,13 @@ class Confirmation:
     cannot be confirmed, so the rollout is not called done."""
 
     def __init__(
-        self, config: dict[str, Any], version: str, sha256: str, http: str | None, silence_s: float = 90.0
+        self,
+        config: dict[str, Any],
+        version: str,
+        sha256: str,
+        http: str | None,
+        silence_s: float = 90.0,
+        token: str | None = None,
     ) -> None:
         options = config.get("http_options") or {}
         self.host = str(options.get("host") or "127.0.0.1")
@@ -124,6 +135,7 @@ class Confirmation:
         self.http = http
         self.target = (version, sha256)
         self.silence_s = silence_s
+        self.token = token
         self._unseen_since: dict[int, float] = {}
 
     def url(self, replica: dict[str, Any]) -> str:
@@ -144,7 +156,7 @@ class Confirmation:
             by_url.setdefault(self.url(replica), set()).add(pid)
         seen: dict[int, dict[str, Any]] = {}
         for url, pids in by_url.items():
-            seen.update(replica_states(url, samples=4 * len(pids) + 4))
+            seen.update(replica_states(url, samples=4 * len(pids) + 4, token=self.token))
         serving = {pid for pid, s in seen.items() if (s.get("weights_version"), s.get("weights_sha256")) == self.target}
         refused = {
             pid: s["last_swap"].get("error") for pid, s in seen.items() if pid not in serving and self._refused(s)
@@ -226,11 +238,12 @@ def rollout(
     http: str | None = None,
     sha256: str | None = None,
     check: bool = True,
+    token: str | None = None,
 ) -> dict[str, Any]:
     """Apply the new weights and wait until every running replica serves ``version`` from weights with
     ``sha256`` (each asked through its own node's proxy, or ``http``); on any refusal, failure or
     interruption put the previous config back and raise ``RolloutError``. ``check=False`` waits for Serve
-    only, not for the replicas."""
+    only, not for the replicas. ``token``: the replicas' admin token, to sign the weights and ask their status."""
     dashboard = Dashboard(address)
     before = dashboard.config()
     if http:
@@ -242,13 +255,13 @@ def rollout(
             sha256 = weights_digest(weights)
         except ValueError as e:
             raise RolloutError(f"{e}; warmserve rollout reads the file to pin its sha256 (or pass --sha256)") from e
-    config = with_weights(before, app, deployment, weights, version, sha256)
+    config = with_weights(before, app, deployment, weights, version, sha256, token)
     current = user_config_of(before, app, deployment)
     result = {"app": app, "deployment": deployment, "weights": weights, "version": version, "sha256": sha256}
     if current.get("weights_version") == version and current.get("weights_sha256") == sha256:
         return {**result, "status": "unchanged", "replicas": None}
     confirm: Callable[[list[dict[str, Any]]], bool] = (
-        Confirmation(before, version, sha256, http) if check else (lambda replicas: True)
+        Confirmation(before, version, sha256, http, token=token) if check else (lambda replicas: True)
     )
     try:
         dashboard.apply(config)

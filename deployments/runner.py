@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import json
 import logging
 import os
 import re
@@ -24,13 +25,12 @@ from typing import Any, TextIO
 
 import requests
 
-from warmserve.cache.config import CacheConfig
 from warmserve.cache.errors import CacheError
 from warmserve.deployments import ledger
-from warmserve.deployments.auth import admin_token, sign_rollout
+from warmserve.deployments.auth import sign_rollout
 from warmserve.deployments.errors import StartError
-from warmserve.deployments.settings import AppSettings
 from warmserve.serve.errors import WarmserveError
+from warmserve.serve.settings import Settings
 
 SERVE_NAMESPACE = "serve"
 logger = logging.getLogger(__name__)
@@ -55,8 +55,8 @@ def bind_weights(config: dict[str, Any], *, explicit: bool, resume: bool) -> str
     from warmserve.serve.weights import weights_digest
 
     app = app_entry(config)
-    settings = AppSettings.from_mapping(app.get("args"))
-    directory = CacheConfig.load(cache_dir=settings.cache_dir).cache_dir
+    settings = Settings.load(args=app.get("args"))
+    directory = settings.cache.cache_dir
     found = ledger.last(directory, str(app.get("name", "warmserve")), settings.model.model)
     record, path = found if found else (None, None)
     history = dict(record.versions) if record else {}
@@ -85,7 +85,7 @@ def bind_weights(config: dict[str, Any], *, explicit: bool, resume: bool) -> str
             uc["weights_sha256"] = sha256
         if weights and version:
             history[str(version)] = str(uc["weights_sha256"])
-            token = admin_token()
+            token = settings.admin_token
             uc.pop("signature", None)
             if token:  # replicas with an admin token take only signed weights, a restart's included
                 uc["signature"] = sign_rollout(token, str(weights), str(version), str(uc["weights_sha256"]))
@@ -103,7 +103,7 @@ def bind_weights(config: dict[str, Any], *, explicit: bool, resume: bool) -> str
     return note
 
 
-def preflight(config: dict[str, Any], *, local: bool) -> AppSettings:
+def preflight(config: dict[str, Any], *, local: bool) -> Settings:
     """Everything a replica would fail on, checked here first: settings, model, weights (readable, digest,
     fitting the model), and on this machine the backend, the cache's trust and the HTTP port."""
     from warmserve.serve import backends
@@ -113,7 +113,7 @@ def preflight(config: dict[str, Any], *, local: bool) -> AppSettings:
 
     app = app_entry(config)
     try:
-        settings = AppSettings.from_mapping(app.get("args"))
+        settings = Settings.load(args=app.get("args"))
         model = build_model(settings.model.model, meta=True)
         expected = expected_tensors(model)
         wanted = [(settings.model.weights, None, "--weights")]
@@ -131,11 +131,7 @@ def preflight(config: dict[str, Any], *, local: bool) -> AppSettings:
         if local:
             device = pick_device(settings.device)
             backends.resolve(settings.backend, device)
-            CacheConfig.load(
-                cache_dir=settings.cache_dir,
-                shared_url=settings.shared_cache,
-                storage_options=settings.storage_options or None,
-            ).require_trust()
+            settings.cache.require_trust()
     except StartError:
         raise
     except (WarmserveError, CacheError, ValueError) as e:
@@ -261,10 +257,19 @@ def serve(
     ready_timeout: float | None = None,
     ingress: str = "serve",
     notes: Sequence[str] = (),
+    json_lines: bool = False,
 ) -> int:
     """Start (or join) Ray, deploy ``config``, report readiness, then serve until interrupted. ``ingress``
     "haproxy" starts a local Ray with Ray Serve's HAProxy ingress; a cluster we join keeps its own. ``notes``
-    (what was resumed, the layout chosen) are said once the checks have passed: a mistake is one line."""
+    (what was resumed, the layout chosen) are said once the checks have passed: a mistake is one line.
+    ``json_lines``: readiness, or the error that ended the service, is also one JSON line on stdout."""
+
+    def failed(message: str) -> int:
+        say(f"error: {message}")
+        if json_lines:
+            print(json.dumps({"error": message, "exit_code": 1}), flush=True)
+        return 1
+
     address, source = ray_address()
     local = address is None
     settings = preflight(config, local=local)
@@ -290,8 +295,7 @@ def serve(
         return 0
     except Exception as e:  # Ray's many start failures: one line, not its traceback
         logger.debug("ray.init failed", exc_info=True)
-        say(f"error: Ray did not start: {one_line(e)}")
-        return 1
+        return failed(f"Ray did not start: {one_line(e)}")
     dashboard = f"http://{context.dashboard_url}" if getattr(context, "dashboard_url", None) else None
     # After ray.init, which installs a crash handler for SIGTERM: `kill` must shut down cleanly too.
     with _stop_on_signals():
@@ -304,7 +308,10 @@ def serve(
             )
             client.deploy_apps(schema, _blocking=False)
             _wait_ready(ray_serve, name, ready_timeout)
-            say(f"ready on {url}: {_describe(url, settings)}")
+            meta = _metadata(url, settings)
+            say(f"ready on {url}: {_describe(meta, settings)}")
+            if json_lines:
+                print(json.dumps({"ready": url, "grpc_port": grpc_port(config) or None, **meta}), flush=True)
             if grpc_port(config):
                 where = http.get("host", "127.0.0.1") if ingress == "haproxy" else "every interface"
                 say(f"gRPC (Open Inference Protocol, tritonclient.grpc) on port {grpc_port(config)}, {where}")
@@ -320,12 +327,10 @@ def serve(
             say("shutting down")
             return 0
         except StartError as e:
-            say(f"error: {e}")
-            return 1
+            return failed(str(e))
         except Exception as e:  # Serve refusing the config, the controller dying...: one line, then shut down
             logger.debug("serving failed", exc_info=True)
-            say(f"error: {one_line(e)}")
-            return 1
+            return failed(one_line(e))
         finally:
             _shutdown(ray, ray_serve, name if not local else None)
 
@@ -362,12 +367,12 @@ def _shutdown(ray: Any, ray_serve: Any, app: str | None, timeout: float = 60.0) 
         os._exit(1)
 
 
-def _remember(app: dict[str, Any], settings: AppSettings) -> None:
+def _remember(app: dict[str, Any], settings: Settings) -> None:
     """Record the weights every replica now serves, so a plain restart serves them again."""
     uc = next((d.get("user_config") or {} for d in app.get("deployments") or []), {})
     if not (uc.get("weights") and uc.get("weights_version") and uc.get("weights_sha256")):
         return
-    directory = CacheConfig.load(cache_dir=settings.cache_dir).cache_dir
+    directory = settings.cache.cache_dir
     record = ledger.Rollout(
         str(app.get("name", "warmserve")),
         settings.model.model,
@@ -407,26 +412,36 @@ def _wait_ready(ray_serve: Any, name: str, timeout: float | None) -> None:
         time.sleep(0.5)
 
 
-def _describe(url: str, settings: AppSettings) -> str:
+def _metadata(url: str, settings: Settings) -> dict[str, Any]:
+    """What serves, as the model's metadata says: model, backend, device, weights, how the replica started."""
+    try:
+        p = requests.get(f"{url}/v2/models/{settings.model.name}", timeout=10).json()["parameters"]
+        keys = ("backend", "device", "weights_version", "start")
+        return {"model": settings.model.model, **{k: p[k] for k in keys}}
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return {"model": settings.model.model}
+
+
+def _describe(meta: Mapping[str, Any], settings: Settings) -> str:
     """One line on what serves: model, backend, weights version, how the first replica started."""
     try:
-        meta = requests.get(f"{url}/v2/models/{settings.model.name}", timeout=10).json()
-        p = meta["parameters"]
-        start = p["start"]
+        start = meta["start"]
         return (
-            f"{start['model']} via {p['backend']} on {p['device']}, weights {p['weights_version']}; "
+            f"{start['model']} via {meta['backend']} on {meta['device']}, weights {meta['weights_version']}; "
             f"engine {start['outcome']} in {start['total_seconds']:.1f}s"
         )
-    except (requests.RequestException, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return settings.model.model
 
 
 def effective_config(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``config`` with the command line's model/cache ``overrides`` applied to the app's ``args``."""
+    """``config`` with the command line's settings (``overrides``, each checked and named by its option)
+    applied to the app's ``args``, so that every replica is given them."""
     config = copy.deepcopy(config)
     app = app_entry(config)
-    app.setdefault("args", {}).update({k: v for k, v in overrides.items() if v is not None})
-    AppSettings.from_mapping(app["args"])
+    args = app.setdefault("args", {}) or {}
+    Settings.load(options=overrides, args=args)
+    app["args"] = {**args, **{k: v for k, v in overrides.items() if v is not None}}
     return config
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from warmserve.cache.config import Setting, resolve
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -94,21 +96,67 @@ class ModelSpec:
         return PRECISIONS[self.precision]
 
     @classmethod
-    def from_mapping(cls, doc: Mapping[str, Any]) -> ModelSpec:
-        """Build from a config dict (YAML ``model:`` section); unknown keys are an error."""
-        known = {"model", "weights", "input_shape", "dtype", "batch", "precision", "name", "weights_version"}
-        unknown = set(doc) - known
-        if unknown:
-            raise ValueError(f"unknown model setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        shape = doc.get("input_shape", "3,224,224")
-        shape_t = parse_shape(shape) if isinstance(shape, str) else tuple(int(d) for d in shape)
-        batch = doc.get("batch", "1:32")
-        lo, hi = parse_batch(batch) if isinstance(batch, str) else (int(batch[0]), int(batch[1]))
+    def from_values(cls, values: Mapping[str, Any]) -> ModelSpec:
+        """From `resolve`'s values of `MODEL_SETTINGS`."""
+        lo, hi = values["batch"]
         return cls(
-            model=str(doc.get("model", "torchvision:resnet18")),
-            weights=doc.get("weights"),
-            input=InputSpec(shape=shape_t, dtype=str(doc.get("dtype", "float32")), min_batch=lo, max_batch=hi),
-            precision=str(doc.get("precision", "fp32")),
-            name=str(doc.get("name", "")),
-            weights_version=str(doc.get("weights_version", "v1")),
+            model=values["model"],
+            weights=values["weights"],
+            input=InputSpec(shape=values["input_shape"], dtype=values["dtype"], min_batch=lo, max_batch=hi),
+            precision=values["precision"],
+            name=values["name"],
+            weights_version=values["weights_version"],
         )
+
+    @classmethod
+    def from_mapping(cls, doc: Mapping[str, Any]) -> ModelSpec:
+        """From a mapping of model settings (`MODEL_SETTINGS`' keys; the rest default); unknown keys are an error."""
+        return cls.from_values(resolve(MODEL_SETTINGS, args=doc, environ={}, source="the model settings"))
+
+
+def _shape(value: str | Sequence[int]) -> tuple[int, ...]:
+    return parse_shape(value) if isinstance(value, str) else parse_shape(",".join(str(int(d)) for d in value))
+
+
+def _batch(value: str | Sequence[int]) -> tuple[int, int]:
+    return parse_batch(value) if isinstance(value, str) else parse_batch(":".join(str(int(d)) for d in value))
+
+
+# What to serve, as settings: options of `warmserve build` and `warmserve run`, keys of config.yaml's args. No
+# variable gives any of them: every replica of a deployment must serve the same model, whatever its node.
+MODEL_SETTINGS: tuple[Setting, ...] = (
+    Setting("model", ModelSpec.model, "torchvision:<name> or package.module:factory", metavar="MODEL"),
+    Setting(
+        "weights",
+        None,
+        "safetensors or torch state dict: a path or fsspec URL",
+        metavar="URI",
+        shown="seeded demo weights, written once under the cache directory",
+    ),
+    Setting("weights_version", ModelSpec.weights_version, "label of these weights", metavar="V"),
+    Setting(
+        "input_shape",
+        InputSpec.shape,
+        "input shape without the batch",
+        _shape,
+        metavar="C,H,W",
+        shown=",".join(map(str, InputSpec.shape)),
+    ),
+    Setting("dtype", InputSpec.dtype, "input dtype", choices=tuple(DTYPES)),
+    Setting(
+        "batch",
+        (InputSpec.min_batch, InputSpec.max_batch),
+        "batch sizes the compiled engine takes",
+        _batch,
+        metavar="MIN:MAX",
+        shown=f"{InputSpec.min_batch}:{InputSpec.max_batch}",
+    ),
+    Setting("precision", ModelSpec.precision, "serving precision", choices=tuple(PRECISIONS)),
+    Setting(
+        "name",
+        ModelSpec.name,
+        "the model's name in /v2/models/<name>",
+        commands=frozenset(),
+        shown="the model's, e.g. resnet18",
+    ),
+)

@@ -144,7 +144,7 @@ class Worker:
         # ``auto`` may fall back along this list when a backend turns out unusable while starting.
         self._choices = backends.choices(backend, self.device)
         self.metrics = metrics or Metrics()
-        self.cache_config = cache_config or CacheConfig.load()
+        self.cache_config = cache_config or CacheConfig()  # the environment is read by Settings.load, not here
         self._events = MetricsCacheEvents(self.metrics, self._choices[0].name)
         if cache is None:
             self.cache_config.require_trust()
@@ -414,76 +414,59 @@ class Worker:
         """
         t0 = time.perf_counter()
         steps = Steps()
-        name = self.backend.name
         with self._swap_lock:
             live = self._live
             if live is None:
                 raise NotReady("start() the worker before swapping weights")
-            previous = live.version
             try:
-                with steps("read"):
-                    if isinstance(weights, str):
-                        loaded = read_weights(weights, sha256)
-                        state, digest = loaded.state, loaded.sha256
-                    else:
-                        state, digest = dict(weights), sha256 or ""
-                with steps("validate"):
-                    new_state = self._prepare(state)
+                state, digest = self._incoming(weights, sha256, steps)
                 x = self._probe_input()
                 want = None
                 if self.verify:
                     with steps("reference"):
-                        want = self._reference(new_state, x)
-                probe = self._refit_and_switch(live, new_state, version, digest, x, want, steps)
+                        want = self._reference(state, x)
+                probe = self._refit_and_switch(live, state, version, digest, x, want, steps)
             except (WeightsError, RefitError) as e:
-                self.metrics.inc("warmserve_weight_swaps", result="rejected")
-                logger.warning("weights %s rejected; still serving %s: %s", version, previous, e)
-                return SwapReport(
-                    False,
-                    previous,
-                    previous,
-                    round(time.perf_counter() - t0, 4),
-                    steps.seconds,
-                    str(e),
-                    requested=version,
-                    sha256=live.sha256,
-                    requested_sha256=sha256 or "",
-                )
+                logger.warning("weights %s rejected; still serving %s: %s", version, live.version, e)
+                return self._not_swapped(live, version, sha256, t0, steps, str(e), "rejected")
             except Exception as e:  # a backend failure: keep serving, report it
-                self.metrics.inc("warmserve_weight_swaps", result="failed")
-                logger.exception("swap to %s failed; still serving %s", version, previous)
-                return SwapReport(
-                    False,
-                    previous,
-                    previous,
-                    round(time.perf_counter() - t0, 4),
-                    steps.seconds,
-                    f"{type(e).__name__}: {e}",
-                    requested=version,
-                    sha256=live.sha256,
-                    requested_sha256=sha256 or "",
-                )
+                logger.exception("swap to %s failed; still serving %s", version, live.version)
+                return self._not_swapped(live, version, sha256, t0, steps, f"{type(e).__name__}: {e}", "failed")
             finally:
                 if self.fence is not None:
                     self.fence.check("weight swap")
-        self.metrics.observe(
-            "warmserve_refit_seconds", steps.seconds.get("refit", steps.seconds.get("exclusive", 0)), backend=name
-        )
+        refit = steps.seconds.get("refit", steps.seconds.get("exclusive", 0))
+        self.metrics.observe("warmserve_refit_seconds", refit, backend=self.backend.name)
         self.metrics.inc("warmserve_weight_swaps", result="ok")
-        self.metrics.set("warmserve_weights_version_info", 0, version=previous)
+        self.metrics.set("warmserve_weights_version_info", 0, version=live.version)
         self.metrics.set("warmserve_weights_version_info", 1, version=version)
-        logger.info("now serving weights %s (was %s) after %.3fs", version, previous, time.perf_counter() - t0)
+        logger.info("now serving weights %s (was %s) after %.3fs", version, live.version, time.perf_counter() - t0)
+        seconds = round(time.perf_counter() - t0, 4)
         return SwapReport(
-            True,
-            version,
-            previous,
-            round(time.perf_counter() - t0, 4),
-            steps.seconds,
-            None,
-            probe,
-            requested=version,
-            sha256=digest,
-            requested_sha256=sha256 or "",
+            True, version, live.version, seconds, steps.seconds, None, probe, version, digest, sha256 or ""
+        )
+
+    def _incoming(
+        self, weights: str | Mapping[str, torch.Tensor], sha256: str | None, steps: Steps
+    ) -> tuple[StateDict, str]:
+        """New weights read (a file's pinned to ``sha256``, if given), validated and cast; and their digest."""
+        with steps("read"):
+            if isinstance(weights, str):
+                loaded = read_weights(weights, sha256)
+                state, digest = loaded.state, loaded.sha256
+            else:
+                state, digest = dict(weights), sha256 or ""
+        with steps("validate"):
+            return self._prepare(state), digest
+
+    def _not_swapped(
+        self, live: _Live, version: str, sha256: str | None, t0: float, steps: Steps, error: str, result: str
+    ) -> SwapReport:
+        """The report of a swap that did not happen: ``live`` keeps serving."""
+        self.metrics.inc("warmserve_weight_swaps", result=result)
+        seconds = round(time.perf_counter() - t0, 4)
+        return SwapReport(
+            False, live.version, live.version, seconds, steps.seconds, error, None, version, live.sha256, sha256 or ""
         )
 
     def _refit_and_switch(

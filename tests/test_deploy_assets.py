@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from warmserve.deployments.settings import AppSettings
 from warmserve.serve.metrics import SPECS
+from warmserve.serve.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_serve_config_is_valid() -> None:
     config = yaml.safe_load((ROOT / "deployments" / "config.yaml").read_text())
     ServeDeploySchema.model_validate(config)
     app = config["applications"][0]
-    AppSettings.from_mapping(app["args"])
+    Settings.load(args=app["args"], environ={})
     assert app["deployments"][0]["user_config"]["weights_version"] == app["args"]["weights_version"]
 
 

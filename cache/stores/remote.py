@@ -52,7 +52,7 @@ class FsspecStore(Store):
         if protocol in ("s3", "s3a"):
             for k, v in _S3_DEFAULTS.items():
                 options.setdefault(k, v)
-            endpoint = options.pop("endpoint_url", None) or os.environ.get("WARMSERVE_S3_ENDPOINT_URL")
+            endpoint = options.pop("endpoint_url", None)
             if endpoint:
                 options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
         options.setdefault("skip_instance_cache", True)

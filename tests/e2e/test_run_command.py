@@ -3,6 +3,7 @@ Ray cluster that `warmserve run` starts itself (token authentication on, as Ray 
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
@@ -79,11 +80,12 @@ class User:
 
 @dataclass
 class Service:
-    """A running `warmserve run`, its stderr lines collected as they come."""
+    """A running `warmserve run`, its stderr lines collected as they come, and its stdout lines."""
 
     proc: subprocess.Popen[str]
     lines: queue.Queue[str] = field(default_factory=queue.Queue)
     seen: list[str] = field(default_factory=list)
+    out: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         def pump() -> None:
@@ -91,8 +93,13 @@ class Service:
             for line in self.proc.stderr:
                 self.lines.put(line.rstrip("\n"))
 
+        def pump_out() -> None:
+            assert self.proc.stdout is not None
+            self.out.extend(line.rstrip("\n") for line in self.proc.stdout)
+
         self._pump = threading.Thread(target=pump, daemon=True)
         self._pump.start()
+        threading.Thread(target=pump_out, daemon=True).start()
 
     def wait_for(self, text: str, timeout: float = 240) -> str:
         deadline = time.monotonic() + timeout
@@ -144,7 +151,7 @@ def start(user: User, *args: str) -> Service:
             str(user.grpc_port),
             *args,
         ],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=user.env,
@@ -225,8 +232,14 @@ applications:
         ray_actor_options: {{num_cpus: 1, runtime_env: {{env_vars: {{TINY_CNN_FAIL: "1"}}}}}}
 """
     )
-    out = user.warmserve("run", "--config", str(config), timeout=240)
+    out = user.warmserve("run", "--config", str(config), "--json", timeout=240)
     assert out.returncode == 1, out.stderr
+    assert [json.loads(line) for line in out.stdout.splitlines()] == [
+        {
+            "error": "the deployment failed: RuntimeError: tiny_cnn refuses to build here (TINY_CNN_FAIL is set)",
+            "exit_code": 1,
+        }
+    ]
     errors = [line for line in out.stderr.splitlines() if "error" in line.lower() and "raylet" not in line]
     assert errors == [
         "warmserve: error: the deployment failed: RuntimeError: tiny_cnn refuses to build here (TINY_CNN_FAIL is set)"
@@ -245,11 +258,17 @@ def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User,
             pytest.fail(message)
         pytest.skip(message)
     save_weights(demo_weights(build_model("tests.serve.models:tiny_cnn"), seed=2), tmp_path / "v2.safetensors")
-    service = start(user, "--cache-dir", str(tmp_path / "cache"), "--ingress", "haproxy", "--replicas", "2")
+    service = start(user, "--cache-dir", str(tmp_path / "cache"), "--ingress", "haproxy", "--replicas", "2", "--json")
     try:
         layout = service.wait_for("HAProxy ingress")
         assert "2 replicas (replacing the config's autoscaling) on the CPU" in layout
         service.wait_for("ready on")
+        deadline = time.monotonic() + 10
+        while not service.out and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ready = json.loads(service.out[0])  # --json: one line once ready
+        assert ready["ready"] == user.http and ready["backend"] == "aoti" and ready["weights_version"] == "v1"
+        assert ready["grpc_port"] == user.grpc_port and ready["start"]["outcome"] in ("built", "local-hit")
         assert any(b"haproxy" in _cmdline(p) for p in user.ray_processes()), "no HAProxy of this service"
         pids: set[object] = set()
         deadline = time.monotonic() + 60  # until HAProxy's health checks have both replicas up
@@ -257,9 +276,11 @@ def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User,
             pids.add(status(user)["replica_pid"])
         assert len(pids) == 2, pids
         argv = ["--weights", str(tmp_path / "v2.safetensors"), "--version", "v2"]
-        done = user.warmserve("rollout", *argv)
+        done = user.warmserve("rollout", *argv, "--json")
         assert done.returncode == 0, done.stderr
         assert "2 replica(s) serve v2" in done.stderr
+        result = json.loads(done.stdout)  # --json: one line
+        assert (result["version"], result["replicas"]) == ("v2", 2), done.stdout
         assert {status(user)["weights_version"] for _ in range(8)} == {"v2"}
         # gRPC through HAProxy too, straight to the replicas' own gRPC servers
         import tritonclient.grpc as tg

@@ -27,7 +27,7 @@ def test_parsers() -> None:
         InputSpec(dtype="int8")
     with pytest.raises(ValueError, match="precision"):
         ModelSpec(precision="fp8")
-    with pytest.raises(ValueError, match="unknown model setting"):
+    with pytest.raises(ValueError, match="unknown setting"):
         ModelSpec.from_mapping({"modle": "torchvision:resnet18"})
     spec = ModelSpec.from_mapping({"model": "torchvision:resnet18", "input_shape": "3,64,64", "batch": "2:4"})
     assert spec.input.shape == (3, 64, 64) and spec.input.export_batch == 2 and spec.name == "resnet18"
