@@ -267,7 +267,7 @@ def serve(
     def failed(message: str) -> int:
         say(f"error: {message}")
         if json_lines:
-            print(json.dumps({"error": message, "exit_code": 1}), flush=True)
+            print(json.dumps({"error": message, "exit_code": 1}), file=out, flush=True)
         return 1
 
     address, source = ray_address()
@@ -275,6 +275,7 @@ def serve(
     settings = preflight(config, local=local)
     for note in notes:
         say(note)
+    out = _json_stream() if json_lines else sys.stdout
     # Read by every Ray Serve process when it starts, so set before Ray starts: they inherit it.
     os.environ.update(ingress_env(local, ingress, os.environ))
     http = config.get("http_options") or {}
@@ -311,7 +312,7 @@ def serve(
             meta = _metadata(url, settings)
             say(f"ready on {url}: {_describe(meta, settings)}")
             if json_lines:
-                print(json.dumps({"ready": url, "grpc_port": grpc_port(config) or None, **meta}), flush=True)
+                print(json.dumps({"ready": url, "grpc_port": grpc_port(config) or None, **meta}), file=out, flush=True)
             if grpc_port(config):
                 where = http.get("host", "127.0.0.1") if ingress == "haproxy" else "every interface"
                 say(f"gRPC (Open Inference Protocol, tritonclient.grpc) on port {grpc_port(config)}, {where}")
@@ -333,6 +334,19 @@ def serve(
             return failed(one_line(e))
         finally:
             _shutdown(ray, ray_serve, name if not local else None)
+
+
+def _json_stream() -> TextIO:
+    """Standard output for JSON lines alone: what anything else writes there (Ray's own messages, from Python
+    or C++) goes to standard error from now on."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture): nothing to keep apart
+        return sys.stdout
+    sys.stdout.flush()
+    out = os.fdopen(os.dup(fd), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), fd)
+    return out
 
 
 def one_line(e: BaseException, limit: int = 400) -> str:

@@ -41,13 +41,14 @@ def ray_processes(marker: str) -> list[int]:
     return found
 
 
-def stop_ray(marker: str, timeout: float = 30.0) -> None:
-    """SIGTERM, then SIGKILL, the Ray daemons of one cluster; its workers exit with their raylet."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def stop_ray(marker: str, grace: float = 3.0, timeout: float = 15.0) -> None:
+    """SIGTERM, then after ``grace`` seconds SIGKILL, the Ray daemons of one cluster (a test's cluster keeps
+    nothing worth a longer wait); its workers exit with their raylet."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, timeout)):
         for pid in ray_processes(marker):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + timeout / 2
+        deadline = time.monotonic() + wait
         while ray_processes(marker) and time.monotonic() < deadline:
             time.sleep(0.2)
 

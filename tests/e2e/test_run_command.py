@@ -99,7 +99,8 @@ class Service:
 
         self._pump = threading.Thread(target=pump, daemon=True)
         self._pump.start()
-        threading.Thread(target=pump_out, daemon=True).start()
+        self._pump_out = threading.Thread(target=pump_out, daemon=True)
+        self._pump_out.start()
 
     def wait_for(self, text: str, timeout: float = 240) -> str:
         deadline = time.monotonic() + timeout
@@ -119,8 +120,10 @@ class Service:
         self.proc.send_signal(sig)
         code = self.proc.wait(timeout)
         self._pump.join(10)
-        assert self.proc.stderr is not None
+        self._pump_out.join(10)
+        assert self.proc.stderr is not None and self.proc.stdout is not None
         self.proc.stderr.close()
+        self.proc.stdout.close()
         return code
 
 
