@@ -290,6 +290,16 @@ CACHE_SETTINGS: tuple[Setting, ...] = (
         metavar="S",
     ),
     Setting(
+        "peer_cache",
+        True,
+        "inside a Ray cluster, read engines from the other nodes' cache directories, and let one replica of the "
+        "cluster build each (off: this node's directory and the shared store only)",
+        parse_bool,
+        env="WARMSERVE_PEER_CACHE",
+        commands=frozenset({"run"}),
+        field="peers",
+    ),
+    Setting(
         "single_flight",
         True,
         "one replica builds a missing engine while the others wait (off: every replica builds, for benchmarks)",
@@ -317,6 +327,7 @@ class CacheConfig:
     wait_timeout: float = _default("cache_wait_timeout")
     lease_ttl: float = _default("lease_ttl")
     retry_after: float = 30.0  # seconds before a full disk is tried again (not a setting)
+    peers: bool = _default("peer_cache")  # inside a Ray cluster: the peer tier (warmserve.deployments.peers)
     single_flight: bool = _default("single_flight")  # False: every process builds a missing entry itself
     trust_shared: bool = _default("trust_shared_cache")  # True: no signing key needed for a shared store
 

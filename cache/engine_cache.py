@@ -1,10 +1,12 @@
-"""The two-tier engine cache: L1 on this node, L2 shared; get_or_build builds each key once per fleet."""
+"""The engine cache: L1 on this node, the cluster's other nodes (peers), L2 shared; get_or_build builds each key
+once per fleet."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,13 +16,17 @@ from warmserve.cache.keys import CacheKey
 from warmserve.cache.leases import Lease, lease_or_entry
 from warmserve.cache.locks import BuildLock
 from warmserve.cache.manifest import Manifest, Provenance
+from warmserve.cache.peers import Peers
 from warmserve.cache.stores import open_store
 from warmserve.cache.stores.local import LocalStore
 from warmserve.cache.tier import Tier
 
 logger = logging.getLogger(__name__)
 
-Outcome = Literal["built", "local-hit", "shared-hit", "waited"]
+Outcome = Literal["built", "local-hit", "peer-hit", "shared-hit", "waited"]
+
+
+HIT: dict[str, Outcome] = {"local": "local-hit", "peer": "peer-hit", "shared": "shared-hit"}
 
 
 @dataclass(frozen=True)
@@ -44,19 +50,27 @@ class EngineCache:
         lease_ttl: float = 30.0,
         events: CacheEvents = NO_EVENTS,
         single_flight: bool = True,
+        peers: Peers | None = None,
     ) -> None:
         if not isinstance(local.store, LocalStore):
             raise ValueError("the L1 tier must be a local directory (it holds the per-node build locks)")
         self.local = local
         self._builds: LocalStore = local.store  # where the per-node build locks live
         self.shared = shared
+        self.peers = peers
+        if peers is not None:
+            peers.events = events
+        # Read-only: entries come from other nodes' L1, checked as any other, then published to this L1.
+        self.peer = None if peers is None else Tier(peers.store, "peer", signing_key=local.signing_key, events=events)
         self.wait_timeout = wait_timeout
         self.lease_ttl = lease_ttl
         self.events = events
         self.single_flight = single_flight
 
     @classmethod
-    def from_config(cls, config: CacheConfig, events: CacheEvents = NO_EVENTS) -> EngineCache:
+    def from_config(
+        cls, config: CacheConfig, events: CacheEvents = NO_EVENTS, peers: Peers | None = None
+    ) -> EngineCache:
         local = Tier(
             LocalStore(config.cache_dir),
             "local",
@@ -82,6 +96,7 @@ class EngineCache:
             lease_ttl=config.lease_ttl,
             events=events,
             single_flight=config.single_flight,
+            peers=peers,
         )
 
     @property
@@ -89,18 +104,18 @@ class EngineCache:
         return [self.local] if self.shared is None else [self.local, self.shared]
 
     def get(self, key: CacheKey) -> tuple[bytes, Manifest, str] | None:
-        """L1, then L2 (copying a hit into L1). Returns (blob, manifest, tier name) or None."""
+        """L1, then the peers, then L2 (copying a hit into L1). Returns (blob, manifest, tier name) or None."""
         found = self.local.lookup(key)
         if found is not None:
             emit(self.events.hit, self.local.name)
             return found[0], found[1], self.local.name
-        if self.shared is not None:
-            found = self.shared.lookup(key)
-            if found is not None:
-                emit(self.events.hit, self.shared.name)
+        for tier in (self.peer, self.shared):
+            found = tier.lookup(key) if tier is not None else None
+            if tier is not None and found is not None:
+                emit(self.events.hit, tier.name)
                 blob, manifest = found
                 self.local.publish(key, blob, manifest.provenance)
-                return blob, manifest, self.shared.name
+                return blob, manifest, tier.name
         return None
 
     def put(
@@ -123,18 +138,21 @@ class EngineCache:
     ) -> Fetched:
         """Return the entry for ``key``, building it with ``build()`` only if no process has it.
 
-        On this node a file lock elects one builder; across nodes a lease in the shared store does.
-        Everyone else waits (with backoff, up to ``wait_timeout``) and then reads the published entry.
-        A shared store that fails is skipped: this process then builds locally and still serves.
+        On this node a file lock elects one builder; across nodes the peers do (a builder that dies hands
+        the build on at once), or else a lease in the shared store. Everyone else waits (up to
+        ``wait_timeout``) and then reads the published entry. A shared store that fails is skipped: this
+        process then builds locally and still serves.
         """
         t0 = time.perf_counter()
 
         def done(blob: bytes, outcome: Outcome, manifest: Manifest | None) -> Fetched:
+            if self.peers is not None:
+                self.peers.announce(key.id)
             return Fetched(key, blob, outcome, time.perf_counter() - t0, manifest)
 
         hit = self.get(key)
         if hit is not None:
-            return done(hit[0], "local-hit" if hit[2] == self.local.name else "shared-hit", hit[1])
+            return done(hit[0], HIT[hit[2]], hit[1])
         emit(self.events.miss)
         if not self.single_flight:
             blob = self._build(build)
@@ -143,10 +161,19 @@ class EngineCache:
         lock = BuildLock(self._builds.build_lock_path(key.id))
         waited = lock.acquire(self.wait_timeout)
         lease: Lease | None = None
+        building = ExitStack()  # the peers' claim on the build, once this process has it
         try:
             if waited:
                 emit(self.events.waited, time.perf_counter() - t0)
                 hit = self.get(key)
+                if hit is not None:
+                    return done(hit[0], "waited", hit[1])
+            while self.peers is not None:
+                claim = self.peers.claim(key.id, self.wait_timeout)
+                if claim is not None:
+                    building.enter_context(claim)
+                    break
+                hit = self.get(key)  # a node holds it now; if its copy is refused, that copy is forgotten
                 if hit is not None:
                     return done(hit[0], "waited", hit[1])
             if self.shared is not None and self.shared.available:
@@ -166,6 +193,7 @@ class EngineCache:
         finally:
             if lease is not None:
                 lease.release()
+            building.close()
             lock.release()
 
     @staticmethod
@@ -176,5 +204,5 @@ class EngineCache:
         return bytes(blob)
 
     def close(self) -> None:
-        for tier in self.tiers:
+        for tier in self.tiers if self.peer is None else [*self.tiers, self.peer]:
             tier.store.close()

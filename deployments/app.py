@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from warmserve.deployments import oip, oip_grpc
+from warmserve.deployments import oip, oip_grpc, peers
 from warmserve.deployments.auth import authorized, rollout_problem
 from warmserve.deployments.errors import BodyTooLarge, ModelNotFound, ReplicaStartError, Unauthorized
 from warmserve.serve.errors import InputError, NotReady
@@ -222,11 +222,13 @@ class WarmModel:
 
         logging.basicConfig(level=logging.INFO)
         self.settings = Settings.load(args=args)  # the environment is read here, once
+        cache = self.settings.cache
         self.worker = Worker(
             self.settings.model,
             backend=self.settings.backend,
             device=self.settings.device,
-            cache_config=self.settings.cache,
+            cache_config=cache,
+            peers=peers.connect(cache.cache_dir) if cache.peers else None,
             metrics=Metrics(RaySink()),
             verify=self.settings.verify,
         )

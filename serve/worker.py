@@ -20,6 +20,7 @@ from warmserve.cache.config import CacheConfig
 from warmserve.cache.engine_cache import EngineCache
 from warmserve.cache.keys import CacheKey
 from warmserve.cache.manifest import Provenance
+from warmserve.cache.peers import Peers
 from warmserve.serve import backends, fence
 from warmserve.serve.backends.base import Backend, Engine, device_doc
 from warmserve.serve.errors import BackendUnavailable, InputError, NotReady, RefitError, ToolchainChanged, WeightsError
@@ -76,7 +77,7 @@ class Steps:
 
 @dataclass(frozen=True)
 class StartReport:
-    """How a worker became ready: ``outcome`` is built, local-hit, shared-hit, waited or uncached."""
+    """How a worker became ready: ``outcome`` is built, local-hit, peer-hit, shared-hit, waited or uncached."""
 
     model: str
     backend: str
@@ -135,6 +136,7 @@ class Worker:
         device: str = "auto",
         cache: EngineCache | None = None,
         cache_config: CacheConfig | None = None,
+        peers: Peers | None = None,
         metrics: Metrics | None = None,
         verify: bool = True,
         tolerance: float | None = None,
@@ -148,7 +150,7 @@ class Worker:
         self._events = MetricsCacheEvents(self.metrics, self._choices[0].name)
         if cache is None:
             self.cache_config.require_trust()
-            cache = EngineCache.from_config(self.cache_config, self._events)
+            cache = EngineCache.from_config(self.cache_config, self._events, peers)
         self.cache = cache
         self.backend: Backend = self._make_backend(self._choices.pop(0))
         self.verify = verify

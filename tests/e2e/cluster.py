@@ -41,6 +41,38 @@ def ray_processes(marker: str) -> list[int]:
     return found
 
 
+def processes(marker: bytes) -> list[int]:
+    """Processes whose command line (or title: Ray names an actor's process after its class) holds ``marker``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def compiling_replica(marker: bytes = b"ServeReplica") -> int | None:
+    """The replica process that is compiling now: the one a C++ compiler runs under, if any."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() not in ("cc1plus", "g++", "c++", "ld"):
+                continue
+        except OSError:
+            continue
+        parent = int(pid)
+        while parent > 1:
+            try:
+                stat = Path(f"/proc/{parent}/stat").read_text()
+                if marker in Path(f"/proc/{parent}/cmdline").read_bytes():
+                    return parent
+            except OSError:
+                break
+            parent = int(stat.rpartition(")")[2].split()[1])
+    return None
+
+
 def stop_ray(marker: str, grace: float = 3.0, timeout: float = 15.0) -> None:
     """SIGTERM, then after ``grace`` seconds SIGKILL, the Ray daemons of one cluster (a test's cluster keeps
     nothing worth a longer wait); its workers exit with their raylet."""
@@ -78,6 +110,7 @@ class RayCluster:
     gcs_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
+    node_metrics_ports: list[int] = field(default_factory=list)  # of the nodes added to the head
     http_port: int = field(default_factory=free_port)
     grpc_port: int = field(default_factory=free_port)
     env: dict[str, str] = field(default_factory=dict)
@@ -155,6 +188,10 @@ class RayCluster:
                 raise TimeoutError(f"the Ray dashboard did not come up (last answer: {code})")
             time.sleep(0.5)
 
+    def _node_metrics_port(self) -> int:
+        self.node_metrics_ports.append(free_port())
+        return self.node_metrics_ports[-1]
+
     def add_node(self, name: str, num_cpus: int = 2, env: dict[str, str] | None = None) -> None:
         cmd = [
             sys.executable,
@@ -166,7 +203,7 @@ class RayCluster:
             f"--num-cpus={num_cpus}",
             "--disable-usage-stats",
             f'--resources={{"{name}": 100}}',
-            f"--metrics-export-port={free_port()}",
+            f"--metrics-export-port={self._node_metrics_port()}",
         ]
         subprocess.run(cmd, env=self._env(name, env), check=True, capture_output=True, timeout=120)
 
@@ -211,8 +248,13 @@ class RayCluster:
         """Samples of every metric family on Ray's metrics endpoint whose name starts with ``prefix``."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
-        return {f.name: f.samples for f in text_string_to_metric_families(text) if f.name.startswith(prefix)}
+        found: dict[str, list[Any]] = {}
+        for port in [self.metrics_port, *self.node_metrics_ports]:  # each node exports its own processes'
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            for f in text_string_to_metric_families(text):
+                if f.name.startswith(prefix):
+                    found.setdefault(f.name, []).extend(f.samples)
+        return found
 
     def wait_running(self, app: str, timeout: float = 240, replicas: int | None = None) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -1,12 +1,20 @@
-"""Two Ray nodes, each with its own local cache directory, sharing an S3 store (SeaweedFS)."""
+"""Two Ray nodes, each with its own local cache directory: the peer tier (no shared store), and an S3 store."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
-from tests.e2e.cluster import RayCluster
+from tests.e2e.cluster import RayCluster, compiling_replica, processes
+from tests.e2e.helpers import TINY, infer
 from tests.servers import SeaweedFS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -14,8 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    # A shared store needs a signing key (replicas refuse an unsigned one): entries are signed and checked.
-    cluster = RayCluster(tmp_path_factory.mktemp("ray2"), env={"WARMSERVE_SIGNING_KEY": "two-node-key"})
+    cluster = RayCluster(tmp_path_factory.mktemp("ray2"))
     cluster.start(num_cpus=2)
     try:
         cluster.add_node("node2", num_cpus=2)
@@ -24,24 +31,143 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
         cluster.stop()
 
 
+@pytest.fixture
+def nodes(two_nodes: RayCluster) -> Iterator[RayCluster]:
+    yield two_nodes
+    two_nodes.delete_all()
+
+
+def on(node: str, replicas: int = 1, **env: str) -> dict[str, Any]:
+    """A deployment whose replicas all run on ``node`` (with ``env`` in their environment)."""
+    options: dict[str, Any] = {"num_cpus": 0.5, "resources": {node: 1}}
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    return {"num_replicas": replicas, "ray_actor_options": options}
+
+
+def l1(cluster: RayCluster, node: str) -> Path:
+    """A node's local cache directory (each node's WARMSERVE_CACHE_DIR)."""
+    return cluster.workdir / node / "cache"
+
+
+def starts(cluster: RayCluster, replicas: int) -> list[dict[str, Any]]:
+    """The start reports of the application's replicas, once all of them run."""
+    cluster.wait_running("warmserve", replicas=replicas)
+    return [s["start"] for s in cluster.replica_statuses(replicas).values()]
+
+
+def outcomes(cluster: RayCluster, replicas: int) -> list[str]:
+    return sorted(s["outcome"] for s in starts(cluster, replicas))
+
+
+def counted(cluster: RayCluster, name: str, timeout: float = 60, **labels: str) -> float:
+    """The sum of a metric's samples with ``labels``, once it is above zero (Ray exports every second)."""
+    deadline = time.monotonic() + timeout
+    total = 0.0
+    while time.monotonic() < deadline:
+        samples = cluster.metrics().get(name) or []
+        total = sum(s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items()))
+        if total > 0:
+            return total
+        time.sleep(1)
+    return total
+
+
+def test_a_replica_on_another_node_starts_from_its_peer(nodes: RayCluster) -> None:
+    nodes.deploy(nodes.config(TINY, on("node1")))
+    assert outcomes(nodes, 1) == ["built"]
+    # The replica that built it is gone; its node's cache server still serves the node's directory.
+    nodes.delete_all()
+    nodes.deploy(nodes.config(TINY, on("node2")))
+    assert outcomes(nodes, 1) == ["peer-hit"]
+    assert counted(nodes, "ray_warmserve_engine_cache_hits", tier="peer") >= 1
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16), dtype=np.float32)
+    assert infer(nodes, x)[0].shape == (2, 10)
+    assert list((l1(nodes, "node2") / "entries").iterdir()), "the peer's entry was not kept in node2's L1"
+
+
+def test_four_replicas_over_two_nodes_build_once(nodes: RayCluster) -> None:
+    args = {**TINY, "batch": "1:4"}  # another key than the other tests'
+    deployment = {"num_replicas": 4, "max_replicas_per_node": 2}
+    nodes.deploy(nodes.config(args, deployment), timeout=300)
+    got = outcomes(nodes, 4)
+    assert got.count("built") == 1, got
+
+
+def test_a_killed_builder_is_replaced_at_once(nodes: RayCluster) -> None:
+    args = {**TINY, "batch": "1:2"}  # another key than the other tests'
+    nodes.deploy(nodes.config(args, {"num_replicas": 2, "max_replicas_per_node": 1}), wait=False)
+    deadline = time.monotonic() + 180
+    pid = None
+    while pid is None and time.monotonic() < deadline:
+        pid = compiling_replica()
+        time.sleep(0.1)
+    assert pid is not None, "no replica ever compiled"
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    # Another replica is handed the build at once (not after a lease's TTL): its compiler starts in seconds.
+    taken = None
+    while taken is None and time.monotonic() - killed < 30:
+        taken = time.monotonic() if compiling_replica() not in (None, pid) else None
+        time.sleep(0.1)
+    assert taken is not None, "no other replica compiled within 30 s of the kill"
+    assert taken - killed < 5, f"the build was taken over {taken - killed:.1f}s after the kill"
+    got = outcomes(nodes, 2)
+    assert got.count("built") == 1, got
+    assert counted(nodes, "ray_warmserve_cache_lease_takeovers") >= 1
+
+
+def test_a_peer_copy_that_fails_its_check_is_refused(nodes: RayCluster) -> None:
+    """An unsigned copy where replicas hold a signing key, then damaged bytes: each is refused and counted,
+    and the replica builds; nothing unverified is ever loaded."""
+    args = {**TINY, "batch": "2:8"}  # another key than the other tests'
+    nodes.deploy(nodes.config(args, on("node1")))  # no signing key: node1 holds an unsigned entry
+    (first,) = starts(nodes, 1)
+    assert first["outcome"] == "built"
+    nodes.delete_all()
+    signed = {"WARMSERVE_SIGNING_KEY": "peer-key"}
+    nodes.deploy(nodes.config(args, on("node2", **signed)))
+    assert outcomes(nodes, 1) == ["built"]
+    assert counted(nodes, "ray_warmserve_cache_refused", tier="peer", reason="unsigned") >= 1
+    nodes.delete_all()
+
+    # node2 now holds a signed entry: damage its bytes, and start on node1 with an empty L1.
+    (blob,) = (l1(nodes, "node2") / "entries" / first["key"]).glob("blob-*")
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    shutil.rmtree(l1(nodes, "node1") / "entries" / first["key"])
+    nodes.deploy(nodes.config(args, on("node1", **signed)))
+    assert outcomes(nodes, 1) == ["built"]
+    assert counted(nodes, "ray_warmserve_cache_refused", tier="peer", reason="digest") >= 1
+
+
+def test_the_index_killed_costs_at_most_a_build(nodes: RayCluster) -> None:
+    index = processes(b"CacheIndex")
+    assert index, "no cache index process"
+    for pid in index:
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(l1(nodes, "node2") / "entries")
+    nodes.deploy(nodes.config(TINY, on("node2")))  # the first test's key, held by node1
+    assert outcomes(nodes, 1)[0] in ("built", "peer-hit")
+    x = np.random.default_rng(1).standard_normal((2, 3, 16, 16), dtype=np.float32)
+    assert infer(nodes, x)[0].shape == (2, 10)
+    assert processes(b"CacheIndex"), "the index was not restarted"
+
+
 def test_replica_on_second_node_warm_starts_from_the_shared_tier(
-    two_nodes: RayCluster, s3_server: SeaweedFS, s3_url: str
+    nodes: RayCluster, s3_server: SeaweedFS, s3_url: str
 ) -> None:
     args = {
-        "model": "tests.serve.models:tiny_cnn",
-        "input_shape": "3,16,16",
-        "batch": "1:8",
-        "backend": "aoti",
+        **TINY,
+        "batch": "1:16",  # another key than the other tests'
         "shared_cache": s3_url,
         "storage_options": s3_server.storage_options(),
+        "peer_cache": False,  # the shared store alone
     }
-    spread = {"max_replicas_per_node": 1}
-    two_nodes.deploy(two_nodes.config(args, {"num_replicas": 1, **spread}))
-    first = two_nodes.replica_statuses(1)
-    assert [s["start"]["outcome"] for s in first.values()] == ["built"]
-    two_nodes.deploy(two_nodes.config(args, {"num_replicas": 2, **spread}))
-    two_nodes.wait_running("warmserve", replicas=2)
-    statuses = two_nodes.replica_statuses(2)
-    new = [s for pid, s in statuses.items() if pid not in first]
-    # The new replica is on the other node (one per node): its L1 is empty, the shared tier has the entry.
-    assert len(new) == 1 and new[0]["start"]["outcome"] == "shared-hit", statuses
+    key = {"WARMSERVE_SIGNING_KEY": "two-node-key"}  # a shared store needs one: entries are signed and checked
+    nodes.deploy(nodes.config(args, on("node1", **key)))
+    assert outcomes(nodes, 1) == ["built"]
+    nodes.delete_all()
+    nodes.deploy(nodes.config(args, on("node2", **key)))
+    assert outcomes(nodes, 1) == ["shared-hit"]
