@@ -36,7 +36,13 @@ def add_parser(sub: Any) -> None:
     def verb(name: str, text: str) -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=text, description=text)
         add_cache_options(p)
-        p.add_argument("--tier", choices=("local", "shared", "all"), default="all", help="which tier (default: all)")
+        p.add_argument(
+            "--tier",
+            choices=("local", "shared", "peer", "all"),
+            default="all",
+            help="which tier (default: all, meaning local and shared; peer: what the Ray cluster of this machine "
+            "holds on its nodes, for ls and stats)",
+        )
         p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
         return p
 
@@ -82,9 +88,18 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells)
 
 
-def run(args: argparse.Namespace) -> int:
-    """One verb; its errors end the command at the one boundary of `warmserve` (warmserve.deployments.cli)."""
+def run(args: argparse.Namespace, peers: Callable[[CacheConfig], Tier] | None = None) -> int:
+    """One verb; its errors end the command at the one boundary of `warmserve` (warmserve.deployments.cli).
+    ``peers`` opens the peer tier of a cluster, for ``--tier peer``."""
     config = config_from_args(args)
+    if args.tier == "peer":
+        if args.verb not in ("ls", "stats") or peers is None:
+            raise ValueError(
+                f"warmserve cache {args.verb} works on this node's directory and the shared store; the peer tier "
+                "is the directories of the cluster's nodes: run it there"
+            )
+        out, status, text = VERBS[args.verb]([peers(config)], args)
+        return _print(args, out, status, text)
     if not config.cache_dir.is_dir():
         raise FileNotFoundError(
             f"there is no cache directory at {config.cache_dir} (nothing was cached there); "
@@ -216,7 +231,10 @@ VERBS: dict[str, Callable[[list[Tier], argparse.Namespace], Outcome]] = {
 def _run(args: argparse.Namespace, cache: EngineCache) -> int:
     """One verb over the chosen tiers: its records as one JSON document (``--json``; stats keyed by tier), or its
     text; exit 1 when ``verify`` finds a bad entry."""
-    out, status, text = VERBS[args.verb](_tiers(cache, args.tier), args)
+    return _print(args, *VERBS[args.verb](_tiers(cache, args.tier), args))
+
+
+def _print(args: argparse.Namespace, out: Records, status: int, text: str) -> int:
     if args.json:
         print(json.dumps(out if args.verb != "stats" else {r["tier"]: r for r in out}))
     elif text:

@@ -252,6 +252,12 @@ def run_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _peer_tier(config: Any) -> Any:
+    from warmserve.deployments.peers import listing
+
+    return listing(config)
+
+
 def exit_code(e: BaseException) -> int | None:
     """The exit status of an error that ends a command (see the root parser's epilog): the error's own
     ``exit_code``, else that of the most specific class in its MRO listed below; None for anything else, a bug,
@@ -287,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return cache_cli.run(args) if args.command == "cache" else int(args.func(args))
+        return cache_cli.run(args, peers=_peer_tier) if args.command == "cache" else int(args.func(args))
     except Exception as e:  # the one error boundary of every command
         code = exit_code(e)
         if code is None:

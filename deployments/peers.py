@@ -28,6 +28,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from warmserve.cache.config import CacheConfig
 from warmserve.cache.errors import LeaseTimeout, StoreUnavailable
 from warmserve.cache.events import emit
 from warmserve.cache.layout import ENTRIES
@@ -35,6 +36,7 @@ from warmserve.cache.maintenance import key_ids
 from warmserve.cache.peers import Peers
 from warmserve.cache.stores.base import ObjectInfo, Store
 from warmserve.cache.stores.local import LocalStore
+from warmserve.cache.tier import Tier
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +107,14 @@ class CacheIndex:
                 del self._builds[key_id]
 
     def entries(self) -> dict[str, list[str]]:
+        """key id -> the cache servers that hold it."""
         with self._lock:
             return {k: sorted(v) for k, v in self._holders.items() if v}
+
+    def building(self) -> dict[str, str]:
+        """key id -> who builds it now."""
+        with self._lock:
+            return {k: claimant for k, (claimant, _) in self._builds.items()}
 
 
 @ray.remote(num_cpus=0)
@@ -121,6 +129,19 @@ class NodeCache:
     def read(self, path: str) -> bytes | None:
         try:
             return self.store.read(path)
+        except (FileNotFoundError, StoreUnavailable):
+            return None
+
+    def listdir(self, prefix: str) -> list[str] | None:
+        try:
+            names = self.store.listdir(prefix)
+        except StoreUnavailable:
+            return None
+        return names or None
+
+    def info(self, path: str) -> ObjectInfo | None:
+        try:
+            return self.store.info(path)
         except (FileNotFoundError, StoreUnavailable):
             return None
 
@@ -143,28 +164,46 @@ class PeerStore(Store):
         self.url = "ray://peers"
         self._source: dict[str, str] = {}  # key id -> the server its files are read from
 
-    def read(self, path: str) -> bytes:
-        parts = path.split("/")
-        if len(parts) != 3 or parts[0] != ENTRIES:
+    def _ask(self, path: str, method: str) -> Any:
+        """``method`` of the cache server holding the entry under ``path``; FileNotFoundError where none has it.
+        A server that has it no more, or does not answer, is forgotten for that entry and the next one asked."""
+        parts = path.strip("/").split("/")
+        if len(parts) < 2 or parts[0] != ENTRIES:
             raise FileNotFoundError(path)
         key_id = parts[1]
-        sticky = self._source.get(key_id)
         try:
-            servers = [sticky] if sticky else self.peers.holders(key_id)
-            for server in servers:
+            sticky = self._source.get(key_id)
+            for server in [sticky] if sticky else self.peers.holders(key_id):
                 try:
-                    data = ray.get(self.peers.server(server).read.remote(path), timeout=CALL_S)
+                    answer = ray.get(getattr(self.peers.server(server), method).remote(path), timeout=CALL_S)
                 except (ray.exceptions.RayError, ValueError) as e:  # ValueError: no actor by that name
                     logger.warning("cache server %s did not answer (%s); trying another node", server, e)
-                    data = None
-                if data is not None:
+                    answer = None
+                if answer is not None:
                     self._source[key_id] = server
-                    return bytes(data)
+                    return answer
                 self.peers.forget(server, key_id)
                 self._source.pop(key_id, None)
         except ray.exceptions.RayError as e:
             raise StoreUnavailable(f"the cluster's cache index did not answer: {e}") from e
         raise FileNotFoundError(path)
+
+    def read(self, path: str) -> bytes:
+        return bytes(self._ask(path, "read"))
+
+    def info(self, path: str) -> ObjectInfo:
+        return self._ask(path, "info")  # type: ignore[no-any-return]
+
+    def listdir(self, prefix: str) -> list[str]:
+        if prefix.strip("/") == ENTRIES:
+            try:
+                return sorted(ray.get(self.peers.index.entries.remote(), timeout=CALL_S))
+            except ray.exceptions.RayError as e:
+                raise StoreUnavailable(f"the cluster's cache index did not answer: {e}") from e
+        try:
+            return list(self._ask(prefix, "listdir"))
+        except FileNotFoundError:
+            return []
 
     def delete_tree(self, prefix: str) -> None:
         key_id = prefix.rstrip("/").rpartition("/")[2]
@@ -172,11 +211,8 @@ class PeerStore(Store):
         if server is not None:
             self.peers.forget(server, key_id)
 
-    def listdir(self, prefix: str) -> list[str]:
-        return []  # nothing to move aside: a refused copy stays where it is, forgotten
-
     def move(self, src: str, dst: str) -> None:
-        pass
+        pass  # a refused copy stays where it is, forgotten (delete_tree)
 
     def write(self, path: str, data: bytes | memoryview) -> None:
         raise StoreUnavailable("the peer tier is read-only")
@@ -187,21 +223,23 @@ class PeerStore(Store):
     def delete(self, path: str) -> None:
         pass
 
-    def info(self, path: str) -> ObjectInfo:
-        raise FileNotFoundError(path)
-
     def touch(self, path: str) -> None:
         pass
 
 
 class RayPeers(Peers):
-    """The peers of a process inside a Ray cluster, for the cache directory ``cache_dir`` of its node."""
+    """The peers of a process inside a Ray cluster, for the cache directory ``cache_dir`` of its node (None:
+    a process that only looks, such as `warmserve cache ls --tier peer`, and serves no directory)."""
 
-    def __init__(self, cache_dir: Path) -> None:
+    def __init__(self, cache_dir: Path | None) -> None:
+        self.store = PeerStore(self)
+        self.index = index()
+        if cache_dir is None:
+            self.name = self.claimant = ""
+            return
         self.node_id = ray.get_runtime_context().get_node_id()
         self.name = server_name(self.node_id, cache_dir)
         self.claimant = f"{self.name}:{os.getpid()}"
-        self.index = index()
         self.node = NodeCache.options(  # type: ignore[attr-defined]
             name=self.name,
             namespace=NAMESPACE,
@@ -211,7 +249,6 @@ class RayPeers(Peers):
             max_concurrency=8,
             scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False),
         ).remote(str(cache_dir), self.name)
-        self.store = PeerStore(self)
 
     def server(self, name: str) -> Any:
         return ray.get_actor(name, namespace=NAMESPACE)
@@ -257,6 +294,21 @@ class RayPeers(Peers):
         finally:
             with contextlib.suppress(ray.exceptions.RayError):
                 self.index.release.remote(key_id, self.claimant)
+
+
+def listing(config: CacheConfig) -> Tier:
+    """The peer tier of the Ray cluster this machine belongs to ($RAY_ADDRESS, else the one running here), for
+    `warmserve cache ls | stats --tier peer`. Raises ConnectionError where there is none."""
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", namespace=NAMESPACE, log_to_driver=False)
+        ray.get_actor(INDEX, namespace=NAMESPACE)
+    except ConnectionError:
+        raise
+    except ValueError as e:  # no index: no replica of this cluster ever used the peer tier
+        raise ConnectionError(f"this Ray cluster has no peer cache index ({INDEX}): {e}") from e
+    except Exception as e:  # Ray's many ways of not finding a cluster
+        raise ConnectionError(f"no Ray cluster to ask (set RAY_ADDRESS): {e}") from e
+    return Tier(RayPeers(None).store, "peer", signing_key=config.signing_key)
 
 
 def connect(cache_dir: Path) -> RayPeers | None:

@@ -72,6 +72,8 @@ def test_bad_input_gets_a_clear_error(tmp_path: Path) -> None:
     assert r.returncode == 2 and "not a cache key id" in r.stderr
     r = warmserve("cache", "ls", *d, "--tier", "shared")
     assert r.returncode != 0 and "--shared-cache" in r.stderr
+    r = warmserve("cache", "evict", *d, "--all", "--tier", "peer")  # the peer tier is read, not maintained
+    assert r.returncode == 2 and "the peer tier is the directories of the cluster's nodes" in r.stderr
     r = warmserve("cache", "ls", *d, "--shared-cache", "nosuchproto://x/y")
     assert r.returncode == 2 and "nosuchproto" in r.stderr
     r = warmserve("cache", "ls", env={"WARMSERVE_CACHE_BUDGET": "lots", "PATH": "/usr/bin"})
@@ -96,7 +98,7 @@ def test_help_answers() -> None:
 def test_cache_commands_do_not_import_torch(tmp_path: Path) -> None:
     """`warmserve cache ...` is an operator's quick look: it must not pay for importing torch."""
     code = (
-        "import sys; from deployments.cli import main;"
+        "import sys; from warmserve.deployments.cli import main;"
         f" rc = main(['-v', 'cache', 'stats', '--cache-dir', {str(tmp_path)!r}]);"
         " assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
     )

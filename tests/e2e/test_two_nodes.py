@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +87,13 @@ def test_a_replica_on_another_node_starts_from_its_peer(nodes: RayCluster) -> No
     x = np.random.default_rng(0).standard_normal((2, 3, 16, 16), dtype=np.float32)
     assert infer(nodes, x)[0].shape == (2, 10)
     assert list((l1(nodes, "node2") / "entries").iterdir()), "the peer's entry was not kept in node2's L1"
+    # What the cluster's nodes hold, asked from this machine
+    env = {**os.environ, **nodes.auth_env, "RAY_ADDRESS": f"127.0.0.1:{nodes.gcs_port}"}
+    cmd = [sys.executable, "-m", "warmserve.deployments.cli", "cache", "ls", "--tier", "peer", "--json"]
+    listed = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = json.loads(listed.stdout)
+    assert entry["tier"] == "peer" and entry["backend"] == "aoti" and entry["problem"] is None
 
 
 def test_four_replicas_over_two_nodes_build_once(nodes: RayCluster) -> None:
