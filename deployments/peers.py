@@ -52,6 +52,11 @@ def server_name(node_id: str, cache_dir: Path) -> str:
     return f"warmserve-cache-{node_id[:16]}-{digest}"
 
 
+def _node_of(server: str) -> str:
+    """The node part of a cache server's name ("" for a process that serves no directory)."""
+    return server.rpartition("-")[0]
+
+
 def _gone(alive: list[Any]) -> bool:
     """Whether the process that owns ``alive[0]`` (a builder) has died, with its node or alone."""
     try:
@@ -82,15 +87,21 @@ class CacheIndex:
         with self._lock:
             self._holders.get(key_id, set()).discard(server)
 
+    def _elsewhere(self, key_id: str, asker: str) -> list[str]:
+        """The servers holding ``key_id`` on other nodes than the asker's (its node's directories are its own
+        business: another directory on one node is another cache, not a peer)."""
+        node = _node_of(asker)
+        return sorted(s for s in self._holders.get(key_id, set()) if not node or _node_of(s) != node)
+
     def holders(self, key_id: str, asker: str) -> list[str]:
         with self._lock:
-            return sorted(self._holders.get(key_id, set()) - {asker})
+            return self._elsewhere(key_id, asker)
 
     def claim(self, key_id: str, claimant: str, alive: list[Any], asker: str) -> str:
         """``held`` (a node other than the asker's holds it), ``build`` (the claimant builds it; a builder
         that died is replaced) or ``wait``."""
         with self._lock:
-            if self._holders.get(key_id, set()) - {asker}:
+            if self._elsewhere(key_id, asker):
                 return "held"
             current = self._builds.get(key_id)
         if current is not None and current[0] != claimant and not _gone(current[1]):

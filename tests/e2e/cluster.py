@@ -53,26 +53,6 @@ def processes(marker: bytes) -> list[int]:
     return found
 
 
-def compiling_replica(marker: bytes = b"ServeReplica") -> int | None:
-    """The replica process that is compiling now: the one a C++ compiler runs under, if any."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if Path(f"/proc/{pid}/comm").read_text().strip() not in ("cc1plus", "g++", "c++", "ld"):
-                continue
-        except OSError:
-            continue
-        parent = int(pid)
-        while parent > 1:
-            try:
-                stat = Path(f"/proc/{parent}/stat").read_text()
-                if marker in Path(f"/proc/{parent}/cmdline").read_bytes():
-                    return parent
-            except OSError:
-                break
-            parent = int(stat.rpartition(")")[2].split()[1])
-    return None
-
-
 def stop_ray(marker: str, grace: float = 3.0, timeout: float = 15.0) -> None:
     """SIGTERM, then after ``grace`` seconds SIGKILL, the Ray daemons of one cluster (a test's cluster keeps
     nothing worth a longer wait); its workers exit with their raylet."""
