@@ -81,7 +81,6 @@ class CacheIndex:
         with self._lock:
             for key_id in ids:
                 self._holders.setdefault(key_id, set()).add(server)
-                self._builds.pop(key_id, None)
 
     def forget(self, server: str, key_id: str) -> None:
         with self._lock:
