@@ -109,9 +109,9 @@ class EngineCache:
         if found is not None:
             emit(self.events.hit, self.local.name)
             return found[0], found[1], self.local.name
-        for tier in (self.peer, self.shared):
-            found = tier.lookup(key) if tier is not None else None
-            if tier is not None and found is not None:
+        for tier in [t for t in (self.peer, self.shared) if t is not None]:
+            found = tier.lookup(key)
+            if found is not None:
                 emit(self.events.hit, tier.name)
                 blob, manifest = found
                 self.local.publish(key, blob, manifest.provenance)
