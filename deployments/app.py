@@ -24,6 +24,7 @@ from warmserve.deployments.errors import BodyTooLarge, ModelNotFound, ReplicaSta
 from warmserve.serve.errors import InputError, NotReady
 from warmserve.serve.metrics import Metrics
 from warmserve.serve.settings import Settings
+from warmserve.serve.spec import DTYPES
 from warmserve.serve.worker import SwapReport, Worker
 
 logger = logging.getLogger("warmserve.app")
@@ -347,30 +348,73 @@ class WarmModel:
         batcher.set_batch_wait_timeout_s(wait)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _infer_batch(self, items: list[torch.Tensor]) -> list[tuple[torch.Tensor, str]]:
-        sizes = [x.shape[0] for x in items]
-        out, version = await asyncio.to_thread(self._run_batch, items)
-        return [(o, version) for o in torch.split(out, sizes)]
+    async def _infer_batch(self, items: list[list[torch.Tensor]]) -> list[tuple[list[torch.Tensor], str]]:
+        spec = self.settings.model.input
+        if len(spec.tensors) == 1 and not spec.dims:
+            sizes = [x[0].shape[0] for x in items]
+            out, version = await asyncio.to_thread(self._run_batch, [x[0] for x in items])
+            return [([o], version) for o in torch.split(out, sizes)]
+        answers, version = await asyncio.to_thread(self.worker.run_requests, items)
+        return [(a, version) for a in answers]
 
     def _run_batch(self, items: list[torch.Tensor]) -> tuple[torch.Tensor, str]:
-        """One engine call for the batch. Pixels travel as bytes: a batch of them is copied to the device in
-        one piece and normalised there; one that mixes pixels and floats is normalised on the host."""
+        """One engine call for the batch of a model of one input. Pixels travel as bytes: a batch of them is
+        copied to the device in one piece and normalised there; one that mixes pixels and floats is normalised
+        on the host."""
         dtype = self.settings.model.input.torch_dtype
         if len({x.device for x in items}) > 1:  # photos decoded on the GPU beside tensors from the wire
             items = [x.to(self.worker.device) for x in items]
         pixels = [x.dtype == torch.uint8 for x in items]
-        if all(pixels):
+        if all(pixels) and self._pixels:
             return self.worker.infer_versioned(normalise_pixels(torch.cat(items).to(self.worker.device), dtype))
-        if any(pixels):
+        if any(pixels) and self._pixels:
             items = [normalise_pixels(x, dtype) if is_pixels else x for x, is_pixels in zip(items, pixels, strict=True)]
         return self.worker.infer_versioned(torch.cat(items))
 
-    async def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
-        # Reject a bad request alone, before it joins a batch. An image model also takes UINT8 pixels.
+    @property
+    def _pixels(self) -> bool:
+        """An image model also takes UINT8 pixels."""
         spec = self.settings.model.input
-        pixels = x.dtype == torch.uint8 and takes_pixels(spec.shape, spec.torch_dtype)
-        self.worker.check_input(x, dtype=torch.uint8 if pixels else None)
-        return await self._infer_batch(x)  # type: ignore[no-any-return]
+        return len(spec.tensors) == 1 and takes_pixels(spec.shape, spec.torch_dtype)
+
+    async def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """A model of one input: its first output."""
+        outs, version = await self.infer_all([x])
+        return outs[0], version
+
+    async def infer_all(self, xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], str]:
+        """Every output for one request of every input, in the signature's order."""
+        # Reject a bad request alone, before it joins a batch.
+        pixels = self._pixels and xs[0].dtype == torch.uint8
+        return await self._infer_batch(self.worker.check_inputs(xs, pixels=pixels))  # type: ignore[no-any-return]
+
+    def _by_name(self, named: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """A request's tensors in the signature's order, matched by name (a model of one input takes any name)."""
+        spec = self.settings.model.input
+        if len(spec.tensors) == 1:
+            if len(named) != 1:
+                raise InputError(f"this model takes exactly one input tensor, got {len(named)}")
+            return [named[0][1]]
+        given = dict(named)
+        if len(given) != len(named):
+            raise InputError("the request names an input twice")
+        missing = [n for n in spec.names if n not in given]
+        unknown = sorted(set(given) - set(spec.names))
+        if missing or unknown:
+            raise InputError(
+                f"this model takes inputs {', '.join(spec.names)}"
+                + (f"; missing {', '.join(missing)}" if missing else "")
+                + (f"; unknown {', '.join(unknown)}" if unknown else "")
+            )
+        return [given[n] for n in spec.names]
+
+    def _named_outputs(self, outs: list[torch.Tensor], wanted: list[str]) -> dict[str, torch.Tensor]:
+        """The outputs by name; only ``wanted`` ones (in that order) if the request asked for some."""
+        named = {o.name: t for o, t in zip(self.worker.outputs, outs, strict=True)}
+        unknown = [n for n in wanted if n not in named]
+        if unknown:
+            raise InputError(f"unknown output(s) {', '.join(unknown)}; this model returns {', '.join(named)}")
+        return {n: named[n] for n in wanted} if wanted else named
 
     async def _body(self, request: Request) -> bytes:
         limit = int(self.settings.max_body_mb * 2**20)
@@ -412,12 +456,20 @@ class WarmModel:
             "platform": f"warmserve_{self.worker.backend.name}",
             "inputs": [
                 {
-                    "name": "input__0",
-                    "datatype": oip.TORCH_TO_DATATYPE[spec.input.torch_dtype],
-                    "shape": [-1, *spec.input.shape],
+                    "name": t.name,
+                    "datatype": oip.TORCH_TO_DATATYPE[t.torch_dtype],
+                    "shape": [-1, *(d if isinstance(d, int) else -1 for d in t.shape)],
                 }
+                for t in spec.input.tensors
             ],
-            "outputs": [{"name": "output__0", "datatype": "FP32", "shape": [-1, len(self.worker.labels)]}],
+            "outputs": [
+                {
+                    "name": o.name,
+                    "datatype": oip.TORCH_TO_DATATYPE[DTYPES[o.dtype]],
+                    "shape": [-1, *(d if isinstance(d, int) else -1 for d in o.shape)],
+                }
+                for o in self.worker.outputs
+            ],
             "parameters": {
                 "weights_version": self.worker.version,
                 "backend": self.worker.backend.name,
@@ -467,10 +519,11 @@ class WarmModel:
     async def v2_infer(self, name: str, request: Request) -> Response:
         self._model(name)
         req = oip.parse_request(await self._body(request), request.headers.get(oip.HEADER_LENGTH))
-        if len(req.tensors) != 1:
-            raise InputError(f"this model takes exactly one input tensor, got {len(req.tensors)}")
-        out, version = await self.infer(req.tensors[0])
-        body, headers = oip.encode_response(name, version, req.id, {"output__0": out}, req.binary_output)
+        named = [(str(item["name"]), t) for item, t in zip(req.inputs, req.tensors, strict=True)]
+        wanted = [str(o.get("name")) for o in req.outputs if isinstance(o, dict) and "name" in o]
+        outs, version = await self.infer_all(self._by_name(named))
+        outputs = self._named_outputs(outs, wanted)
+        body, headers = oip.encode_response(name, version, req.id, outputs, req.binary_output)
         return Response(body, headers=headers)
 
     # -- Open Inference Protocol over gRPC ----------------------------------------------------------
@@ -512,10 +565,10 @@ class WarmModel:
         async def call() -> Any:
             self._model(request.model_name)
             tensors = oip_grpc.parse_infer(request, int(self.settings.max_body_mb * 2**20))
-            if len(tensors) != 1:
-                raise InputError(f"this model takes exactly one input tensor, got {len(tensors)}")
-            out, version = await self.infer(tensors[0])
-            return oip_grpc.infer_response(request.model_name, version, request.id, {"output__0": out})
+            named = [(item.name, t) for item, t in zip(request.inputs, tensors, strict=True)]
+            outs, version = await self.infer_all(self._by_name(named))
+            outputs = self._named_outputs(outs, [o.name for o in request.outputs])
+            return oip_grpc.infer_response(request.model_name, version, request.id, outputs)
 
         return await self._rpc(grpc_context, oip_grpc.ModelInferResponse, call)
 

@@ -22,9 +22,9 @@ DATATYPES: dict[str, tuple[Any, torch.dtype]] = {
     "INT8": (np.int8, torch.int8),
     "UINT8": (np.uint8, torch.uint8),
     "BOOL": (np.bool_, torch.bool),
+    "BF16": (np.uint16, torch.bfloat16),  # numpy has no bfloat16: its bits travel as 16-bit words
 }
 TORCH_TO_DATATYPE = {v[1]: k for k, v in DATATYPES.items()}
-TORCH_TO_DATATYPE[torch.bfloat16] = "BF16"
 HEADER_LENGTH = "inference-header-content-length"
 
 
@@ -141,11 +141,11 @@ def encode_response(
         t = tensor.detach().cpu().contiguous()
         item: dict[str, Any] = {"name": name, "shape": list(t.shape), "datatype": TORCH_TO_DATATYPE[t.dtype]}
         if binary:
-            raw = t.numpy().tobytes()
+            raw = (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
             item["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            item["data"] = t.flatten().tolist()
+            item["data"] = (t.float() if t.dtype == torch.bfloat16 else t).flatten().tolist()
         items.append(item)
     doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": items}
     if request_id is not None:
@@ -173,12 +173,15 @@ def tensor_from_bytes(where: str, raw: bytes | memoryview, shape: Any, datatype:
     np_dtype, count = check_header(where, shape, datatype)
     if len(raw) != count * np.dtype(np_dtype).itemsize:
         raise InputError(f"{where}: {len(raw)} bytes of data do not match shape {list(shape)} of {datatype}")
-    return torch.from_numpy(np.frombuffer(raw, dtype=np_dtype).reshape(list(shape)).copy())
+    t = torch.from_numpy(np.frombuffer(raw, dtype=np_dtype).reshape(list(shape)).copy())
+    return t.view(torch.bfloat16) if datatype == "BF16" else t
 
 
 def tensor_from_values(where: str, values: Any, shape: Any, datatype: str) -> torch.Tensor:
     """A tensor from a list of numbers (JSON ``data``, gRPC's typed contents), range and count checked."""
     np_dtype, count = check_header(where, shape, datatype)
+    if datatype == "BF16":  # values as numbers: read as FP32, rounded to bfloat16
+        return tensor_from_values(where, values, shape, "FP32").to(torch.bfloat16)
     try:
         with np.errstate(over="raise", invalid="raise"):
             array = np.asarray(values, dtype=np_dtype)

@@ -241,7 +241,9 @@ def infer_response(model: str, version: str, request_id: str, outputs: Mapping[s
     for name, tensor in outputs.items():
         t = tensor.detach().cpu().contiguous()
         response.outputs.add(name=name, datatype=TORCH_TO_DATATYPE[t.dtype], shape=list(t.shape))
-        response.raw_output_contents.append(t.numpy().tobytes())
+        response.raw_output_contents.append(
+            (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+        )
     return response
 
 

@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,13 +21,21 @@ from warmserve.cache.engine_cache import EngineCache
 from warmserve.cache.keys import CacheKey
 from warmserve.cache.manifest import Provenance
 from warmserve.cache.peers import Peers
-from warmserve.serve import backends, fence
-from warmserve.serve.backends.base import Backend, Engine, device_doc
-from warmserve.serve.errors import BackendUnavailable, InputError, NotReady, RefitError, ToolchainChanged, WeightsError
+from warmserve.serve import backends, batching, fence
+from warmserve.serve.backends.base import Backend, Engine, device_doc, flatten
+from warmserve.serve.batching import OutputSpec
+from warmserve.serve.errors import (
+    BackendUnavailable,
+    ModelSpecError,
+    NotReady,
+    RefitError,
+    ToolchainChanged,
+    WeightsError,
+)
 from warmserve.serve.metrics import Metrics, MetricsCacheEvents
 from warmserve.serve.model import architecture_doc, build_model, class_names
 from warmserve.serve.rwlock import RWLock
-from warmserve.serve.spec import ModelSpec
+from warmserve.serve.spec import InputSpec, ModelSpec
 from warmserve.serve.weights import StateDict, ensure_demo_weights, expected_tensors, read_weights, validate
 
 logger = logging.getLogger(__name__)
@@ -55,9 +63,40 @@ def process_age() -> float | None:
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| for floats; 0 or 1 (equal or not) for integers and booleans."""
+    if not want.is_floating_point():
+        return 0.0 if torch.equal(got.cpu(), want.cpu()) else 1.0
     want = want.float()
     scale = float(want.abs().max().clamp_min(1e-12))
     return float((got.float() - want).abs().max()) / scale
+
+
+def check_precision(precision: str, dtype: torch.dtype, device: torch.device) -> None:
+    """A clear error, before anything is built, where ``device`` cannot compute in ``dtype``."""
+    if dtype == torch.float32:
+        return
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise BackendUnavailable(f"precision {precision}: {torch.cuda.get_device_name(device)} has no bfloat16")
+    try:
+        a = torch.ones(4, 4, dtype=dtype, device=device)
+        torch.nn.functional.conv2d(a.view(1, 1, 4, 4), a[:1, :1].reshape(1, 1, 1, 1))
+        (a @ a).sum().item()
+    except RuntimeError as e:
+        raise BackendUnavailable(f"precision {precision} cannot run on {device}: {str(e).splitlines()[0]}") from e
+
+
+def materialise(model_name: str, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The model with ``state`` as its weights (shared, not copied). Built on the meta device first (no random
+    initialisation); a model with tensors outside its state dict (a non-persistent buffer) is built for real."""
+    model = build_model(model_name, meta=True)
+    model.load_state_dict(state, assign=True)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        floats = [t for t in state.values() if t.is_floating_point()]
+        like = floats[0] if floats else next(iter(state.values()), torch.empty(0))
+        model = build_model(model_name).to(device=like.device, dtype=like.dtype if floats else None)
+        with torch.no_grad():
+            model.load_state_dict(state)
+    return model.eval()
 
 
 class Steps:
@@ -154,7 +193,11 @@ class Worker:
         self.cache = cache
         self.backend: Backend = self._make_backend(self._choices.pop(0))
         self.verify = verify
-        self.tolerance = tolerance if tolerance is not None else (1e-3 if spec.precision == "fp32" else 3e-2)
+        self.tolerance = tolerance if tolerance is not None else spec.tolerance
+        check_precision(spec.precision, spec.torch_dtype, self.device)
+        # The signature as the engine takes it: float inputs in the serving precision.
+        self.engine_spec: InputSpec = spec.input.cast(spec.torch_dtype)
+        self.outputs: list[OutputSpec] = []
         self.report: StartReport | None = None
         self.labels: list[str] = []
         self.fence: fence.CompileFence | None = None
@@ -194,7 +237,7 @@ class Worker:
                 "backend": self.backend.name,
                 "settings": self.backend.settings(),
                 "architecture": architecture_doc(model),
-                "input": self.spec.input.doc(),
+                "input": self.engine_spec.doc(),
                 "precision": self.spec.precision,
                 "device": device_doc(self.device),
                 "versions": self.backend.versions(),
@@ -215,27 +258,68 @@ class Worker:
             for k, v in state.items()
         }
 
-    def _probe_input(self) -> torch.Tensor:
+    def _probe_input(self) -> tuple[torch.Tensor, ...]:
         # Made outside inference mode, as requests are: a Dynamo-guarded engine must not trace again for it.
-        return self.spec.input.example(device=self.device, seed=1234)
+        return self.engine_spec.examples(device=self.device, seed=1234)
 
-    def _reference(self, state: StateDict, x: torch.Tensor) -> torch.Tensor:
-        """Eager PyTorch's answer for ``x`` with ``state`` (its tensors shared, not copied)."""
-        model = build_model(self.spec.model, meta=True)
-        model.load_state_dict(state, assign=True)
+    def _reference(self, state: StateDict, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Eager PyTorch's answer for ``xs`` with ``state`` (its tensors shared, not copied)."""
+        model = materialise(self.spec.model, state)
         with torch.inference_mode():
-            return model.eval()(x)  # type: ignore[no-any-return]
+            return [t for _, t in flatten(model(*xs))]
 
-    def _check(self, engine: Engine, x: torch.Tensor, want: torch.Tensor) -> float:
+    def _check(self, engine: Engine, xs: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
         with torch.inference_mode():
-            got = engine(x)
-        probe = relative_error(got, want)
+            got = engine(xs)
+        if len(got) != len(want):
+            raise RefitError(f"{self.backend.name} engine returned {len(got)} outputs; eager returns {len(want)}")
+        probe = max(relative_error(g, w) for g, w in zip(got, want, strict=True))
         if probe > self.tolerance:
             raise RefitError(
                 f"{self.backend.name} engine disagrees with eager after the refit "
-                f"(relative error {probe:.2e} > {self.tolerance:.0e})"
+                f"(relative error {probe:.2e} > {self.tolerance:.0e} for {self.spec.precision})"
             )
         return probe
+
+    def _output_specs(self, model: nn.Module) -> list[OutputSpec]:
+        """Each output's name, dtype and shape, found by running the model on the meta device (nothing is
+        computed) at sizes that differ in one dimension at a time: a dimension of an output that follows an
+        input's is named after it."""
+        spec = self.engine_spec
+        meta = build_model(self.spec.model, meta=True).to(self.spec.torch_dtype)
+        base = spec.example_sizes()
+        b0 = spec.export_batch
+        b1 = b0 + 1 if b0 < spec.max_batch else max(spec.min_batch, b0 - 1)
+        probes: dict[str, tuple[int, dict[str, int]]] = {"": (b0, base), "batch": (b1, base)}
+        for d, (lo, hi) in spec.dims.items():
+            if lo != hi:
+                probes[d] = (b0, {**base, d: base[d] + 1 if base[d] < hi else base[d] - 1})
+        try:
+            with torch.inference_mode():
+                runs = {
+                    k: flatten(meta(*(x.to("meta") for x in spec.examples(batch=b, sizes=sz))))
+                    for k, (b, sz) in probes.items()
+                }
+        except Exception as e:  # a model that cannot run on meta tensors: its real answer, one size
+            logger.info("outputs from the real model (on meta tensors: %s: %s)", type(e).__name__, e)
+            with torch.inference_mode():
+                real = flatten(model(*self._probe_input()))
+            runs = {"": [(n, t.to("meta")) for n, t in real]}
+        names = list(self.spec.outputs) or [n for n, _ in runs[""]]
+        if len(names) != len(runs[""]):
+            raise ModelSpecError(f"outputs names {len(names)} output(s), but the model returns {len(runs[''])}")
+        out = []
+        for i, (name, t) in enumerate(zip(names, (t for _, t in runs[""]), strict=True)):
+            if t.dim() == 0 or (b1 != b0 and "batch" in runs and runs["batch"][i][1].shape[0] == t.shape[0]):
+                raise ModelSpecError(f"output {name} does not have the batch as its first dimension: {list(t.shape)}")
+            dims: list[int | str] = list(t.shape[1:])
+            for k, run in runs.items():
+                if k not in ("", "batch"):
+                    changed = [run[i][1].shape[a + 1] != n for a, n in enumerate(t.shape[1:])]
+                    dims = [k if c else d for c, d in zip(changed, dims, strict=True)]
+            dtype = torch.float32 if t.is_floating_point() else t.dtype
+            out.append(OutputSpec(name, str(dtype).removeprefix("torch."), tuple(dims)))
+        return out
 
     def start(self) -> StartReport:
         """Model and weights, then the artifact from the cache (or built once), load, refit, verify: ready."""
@@ -250,8 +334,8 @@ class Worker:
                 uri = self._weights_uri(model)
                 loaded = read_weights(uri)
                 live_state = self._prepare(loaded.state)  # validates once, before anything uses the weights
-                model.load_state_dict(loaded.state, assign=True)
-                model = model.to(device=self.device, dtype=self.spec.torch_dtype).eval()
+                model = materialise(self.spec.model, live_state)
+                self.outputs = self._output_specs(model)
             t_key = time.perf_counter()
             key, outcome, artifact = self._fetch(model, steps)
             engine = self._engine(artifact, model, live_state, steps)
@@ -332,14 +416,14 @@ class Worker:
         name = self.backend.name
         logger.info("compiling %s with %s (key %s); this can take minutes", self.spec.model, name, key.short)
         t0 = time.perf_counter()
-        artifact = self.backend.compile(model, self.spec.input)
+        artifact = self.backend.compile(model, self.engine_spec)
         self.metrics.observe("warmserve_compile_seconds", time.perf_counter() - t0, backend=name)
         return artifact
 
     def _engine(self, artifact: bytes, model: nn.Module, state: StateDict, steps: Steps) -> Engine:
         name = self.backend.name
         with steps("load"):
-            engine = self.backend.load(artifact, model, self.spec.input)
+            engine = self.backend.load(artifact, model, self.engine_spec)
         self.metrics.observe("warmserve_engine_load_seconds", steps.seconds["load"], backend=name)
         if self.backend.cacheable:
             with steps("refit"):
@@ -350,58 +434,74 @@ class Worker:
         return engine
 
     def _first_answer(self, engine: Engine, state: StateDict, steps: Steps) -> tuple[float | None, int]:
-        """Run the engine once (its output width names the labels) and, with ``verify``, compare it with
-        eager PyTorch: (relative error or None, number of outputs)."""
-        x = self._probe_input()
+        """Run the engine once (its first output's width names the labels) and, with ``verify``, compare it
+        with eager PyTorch: (relative error or None, number of labels)."""
+        xs = self._probe_input()
         if not (self.verify and self.backend.cacheable):
             with torch.inference_mode():
-                return None, int(engine(x).shape[-1])
+                return None, int(engine(xs)[0].shape[-1])
         with steps("verify"):
-            want = self._reference(state, x)
-            probe = self._check(engine, x, want)
-        return probe, int(want.shape[-1])
+            want = self._reference(state, xs)
+            probe = self._check(engine, xs, want)
+        return probe, int(want[0].shape[-1])
 
     # -- serving ----------------------------------------------------------------------------------
+    def check_inputs(self, xs: Sequence[Any], pixels: bool = False) -> list[torch.Tensor]:
+        """``xs`` if they are one request this model takes (``pixels``: a UINT8 image the caller converts),
+        else ``InputError`` saying what was expected."""
+        return batching.check_request(self.spec.input, xs, pixels)
+
     def check_input(self, x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``x`` if it is a batch this model takes (``dtype``: another dtype the caller converts), else
-        ``InputError`` saying what was expected."""
-        spec = self.spec.input
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"expected a tensor, got {type(x).__name__}")
-        if x.dim() != len(spec.shape) + 1 or tuple(x.shape[1:]) != spec.shape:
-            raise InputError(f"expected shape [batch, {', '.join(map(str, spec.shape))}], got {list(x.shape)}")
-        if x.shape[0] < 1:
-            raise InputError("empty batch")
-        if x.dtype not in (spec.torch_dtype, dtype):
-            raise InputError(f"expected dtype {spec.dtype}, got {str(x.dtype).removeprefix('torch.')}")
-        return x
+        """`check_inputs` for a model of one input."""
+        return self.check_inputs([x], pixels=dtype == torch.uint8)[0]
 
     def infer(self, x: torch.Tensor) -> torch.Tensor:
-        """Run a batch of any size (split or padded to the engine's range); returns CPU outputs."""
+        """Run a batch of any size (split or padded to the engine's range) of a model of one input; returns
+        its first output, on the CPU."""
         return self.infer_versioned(x)[0]
 
     def infer_versioned(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
         """``infer``, also returning the weights version that produced every row of the output."""
-        x = self.check_input(x)
-        spec = self.spec.input
-        outs = []
+        outs, version = self.run(self.check_inputs([x]))
+        return outs[0], version
+
+    def run(self, xs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], str]:
+        """One batch of every input (checked, one length) -> every output on the CPU (floats as float32),
+        and the weights version that produced every row of them."""
+        answers, version = self.run_requests([xs])
+        return answers[0], version
+
+    def run_requests(self, requests: Sequence[Sequence[torch.Tensor]]) -> tuple[list[list[torch.Tensor]], str]:
+        """Requests (each checked) -> each one's outputs: batched together, padded to a length bucket where the
+        signature has a mask, and cut back to each request's rows and lengths."""
         t0 = time.perf_counter()
         # One read section for all chunks: a swap lands before or after the whole batch, never inside it.
         with self._rw.read():
             live = self._live
             if live is None:
                 raise NotReady("the model is still loading")
-            for chunk in torch.split(x, spec.max_batch):
-                n = chunk.shape[0]
-                if n < spec.min_batch:
-                    chunk = torch.cat([chunk, chunk[-1:].expand(spec.min_batch - n, *chunk.shape[1:])])
-                out = live.engine(chunk.to(self.device, non_blocking=True))
-                outs.append(out[:n].float().cpu())
+            answers = batching.run_requests(
+                self.engine_spec, self.outputs, requests, lambda xs: self._run_engine(live.engine, xs)
+            )
+        items = sum(r[0].shape[0] for r in requests)
         self.metrics.observe("warmserve_inference_seconds", time.perf_counter() - t0, backend=self.backend.name)
-        self.metrics.inc("warmserve_inference_items", x.shape[0], backend=self.backend.name)
+        self.metrics.inc("warmserve_inference_items", items, backend=self.backend.name)
         if self.fence is not None:
             self.fence.check("inference")
-        return torch.cat(outs), live.version
+        return answers, live.version
+
+    def _run_engine(self, engine: Engine, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """A batch of any size through the engine: split into its largest batch, padded to its smallest."""
+        spec = self.engine_spec
+        xs = [x.to(self.device, dtype=t.torch_dtype, non_blocking=True) for t, x in zip(spec.tensors, xs, strict=True)]
+        chunks: list[list[torch.Tensor]] = []
+        for part in zip(*(torch.split(x, spec.max_batch) for x in xs), strict=True):
+            n = part[0].shape[0]
+            if n < spec.min_batch:
+                part = tuple(torch.cat([c, c[-1:].expand(spec.min_batch - n, *c.shape[1:])]) for c in part)
+            outs = engine(part)
+            chunks.append([(o.float() if o.is_floating_point() else o)[:n].cpu() for o in outs])
+        return [torch.cat(c) if len(c) > 1 else c[0] for c in zip(*chunks, strict=True)]
 
     # -- weight swaps -----------------------------------------------------------------------------
     def swap_weights(
@@ -477,8 +577,8 @@ class Worker:
         state: StateDict,
         version: str,
         digest: str,
-        x: torch.Tensor,
-        want: torch.Tensor | None,
+        x: Sequence[torch.Tensor],
+        want: Sequence[torch.Tensor] | None,
         steps: Steps,
     ) -> float | None:
         """Put ``state`` into service as ``version``; raises ``RefitError`` (the old weights keep serving)."""
@@ -490,7 +590,7 @@ class Worker:
             engine, self._spare = self._spare, None
             if engine is None:
                 with steps("load"):
-                    engine = self.backend.load(self._artifact, self._require_model(), self.spec.input)
+                    engine = self.backend.load(self._artifact, self._require_model(), self.engine_spec)
             try:
                 with steps("refit"):
                     engine.refit(state)
@@ -543,7 +643,10 @@ class Worker:
                 "dtype": spec.input.dtype,
                 "batch": [spec.input.min_batch, spec.input.max_batch],
             },
+            "inputs": spec.input.text(),
+            "precision": spec.precision,
             "outputs": len(self.labels),
+            "output_tensors": [o.doc() for o in self.outputs],
             "ready": self.ready,
             "start": self.report.to_dict() if self.report else None,
         }

@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,22 +40,20 @@ INDUCTOR_CONFIGS: dict[str, Any] = {
 FOLDED_PREFIX = "_FOLDED_CONST_"
 
 
-def buckets(spec: InputSpec) -> list[int]:
-    """Batch sizes that get a CUDA graph: powers of two inside the range, and the range's ends."""
-    sizes = {spec.min_batch, spec.max_batch}
-    b = 1
-    while b < spec.max_batch:
-        if b >= spec.min_batch:
-            sizes.add(b)
-        b *= 2
-    return sorted(sizes)
+def buckets(spec: InputSpec) -> list[tuple[int, tuple[int, ...]]]:
+    """The shapes that get a CUDA graph: each batch bucket (powers of two inside the range, and its ends) with
+    each combination of the dynamic dimensions' buckets."""
+    shapes: list[tuple[int, tuple[int, ...]]] = [(b, ()) for b in spec.batch_buckets()]
+    for name in spec.dims:
+        shapes = [(b, (*rest, n)) for b, rest in shapes for n in spec.buckets(name)]
+    return shapes
 
 
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    input: torch.Tensor
-    output: torch.Tensor
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
 
 
 class AOTIEngine(Engine):
@@ -70,24 +68,35 @@ class AOTIEngine(Engine):
         self.exclusive_prepare = graphs  # a capture must not overlap other work on the device
         # Folded constants are derived from the weights at run time; the rest are the model's tensors.
         self.fqns = {n for n in runner.get_constant_fqns() if not n.startswith(FOLDED_PREFIX)}
-        self._graphs: dict[int, _Graph] = {}
+        # (the dynamic dimensions' sizes) -> ascending batch sizes -> graph
+        self._graphs: dict[tuple[int, ...], dict[int, _Graph]] = {}
         self._lock = threading.Lock()  # a graph's static input and output serve one call at a time
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        return self.runner.run([x])[0]  # type: ignore[no-any-return]
+    def _run(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return list(self.runner.run(list(xs)))
+
+    def _sizes(self, xs: Sequence[torch.Tensor]) -> tuple[int, ...]:
+        """The dynamic dimensions' sizes in ``xs``, in the order of ``spec.dims``."""
+        sizes: dict[str, int] = {}
+        for t, x in zip(self.spec.tensors, xs, strict=True):
+            for axis, d in enumerate(t.shape):
+                if isinstance(d, str):
+                    sizes.setdefault(d, x.shape[axis + 1])
+        return tuple(sizes[d] for d in self.spec.dims)
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        graphs = self._graphs  # one dict, swapped whole: a consistent view whatever a refit does meanwhile
-        if not graphs:
-            return self._run(x)
+    def __call__(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        graphs = self._graphs.get(self._sizes(xs)) if self._graphs else None  # swapped whole by a refit
+        n = xs[0].shape[0]
+        if not graphs or n > next(reversed(graphs)):
+            return self._run(xs)  # a length with no bucket: the package alone
         sizes = list(graphs)  # ascending: filled smallest bucket first
-        g = graphs[sizes[bisect.bisect_left(sizes, x.shape[0])]]
-        n = x.shape[0]
+        g = graphs[sizes[bisect.bisect_left(sizes, n)]]
         with self._lock:
-            g.input[:n].copy_(x)
+            for static, x in zip(g.inputs, xs, strict=True):
+                static[:n].copy_(x)
             g.graph.replay()
-            return g.output[:n].clone()
+            return [out[:n].clone() for out in g.outputs]
 
     def refit(self, state: Mapping[str, torch.Tensor]) -> None:
         missing = self.fqns - set(state)
@@ -103,27 +112,32 @@ class AOTIEngine(Engine):
         self._graphs = {}  # their memory pool goes with them; the next refit records them anew
 
     def prepare(self) -> None:
-        """Record one CUDA graph per batch bucket: a warm-up run per bucket (constant folding, kernel loading,
-        cuDNN's algorithm choice), then the captures, largest first so the smaller graphs reuse its pool
-        memory. Nothing compiles. The warm-up runs on the current stream: on a side stream, the constants
+        """Record one CUDA graph per bucket (`buckets`): a warm-up run per bucket (constant folding, kernel
+        loading, cuDNN's algorithm choice), then the captures, largest first so the smaller graphs reuse its
+        pool memory. Nothing compiles. The warm-up runs on the current stream: on a side stream, the constants
         each refit folds stayed allocated after the next refit (33 MiB of GPU memory per swap for resnet18)."""
         if not self.use_graphs or self._graphs:
             return
-        sizes = buckets(self.spec)
-        inputs = {b: self.spec.example(batch=b, device=self.device) for b in sizes}
+        shapes = buckets(self.spec)
+        names = list(self.spec.dims)
+        inputs = {
+            shape: self.spec.examples(batch=shape[0], sizes=dict(zip(names, shape[1], strict=True)), device=self.device)
+            for shape in shapes
+        }
         with torch.inference_mode():
-            for b in sizes:
-                self._run(inputs[b])
+            for shape in shapes:
+                self._run(inputs[shape])
         torch.cuda.current_stream(self.device).synchronize()
         pool = torch.cuda.graph_pool_handle()
-        recorded = {}
+        recorded: dict[tuple[int, ...], dict[int, _Graph]] = {}
         with torch.inference_mode():
-            for b in reversed(sizes):
+            for shape in sorted(shapes, key=lambda s: (s[0], *s[1]), reverse=True):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = self._run(inputs[b])
-                recorded[b] = _Graph(graph, inputs[b], out)
-        self._graphs = {b: recorded[b] for b in sizes}  # ascending, published in one assignment
+                    outs = self._run(inputs[shape])
+                recorded.setdefault(shape[1], {})[shape[0]] = _Graph(graph, list(inputs[shape]), outs)
+        # ascending batch sizes per length, published in one assignment
+        self._graphs = {k: dict(sorted(v.items())) for k, v in recorded.items()}
 
 
 class AOTIBackend(Backend):

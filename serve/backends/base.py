@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -15,14 +15,36 @@ from warmserve.cache.engine_cache import EngineCache
 from warmserve.serve.spec import InputSpec
 
 
+def flatten(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """A model's return value as (name, tensor) pairs, in the order torch.export flattens it (and so an
+    exported engine returns it): a dict's (or a ModelOutput's) values by key, a tuple's as output__<i>."""
+    if isinstance(out, torch.Tensor):
+        return [(prefix or "output__0", out)]
+    if isinstance(out, Mapping):
+        return [
+            p
+            for k, v in out.items()
+            if v is not None
+            for p in flatten(v, f"{prefix}{k}" if not prefix else f"{prefix}.{k}")
+        ]
+    if isinstance(out, list | tuple):
+        return [p for i, v in enumerate(out) for p in flatten(v, f"{prefix}.{i}" if prefix else f"output__{i}")]
+    raise TypeError(f"the model returned a {type(out).__name__}; return tensors (alone, in a tuple or in a dict)")
+
+
+def tensors(out: Any) -> list[torch.Tensor]:
+    return [t for _, t in flatten(out)]
+
+
 class Engine(ABC):
-    """A loaded, runnable model. ``__call__`` takes a batch on the engine's device."""
+    """A loaded, runnable model. ``__call__`` takes a batch of every input, in the signature's order, on the
+    engine's device, and returns the model's outputs flattened (`flatten`'s order)."""
 
     #: True when ``prepare`` must run with no other call on the device (recording CUDA graphs).
     exclusive_prepare: bool = False
 
     @abstractmethod
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
 
     @abstractmethod
     def refit(self, state: Mapping[str, torch.Tensor]) -> None:

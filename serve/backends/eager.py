@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from warmserve.serve.backends.base import Backend, Engine
+from warmserve.serve.backends.base import Backend, Engine, tensors
 from warmserve.serve.spec import InputSpec
 
 
@@ -16,8 +16,8 @@ class EagerEngine(Engine):
         self.model = model
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)  # type: ignore[no-any-return]
+    def __call__(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return tensors(self.model(*xs))
 
     @torch.inference_mode()
     def refit(self, state: Mapping[str, torch.Tensor]) -> None:

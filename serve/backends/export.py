@@ -1,4 +1,5 @@
-"""torch.export with the batch range of an input spec: shared by the backends that compile an exported program."""
+"""torch.export with the batch range and dynamic dimensions of an input spec: shared by the backends that
+compile an exported program."""
 
 from __future__ import annotations
 
@@ -10,14 +11,23 @@ from torch import nn
 from warmserve.serve.spec import InputSpec
 
 
+def dynamic_shapes(spec: InputSpec) -> tuple[dict[int, Any], ...] | None:
+    """One ``{axis: Dim}`` per input: the batch (when its range is one) and every named dimension, the same
+    ``Dim`` wherever a name appears, so export knows two inputs share a sequence length."""
+    dims = {name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, hi) in spec.dims.items() if lo != hi}
+    batch = torch.export.Dim("batch", min=spec.min_batch, max=spec.max_batch)
+    shapes = []
+    for t in spec.tensors:
+        axes: dict[int, Any] = {0: batch} if spec.min_batch != spec.max_batch else {}
+        axes.update({i + 1: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str) and d in dims})
+        shapes.append(axes)
+    return tuple(shapes) if any(shapes) else None
+
+
 def export(model: nn.Module, spec: InputSpec, device: torch.device) -> torch.export.ExportedProgram:
-    """torch.export with a dynamic batch dimension covering ``spec``'s batch range."""
-    example = spec.example(device=device)
-    dynamic: Any = None
-    if spec.min_batch != spec.max_batch:
-        batch = torch.export.Dim("batch", min=spec.min_batch, max=spec.max_batch)
-        dynamic = ({0: batch},)
-    else:
-        example = spec.example(batch=spec.min_batch, device=device)
+    """torch.export over ``spec``'s ranges (a fixed batch or length traces at that size)."""
+    batch = spec.export_batch if spec.min_batch != spec.max_batch else spec.min_batch
+    sizes = {name: lo for name, (lo, hi) in spec.dims.items() if lo == hi}
+    examples = spec.examples(batch=batch, sizes=sizes, device=device)
     with torch.inference_mode(False), torch.no_grad():
-        return torch.export.export(model, (example,), dynamic_shapes=dynamic)
+        return torch.export.export(model, examples, dynamic_shapes=dynamic_shapes(spec))

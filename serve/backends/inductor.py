@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from torch import nn
 
-from warmserve.serve.backends.base import Backend, Engine
+from warmserve.serve.backends.base import Backend, Engine, tensors
 from warmserve.serve.spec import InputSpec
 from warmserve.serve.toolchain import CompilerPin
 
@@ -30,12 +30,18 @@ def _warm_calls(compiled: Any, spec: InputSpec, device: torch.device) -> None:
     resnet18 guards on batch <= 15, say), and a strict ``mark_dynamic`` would then fail the compile.
     Batch 1 is always its own graph (PyTorch specialises sizes 0 and 1).
     """
+    lengths: list[dict[str, int]] = [{}, *({d: n} for d, (lo, hi) in spec.dims.items() for n in {lo, hi})]
     for batch in sorted({spec.min_batch, spec.export_batch, spec.max_batch}):
-        x = spec.example(batch=batch, device=device)
-        if spec.min_batch != spec.max_batch:
-            torch._dynamo.maybe_mark_dynamic(x, 0)
-        with torch.inference_mode():
-            compiled(x)
+        for sizes in lengths:
+            xs = spec.examples(batch=batch, sizes=sizes, device=device)
+            for t, x in zip(spec.tensors, xs, strict=True):
+                if spec.min_batch != spec.max_batch:
+                    torch._dynamo.maybe_mark_dynamic(x, 0)
+                for axis, d in enumerate(t.shape):
+                    if isinstance(d, str) and spec.dims[d][0] != spec.dims[d][1]:
+                        torch._dynamo.maybe_mark_dynamic(x, axis + 1)
+            with torch.inference_mode():
+                compiled(*xs)
 
 
 # CUDA graphs are recorded and replayed per thread (Inductor keeps one graph tree per thread), and a
@@ -53,15 +59,15 @@ class InductorEngine(Engine):
         self.compiled = compiled
         self._thread = _GRAPH_THREAD if cudagraphs else None
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         with torch.inference_mode():
-            out = self.compiled(x)
-        return out.clone() if self._thread is not None else out  # type: ignore[no-any-return]
+            outs = tensors(self.compiled(*xs))
+        return [o.clone() for o in outs] if self._thread is not None else outs
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self._thread is None:
-            return self._run(x)
-        return self._thread.submit(self._run, x).result()
+            return self._run(xs)
+        return self._thread.submit(self._run, xs).result()
 
     def warm(self, spec: InputSpec, device: torch.device) -> None:
         if self._thread is None:
@@ -97,7 +103,7 @@ class InductorBackend(Backend):
         return "reduce-overhead" if self.cudagraphs else "default"
 
     def settings(self) -> dict[str, Any]:
-        settings = {"mode": self.mode, "dynamic_batch": True, "cache": "mega-cache"}
+        settings = {"mode": self.mode, "dynamic_batch": True, "cache": "mega-cache", "warm": "dims"}
         return {**settings, "cxx": self.cxx.key_doc()} if self.cxx else settings
 
     def report(self) -> dict[str, Any]:

@@ -15,13 +15,13 @@ import inspect
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from warmserve.serve.backends.base import Backend, Engine
+from warmserve.serve.backends.base import Backend, Engine, tensors
 from warmserve.serve.backends.export import export
 from warmserve.serve.errors import BackendUnavailable
 from warmserve.serve.spec import InputSpec
@@ -52,15 +52,28 @@ def checked_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return dict(kwargs)
 
 
-def trt_input(spec: InputSpec) -> Any:
+def trt_inputs(spec: InputSpec) -> list[Any]:
+    """One ``torch_tensorrt.Input`` per input: its batch and dynamic dimensions from their smallest to their
+    largest size, optimised for the traced example's. Precision comes from the dtypes (strong typing): the
+    worker casts the model and float inputs to the serving precision first."""
     import torch_tensorrt
 
-    return torch_tensorrt.Input(
-        min_shape=(spec.min_batch, *spec.shape),
-        opt_shape=(spec.export_batch, *spec.shape),
-        max_shape=(spec.max_batch, *spec.shape),
-        dtype=spec.torch_dtype,
-    )
+    opt = spec.example_sizes()
+
+    def shape(batch: int, pick: Any) -> tuple[int, ...]:
+        return (batch, *(pick(d) if isinstance(d, str) else d for d in t.shape))
+
+    out = []
+    for t in spec.tensors:
+        out.append(
+            torch_tensorrt.Input(
+                min_shape=shape(spec.min_batch, lambda d: spec.dims[d][0]),
+                opt_shape=shape(spec.export_batch, lambda d: opt[d]),
+                max_shape=shape(spec.max_batch, lambda d: spec.dims[d][1]),
+                dtype=t.torch_dtype,
+            )
+        )
+    return out
 
 
 def skeleton(model: nn.Module) -> nn.Module:
@@ -85,9 +98,8 @@ class TensorRTEngine(Engine):
         self.device = device
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.module(x)
-        return out[0] if isinstance(out, list | tuple) else out  # type: ignore[no-any-return]
+    def __call__(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return tensors(self.module(*xs))
 
     def refit(self, state: Mapping[str, torch.Tensor]) -> None:
         from torch_tensorrt.dynamo import refit_module_weights
@@ -99,7 +111,7 @@ class TensorRTEngine(Engine):
         self.module = refit_module_weights(
             self.module,
             program,
-            arg_inputs=[self.spec.example(device=self.device)],
+            arg_inputs=list(self.spec.examples(device=self.device)),
             verify_output=False,  # upstream only logs a mismatch; the worker compares with eager itself
             in_place=False,
         )
@@ -141,11 +153,11 @@ class TensorRTBackend(Backend):
             kwargs["custom_engine_cache"] = engine_cache_adapter(self.cache, extra={"input": spec.doc()})
         program = export(model, spec, self.device)
         module = torch_tensorrt.dynamo.compile(
-            program, arg_inputs=[trt_input(spec)], device=self.device, **checked_kwargs(kwargs)
+            program, arg_inputs=trt_inputs(spec), device=self.device, **checked_kwargs(kwargs)
         )
         with tempfile.TemporaryDirectory(prefix="warmserve-trt-") as tmp:
             path = os.path.join(tmp, "model.ep")
-            torch_tensorrt.save(module, path, output_format="exported_program", arg_inputs=[trt_input(spec)])
+            torch_tensorrt.save(module, path, output_format="exported_program", arg_inputs=trt_inputs(spec))
             with open(path, "rb") as f:
                 return f.read()
 
