@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -63,6 +64,8 @@ LITSERVE_WORKLOADS = {"b1", "rows32", "u8", "u8rows32", "jpeg"}  # what bench/li
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 SPY_RATE = 250  # py-spy samples per second
 
+
+Body = bytes | list[tuple[bytes, dict[str, str]]]  # one request, or several that take turns
 
 def oip_binary(rows: int, shape: list[int], pixels: bool = False) -> tuple[bytes, dict[str, str]]:
     """A binary OIP request of ``rows`` rows: FP32 values, or UINT8 RGB pixels (a quarter of the bytes)."""
@@ -122,10 +125,12 @@ async def _closed_loop(send: Any, clients: int, t0: float, t1: float) -> tuple[l
     return lat, failed
 
 
-def _client_proc(url: str, body: bytes, headers: dict[str, str], clients: int, t0: float, t1: float, out: Any) -> None:
+def _client_proc(url: str, body: Body, headers: dict[str, str], clients: int, t0: float, t1: float, out: Any) -> None:
     """One load process: ``clients`` concurrent requests back to back until ``t1``; latencies of those
     started inside [t0, t1) and the failures, sent back through ``out``. A ``grpc://host:port`` URL calls
-    ModelInfer over gRPC (one channel, the pre-serialised request as bytes: the client does no protobuf work)."""
+    ModelInfer over gRPC (one channel, the pre-serialised request as bytes: the client does no protobuf work).
+    ``body`` may be a list of (body, headers): the requests take turns (requests of mixed lengths, say)."""
+    turns = itertools.cycle(body if isinstance(body, list) else [(body, headers)])
 
     async def http() -> tuple[list[float], list[str]]:
         import aiohttp
@@ -134,7 +139,8 @@ def _client_proc(url: str, body: bytes, headers: dict[str, str], clients: int, t
         async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as session:
 
             async def send() -> None:
-                async with session.post(url, data=body, headers=headers) as r:
+                data, head = next(turns)
+                async with session.post(url, data=data, headers=head) as r:
                     await r.read()
                     if r.status != 200:
                         raise RuntimeError(f"HTTP {r.status}")
@@ -149,7 +155,7 @@ def _client_proc(url: str, body: bytes, headers: dict[str, str], clients: int, t
             call = channel.unary_unary(MODEL_INFER)
 
             async def send() -> None:
-                await call(body, timeout=120)
+                await call(next(turns)[0], timeout=120)
 
             return await _closed_loop(send, clients, t0, t1)
 
@@ -157,7 +163,7 @@ def _client_proc(url: str, body: bytes, headers: dict[str, str], clients: int, t
     out.close()
 
 
-def load(url: str, body: bytes, headers: dict[str, str], clients: int, procs: int, seconds: float) -> dict[str, Any]:
+def load(url: str, body: Body, headers: dict[str, str], clients: int, procs: int, seconds: float) -> dict[str, Any]:
     """``clients`` concurrent requests spread over ``procs`` processes; throughput and latency over ``seconds``
     after a 3 s ramp."""
     procs = max(1, min(procs, clients))

@@ -109,7 +109,7 @@ def preflight(config: dict[str, Any], *, local: bool) -> Settings:
     from warmserve.serve import backends
     from warmserve.serve.model import build_model
     from warmserve.serve.weights import expected_tensors, read_weights, validate
-    from warmserve.serve.worker import pick_device
+    from warmserve.serve.worker import check_precision, output_specs, pick_device
 
     app = app_entry(config)
     try:
@@ -128,9 +128,11 @@ def preflight(config: dict[str, Any], *, local: bool) -> Settings:
                     validate(read_weights(str(uri), sha256).state, expected)
                 except WarmserveError as e:
                     raise StartError(f"{where}: {e}") from e
+        output_specs(settings.model)  # a forward that does not take the declared inputs fails here, not in Ray
         if local:
             device = pick_device(settings.device)
             backends.resolve(settings.backend, device)
+            check_precision(settings.model.precision, settings.model.torch_dtype, device)
             settings.cache.require_trust()
     except StartError:
         raise

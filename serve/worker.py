@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,6 +97,54 @@ def materialise(model_name: str, state: Mapping[str, torch.Tensor]) -> nn.Module
         with torch.no_grad():
             model.load_state_dict(state)
     return model.eval()
+
+
+def output_specs(spec: ModelSpec, real: Callable[[], Any] | None = None) -> list[OutputSpec]:
+    """Each output's name, dtype and shape, found by running the model on the meta device (nothing is computed)
+    at sizes that differ in one dimension at a time: a dimension of an output that follows an input's is named
+    after it. A model that cannot run on meta tensors is run once for real (``real``), when given; a forward
+    that does not take the declared inputs is a `ModelSpecError`."""
+    sig = spec.input.cast(spec.torch_dtype)
+    meta = build_model(spec.model, meta=True).to(spec.torch_dtype)
+    base = sig.example_sizes()
+    b0 = sig.export_batch
+    b1 = b0 + 1 if b0 < sig.max_batch else max(sig.min_batch, b0 - 1)
+    probes: dict[str, tuple[int, dict[str, int]]] = {"": (b0, base), "batch": (b1, base)}
+    for d, (lo, hi) in sig.dims.items():
+        if lo != hi:
+            probes[d] = (b0, {**base, d: base[d] + 1 if base[d] < hi else base[d] - 1})
+    try:
+        with torch.inference_mode():
+            runs = {
+                k: flatten(meta(*(x.to("meta") for x in sig.examples(batch=b, sizes=sz))))
+                for k, (b, sz) in probes.items()
+            }
+    except TypeError as e:
+        raise ModelSpecError(
+            f"{spec.model} does not take the inputs declared ({sig.text()}): {e}; declare the inputs its forward "
+            "takes, in its order, with --inputs"
+        ) from e
+    except Exception as e:  # a model that cannot run on meta tensors: its real answer, at one size
+        if real is None:
+            return []
+        logger.info("outputs from the real model (on meta tensors: %s: %s)", type(e).__name__, e)
+        with torch.inference_mode():
+            runs = {"": [(n, t.to("meta")) for n, t in flatten(real())]}
+    names = list(spec.outputs) or [n for n, _ in runs[""]]
+    if len(names) != len(runs[""]):
+        raise ModelSpecError(f"outputs names {len(names)} output(s), but {spec.model} returns {len(runs[''])}")
+    out = []
+    for i, (name, t) in enumerate(zip(names, (t for _, t in runs[""]), strict=True)):
+        if t.dim() == 0 or (b1 != b0 and "batch" in runs and runs["batch"][i][1].shape[0] == t.shape[0]):
+            raise ModelSpecError(f"output {name} does not have the batch as its first dimension: {list(t.shape)}")
+        dims: list[int | str] = list(t.shape[1:])
+        for k, run in runs.items():
+            if k not in ("", "batch"):
+                changed = [run[i][1].shape[a + 1] != n for a, n in enumerate(t.shape[1:])]
+                dims = [k if c else d for c, d in zip(changed, dims, strict=True)]
+        dtype = torch.float32 if t.is_floating_point() else t.dtype
+        out.append(OutputSpec(name, str(dtype).removeprefix("torch."), tuple(dims)))
+    return out
 
 
 class Steps:
@@ -282,44 +330,7 @@ class Worker:
         return probe
 
     def _output_specs(self, model: nn.Module) -> list[OutputSpec]:
-        """Each output's name, dtype and shape, found by running the model on the meta device (nothing is
-        computed) at sizes that differ in one dimension at a time: a dimension of an output that follows an
-        input's is named after it."""
-        spec = self.engine_spec
-        meta = build_model(self.spec.model, meta=True).to(self.spec.torch_dtype)
-        base = spec.example_sizes()
-        b0 = spec.export_batch
-        b1 = b0 + 1 if b0 < spec.max_batch else max(spec.min_batch, b0 - 1)
-        probes: dict[str, tuple[int, dict[str, int]]] = {"": (b0, base), "batch": (b1, base)}
-        for d, (lo, hi) in spec.dims.items():
-            if lo != hi:
-                probes[d] = (b0, {**base, d: base[d] + 1 if base[d] < hi else base[d] - 1})
-        try:
-            with torch.inference_mode():
-                runs = {
-                    k: flatten(meta(*(x.to("meta") for x in spec.examples(batch=b, sizes=sz))))
-                    for k, (b, sz) in probes.items()
-                }
-        except Exception as e:  # a model that cannot run on meta tensors: its real answer, one size
-            logger.info("outputs from the real model (on meta tensors: %s: %s)", type(e).__name__, e)
-            with torch.inference_mode():
-                real = flatten(model(*self._probe_input()))
-            runs = {"": [(n, t.to("meta")) for n, t in real]}
-        names = list(self.spec.outputs) or [n for n, _ in runs[""]]
-        if len(names) != len(runs[""]):
-            raise ModelSpecError(f"outputs names {len(names)} output(s), but the model returns {len(runs[''])}")
-        out = []
-        for i, (name, t) in enumerate(zip(names, (t for _, t in runs[""]), strict=True)):
-            if t.dim() == 0 or (b1 != b0 and "batch" in runs and runs["batch"][i][1].shape[0] == t.shape[0]):
-                raise ModelSpecError(f"output {name} does not have the batch as its first dimension: {list(t.shape)}")
-            dims: list[int | str] = list(t.shape[1:])
-            for k, run in runs.items():
-                if k not in ("", "batch"):
-                    changed = [run[i][1].shape[a + 1] != n for a, n in enumerate(t.shape[1:])]
-                    dims = [k if c else d for c, d in zip(changed, dims, strict=True)]
-            dtype = torch.float32 if t.is_floating_point() else t.dtype
-            out.append(OutputSpec(name, str(dtype).removeprefix("torch."), tuple(dims)))
-        return out
+        return output_specs(self.spec, lambda: model(*self._probe_input()))
 
     def start(self) -> StartReport:
         """Model and weights, then the artifact from the cache (or built once), load, refit, verify: ready."""

@@ -1,0 +1,196 @@
+"""Signatures beyond one float image: the inputs' form and its errors, request checks, padding to a bucket and
+cutting back, outputs by name, precision in the key, and a text encoder through the worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.serve.conftest import tiny_spec
+from warmserve.cache import CacheConfig
+from warmserve.serve.backends.base import flatten
+from warmserve.serve.batching import OutputSpec, check_request, cut, pad_to, run_requests
+from warmserve.serve.errors import InputError, ModelSpecError
+from warmserve.serve.model import build_model
+from warmserve.serve.settings import Settings
+from warmserve.serve.spec import InputSpec, ModelSpec, parse_inputs
+from warmserve.serve.text import TINY, TextEncoder, signature
+from warmserve.serve.weights import demo_weights
+from warmserve.serve.worker import Worker, output_specs
+
+TEXT = signature(TINY, 64)
+
+
+def text_spec(**kw: object) -> ModelSpec:
+    tensors, dims = parse_inputs(TEXT)
+    sig = InputSpec(min_batch=1, max_batch=8, tensors=tensors, dims=dims)
+    return ModelSpec(**{"model": "warmserve.serve.text:tiny_encoder", "input": sig, **kw})  # type: ignore[arg-type]
+
+
+def test_the_inputs_form() -> None:
+    tensors, dims = parse_inputs("input_ids:INT64[seq=16:128]<30522; attention_mask:long[seq] pixel:fp16[3,8,8]")
+    assert [(t.name, t.dtype, t.shape, t.bound) for t in tensors] == [
+        ("input_ids", "int64", ("seq",), 30522),
+        ("attention_mask", "int64", ("seq",), None),
+        ("pixel", "float16", (3, 8, 8), None),
+    ]
+    assert dims == {"seq": (16, 128)}
+    sig = InputSpec(tensors=tensors, dims=dims)
+    assert sig.padded and sig.buckets("seq") == [16, 32, 64, 128] and sig.text().startswith("input_ids:int64[seq=16:")
+    assert parse_inputs(sig.text()) == (tensors, dims)  # the form reads back
+    for bad, said in [
+        ("input_ids", "cannot read"),
+        ("x:int8[4]", "dtype must be one of"),
+        ("x:float32[seq]", "need a range"),
+        ("x:float32[seq=8:4]", "1 <= MIN <= MAX"),
+        ("x:float32[4] x:float32[4]", "names must differ"),
+        ("x:float32[s=1:4] y:float32[s=2:4]", "two ranges"),
+        ("x:float32[4]<10", "integer inputs only"),
+        ("x:int64[4] junk", "cannot read 'junk'"),
+        ("x:int64[4?]", "neither a size nor a name"),
+    ]:
+        with pytest.raises(ValueError, match=said):
+            tensors, dims = parse_inputs(bad)
+            InputSpec(tensors=tensors, dims=dims)
+
+
+def test_settings_take_inputs_and_outputs_by_option_and_by_file() -> None:
+    settings = Settings.load(args={"inputs": [TEXT], "outputs": "hidden, pooled", "model": "a.b:c"}, environ={})
+    assert settings.model.input.names == ["input_ids", "attention_mask"] and settings.model.outputs == (
+        "hidden",
+        "pooled",
+    )
+    with pytest.raises(ValueError, match="either inputs or input_shape"):
+        Settings.load(args={"inputs": TEXT, "input_shape": "3,8,8"}, environ={})
+    with pytest.raises(ValueError, match=r"args\.inputs: cannot read"):
+        Settings.load(args={"inputs": "ids"}, environ={})
+    single = Settings.load(args={}, environ={}).model.input  # the default: one image input, as before
+    assert single.names == ["input__0"] and single.doc() == {
+        "shape": [3, 224, 224],
+        "dtype": "float32",
+        "batch": [1, 32],
+    }
+
+
+def test_request_checks_say_what_is_wrong() -> None:
+    sig = text_spec().input
+    ids, mask = torch.randint(0, 1000, (2, 8)), torch.ones(2, 8, dtype=torch.int64)
+    assert len(check_request(sig, [ids.int(), mask])) == 2  # INT32 ids are taken too
+    for xs, said in [
+        ([ids], "takes 2 input"),
+        ([ids, mask[:1]], "batch of 1 rows"),
+        ([ids, mask[:, :4]], "seq is 4, but another input has seq 8"),
+        ([torch.randint(0, 1000, (1, 65)), torch.ones(1, 65, dtype=torch.int64)], "seq from 1 to 64"),
+        ([ids + 1000, mask], r"values must lie in \[0, 1000\)"),
+        ([-ids - 1, mask], "values must lie in"),
+        ([ids.float(), mask], "expected dtype int64, got float32"),
+        ([ids[0], mask], r"expected shape \[batch, seq\]"),
+        ([ids, "mask"], "expected a tensor"),
+    ]:
+        with pytest.raises(InputError, match=said):
+            check_request(sig, xs)
+
+
+def test_padding_to_a_bucket_and_cutting_back() -> None:
+    sig = text_spec().input
+    specs = [OutputSpec("h", "float32", ("seq", 4)), OutputSpec("p", "float32", (4,))]
+    calls: list[tuple[int, ...]] = []
+
+    def run(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        ids, mask = xs
+        calls.append(tuple(ids.shape))
+        h = (ids * mask).float()[..., None].expand(*ids.shape, 4)
+        return [h, h.sum(1)]
+
+    reqs = [[torch.full((r, n), n), torch.ones(r, n, dtype=torch.int64)] for r, n in [(1, 3), (2, 17), (1, 9)]]
+    answers = run_requests(sig, specs, reqs, run)
+    assert calls == [(4, 32)]  # one call, padded to the bucket that holds 17
+    for (r, n), (h, p) in zip([(1, 3), (2, 17), (1, 9)], answers, strict=True):
+        assert h.shape == (r, n, 4) and bool((h == n).all()) and bool((p == n * n).all())
+    assert pad_to(sig, reqs[0], {"seq": 8})[1].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]]
+    assert cut([torch.zeros(3, 8, 4)], specs[:1], 2, {"seq": 5})[0].shape == (2, 5, 4)
+
+    # Without a mask, padding would change answers: requests of one length share a call, each at its length.
+    tensors, dims = parse_inputs("ids:int64[seq=1:64]")
+    plain = InputSpec(min_batch=1, max_batch=8, tensors=tensors, dims=dims)
+    calls.clear()
+    answers = run_requests(plain, specs, [[r[0]] for r in reqs + reqs[:1]], lambda xs: run([xs[0], xs[0] * 0 + 1]))
+    assert sorted(calls) == [(1, 9), (2, 3), (2, 17)] and [a[0].shape[1] for a in answers] == [3, 17, 9, 3]
+
+
+def test_outputs_are_named_and_shaped_from_a_meta_run() -> None:
+    assert output_specs(text_spec()) == [
+        OutputSpec("last_hidden_state", "float32", ("seq", 128)),
+        OutputSpec("pooler_output", "float32", (128,)),
+    ]
+    assert [o.name for o in output_specs(text_spec(outputs=("h", "p")))] == ["h", "p"]
+    assert output_specs(tiny_spec(precision="bf16")) == [OutputSpec("output__0", "float32", (10,))]
+    with pytest.raises(ModelSpecError, match="outputs names 1 output"):
+        output_specs(text_spec(outputs=("h",)))
+    with pytest.raises(ModelSpecError, match="does not take the inputs declared"):
+        tensors, dims = parse_inputs("a:float32[3,16,16] b:float32[3,16,16] c:float32[4]")
+        output_specs(tiny_spec(input=InputSpec(tensors=tensors, dims=dims)))
+    nested = flatten({"a": torch.zeros(1), "b": (torch.zeros(1), {"c": torch.zeros(1)}), "d": None})
+    assert [n for n, _ in nested] == ["a", "b.0", "b.1.c"]
+    assert [n for n, _ in flatten((torch.zeros(1), torch.zeros(1)))] == ["output__0", "output__1"]
+
+
+def test_precision_and_signature_are_in_the_key(cache_config: CacheConfig) -> None:
+    keys = {
+        Worker(spec, backend="aoti", cache_config=cache_config).key_for(build_model(spec.model, meta=True)).id
+        for spec in (tiny_spec(), tiny_spec(precision="fp16"), tiny_spec(precision="bf16"))
+    }
+    assert len(keys) == 3
+    one = Worker(text_spec(), backend="aoti", cache_config=cache_config)
+    tensors, dims = parse_inputs(signature(TINY, 32))
+    other = Worker(
+        text_spec(input=InputSpec(min_batch=1, max_batch=8, tensors=tensors, dims=dims)),
+        backend="aoti",
+        cache_config=cache_config,
+    )
+    model = build_model("warmserve.serve.text:tiny_encoder", meta=True)
+    assert one.key_for(model).id != other.key_for(model).id
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("inductor_cache")
+def test_text_encoder_builds_warm_starts_serves_mixed_lengths_and_swaps(tmp_path: Path) -> None:
+    config = CacheConfig.load(environ={}, cache_dir=tmp_path)
+    spec = text_spec()
+    assert Worker(spec, backend="aoti", cache_config=config).start().outcome == "built"
+    worker = Worker(spec, backend="aoti", cache_config=config)
+    report = worker.start()
+    assert report.outcome == "local-hit" and report.probe_error is not None and report.probe_error < 1e-4
+    eager = TextEncoder(TINY).eval()
+    eager.load_state_dict(demo_weights(TextEncoder(TINY), seed=0))
+    g = torch.Generator().manual_seed(0)
+    requests = [
+        worker.check_inputs([torch.randint(0, 1000, (r, n), generator=g), torch.ones(r, n, dtype=torch.int64)])
+        for r, n in [(1, 5), (3, 64), (2, 17), (1, 1)]
+    ]
+
+    def unpadded(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return list(eager(*xs).values())
+
+    answers, version = worker.run_requests(requests)
+    for xs, got in zip(requests, answers, strict=True):
+        for a, w in zip(got, unpadded(xs), strict=True):
+            assert a.shape == w.shape and float((a - w).abs().max() / w.abs().max()) < 1e-4
+    new = demo_weights(TextEncoder(TINY), seed=9)
+    assert worker.swap_weights(new, "v2").ok
+    eager.load_state_dict(new)
+    outs, version = worker.run(requests[1])
+    assert version == "v2" and float((outs[0] - unpadded(requests[1])[0]).abs().max()) < 1e-3
+    assert worker.fence is not None and worker.fence.unexpected == 0
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_on_the_cpu_where_it_runs(precision: str, cache_config: CacheConfig) -> None:
+    """Eager serves both half precisions on this CPU; a compiled engine's are covered in tests/gpu."""
+    worker = Worker(tiny_spec(precision=precision), backend="eager", cache_config=cache_config)
+    worker.start()
+    out = worker.infer(torch.randn(3, 3, 16, 16))
+    assert out.dtype == torch.float32 and out.shape == (3, 10)
