@@ -366,7 +366,9 @@ def _batch(value: str | Sequence[int]) -> tuple[int, int]:
 
 def _inputs(value: str | Sequence[str]) -> tuple[tuple[TensorSpec, ...], dict[str, tuple[int, int]]]:
     """The form of `parse_inputs`, or (in config.yaml) a list of such entries, one input each."""
-    return parse_inputs(value if isinstance(value, str) else " ".join(str(v) for v in value))
+    tensors, dims = parse_inputs(value if isinstance(value, str) else " ".join(str(v) for v in value))
+    InputSpec(tensors=tensors, dims=dims)  # every name has a range, and every range a name: said here, by option
+    return tensors, dims
 
 
 def _outputs(value: str | Sequence[str]) -> tuple[str, ...]:

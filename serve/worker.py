@@ -132,7 +132,8 @@ def output_specs(spec: ModelSpec, real: Callable[[], Any] | None = None) -> list
             runs = {"": [(n, t.to("meta")) for n, t in flatten(real())]}
     names = list(spec.outputs) or [n for n, _ in runs[""]]
     if len(names) != len(runs[""]):
-        raise ModelSpecError(f"outputs names {len(names)} output(s), but {spec.model} returns {len(runs[''])}")
+        found = ", ".join(n for n, _ in runs[""])
+        raise ModelSpecError(f"outputs: {len(names)} name(s) given, but {spec.model} returns {len(runs[''])} ({found})")
     out = []
     for i, (name, t) in enumerate(zip(names, (t for _, t in runs[""]), strict=True)):
         if t.dim() == 0 or (b1 != b0 and "batch" in runs and runs["batch"][i][1].shape[0] == t.shape[0]):
