@@ -67,6 +67,7 @@ SPY_RATE = 250  # py-spy samples per second
 
 Body = bytes | list[tuple[bytes, dict[str, str]]]  # one request, or several that take turns
 
+
 def oip_binary(rows: int, shape: list[int], pixels: bool = False) -> tuple[bytes, dict[str, str]]:
     """A binary OIP request of ``rows`` rows: FP32 values, or UINT8 RGB pixels (a quarter of the bytes)."""
     from bench.common import binary_request

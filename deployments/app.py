@@ -24,7 +24,6 @@ from warmserve.deployments.errors import BodyTooLarge, ModelNotFound, ReplicaSta
 from warmserve.serve.errors import InputError, NotReady
 from warmserve.serve.metrics import Metrics
 from warmserve.serve.settings import Settings
-from warmserve.serve.spec import DTYPES
 from warmserve.serve.worker import SwapReport, Worker
 
 logger = logging.getLogger("warmserve.app")
@@ -109,8 +108,8 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
 def takes_pixels(shape: tuple[int, ...], dtype: torch.dtype) -> bool:
-    """Whether a model input is an RGB image: [3, H, W] floats (it then also takes UINT8 pixels)."""
-    return len(shape) == 3 and shape[0] == 3 and dtype.is_floating_point
+    """Whether a model input is an RGB image: [3, H, W] floats of a fixed size (it then also takes UINT8 pixels)."""
+    return len(shape) == 3 and shape[0] == 3 and min(shape) > 0 and dtype.is_floating_point
 
 
 @functools.lru_cache(maxsize=8)
@@ -128,8 +127,8 @@ def normalise_pixels(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def require_image_input(shape: tuple[int, ...]) -> None:
     """/v1/classify decodes images for models whose input is one RGB image, [3, H, W]."""
-    if len(shape) != 3 or shape[0] != 3:
-        raise InputError(f"/v1/classify needs a model with [3, H, W] inputs; this one takes {list(shape)}")
+    if len(shape) != 3 or shape[0] != 3 or min(shape) < 1:
+        raise InputError(f"/v1/classify needs a model of one [3, H, W] input; this one takes {list(shape)}")
 
 
 def decode_image(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
@@ -352,12 +351,13 @@ class WarmModel:
         spec = self.settings.model.input
         if len(spec.tensors) == 1 and not spec.dims:
             sizes = [x[0].shape[0] for x in items]
-            out, version = await asyncio.to_thread(self._run_batch, [x[0] for x in items])
-            return [([o], version) for o in torch.split(out, sizes)]
+            outs, version = await asyncio.to_thread(self._run_batch, [x[0] for x in items])
+            per_output = [torch.split(o, sizes) for o in outs]
+            return [([p[i] for p in per_output], version) for i in range(len(items))]
         answers, version = await asyncio.to_thread(self.worker.run_requests, items)
         return [(a, version) for a in answers]
 
-    def _run_batch(self, items: list[torch.Tensor]) -> tuple[torch.Tensor, str]:
+    def _run_batch(self, items: list[torch.Tensor]) -> tuple[list[torch.Tensor], str]:
         """One engine call for the batch of a model of one input. Pixels travel as bytes: a batch of them is
         copied to the device in one piece and normalised there; one that mixes pixels and floats is normalised
         on the host."""
@@ -366,10 +366,10 @@ class WarmModel:
             items = [x.to(self.worker.device) for x in items]
         pixels = [x.dtype == torch.uint8 for x in items]
         if all(pixels) and self._pixels:
-            return self.worker.infer_versioned(normalise_pixels(torch.cat(items).to(self.worker.device), dtype))
+            return self.worker.run([normalise_pixels(torch.cat(items).to(self.worker.device), dtype)])
         if any(pixels) and self._pixels:
             items = [normalise_pixels(x, dtype) if is_pixels else x for x, is_pixels in zip(items, pixels, strict=True)]
-        return self.worker.infer_versioned(torch.cat(items))
+        return self.worker.run([torch.cat(items)])
 
     @property
     def _pixels(self) -> bool:
@@ -465,7 +465,7 @@ class WarmModel:
             "outputs": [
                 {
                     "name": o.name,
-                    "datatype": oip.TORCH_TO_DATATYPE[DTYPES[o.dtype]],
+                    "datatype": oip.TORCH_TO_DATATYPE.get(getattr(torch, o.dtype), o.dtype.upper()),
                     "shape": [-1, *(d if isinstance(d, int) else -1 for d in o.shape)],
                 }
                 for o in self.worker.outputs

@@ -1,9 +1,9 @@
 """Requests into engine batches and answers back out: the signature's checks, padding to a length bucket, and
 each answer cut back to its own rows and length.
 
-Requests of different lengths share one engine call only where the signature has a mask input (`InputSpec.
-padded`): each is padded with zeros (a mask's zeros mark padding) to the smallest bucket that holds the longest.
-Without a mask, requests are grouped by length and each group runs at its own length.
+Requests of different lengths share one engine call along the dimensions of a mask input (`InputSpec.
+padded_dims`): each is padded with zeros (a mask's zeros mark padding) to the smallest bucket that holds the
+longest. Along any other dynamic dimension, requests are grouped by length and each group runs at its own.
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ def check_request(spec: InputSpec, xs: Sequence[object], pixels: bool = False) -
                     raise InputError(f"{t.name}: expected shape [{', '.join(dims)}], got {list(x.shape)}")
                 continue
             lo, hi = spec.dims[d]
-            if not (1 if spec.padded else lo) <= n <= hi:
-                raise InputError(f"{t.name}: {d} is {n}; this model takes {d} from {lo} to {hi}")
+            low = 1 if d in spec.padded_dims else lo  # shorter ones are padded
+            if not low <= n <= hi:
+                raise InputError(f"{t.name}: {d} is {n}; this model takes {d} from {low} to {hi}")
             if sizes.setdefault(d, n) != n:
                 raise InputError(f"{t.name}: {d} is {n}, but another input has {d} {sizes[d]}")
         if not (accepts(t, x.dtype) or (pixels and x.dtype == torch.uint8 and len(out) == 0)):
@@ -102,7 +103,7 @@ def lengths(spec: InputSpec, xs: Request) -> tuple[int, ...]:
 
 
 def pad_to(spec: InputSpec, xs: Request, target: dict[str, int]) -> list[torch.Tensor]:
-    """Each input zero-padded at the end of every dynamic dimension to ``target``'s length."""
+    """Each input zero-padded at the end of its dynamic dimensions to ``target``'s lengths."""
     out = []
     for t, x in zip(spec.tensors, xs, strict=True):
         pad: list[int] = []
@@ -130,23 +131,21 @@ def run_requests(
     names = list(spec.dims)
     if not names:
         return _split(specs, requests, run, {})
-    if spec.padded:
-        target = {}
-        for i, d in enumerate(names):
-            longest = max(lengths(spec, r)[i] for r in requests)
-            buckets = spec.buckets(d)
-            target[d] = buckets[bisect.bisect_left(buckets, longest)]
-        padded = [pad_to(spec, r, target) for r in requests]
-        own = [dict(zip(names, lengths(spec, r), strict=True)) for r in requests]
-        return [cut(o, specs, o[0].shape[0], s) for o, s in zip(_split(specs, padded, run, {}), own, strict=True)]
-    answers: list[Outputs | None] = [None] * len(requests)
+    padded = spec.padded_dims
+    own = [dict(zip(names, lengths(spec, r), strict=True)) for r in requests]
+    # Requests share a call when their unpadded dimensions agree; padded ones go to the bucket of the longest.
     groups: dict[tuple[int, ...], list[int]] = {}
-    for i, r in enumerate(requests):
-        groups.setdefault(lengths(spec, r), []).append(i)
-    for key, members in groups.items():
-        sizes = dict(zip(names, key, strict=True))
-        for i, o in zip(members, _split(specs, [requests[i] for i in members], run, sizes), strict=True):
-            answers[i] = o
+    for i, sizes in enumerate(own):
+        groups.setdefault(tuple(n for d, n in sizes.items() if d not in padded), []).append(i)
+    answers: list[Outputs | None] = [None] * len(requests)
+    for members in groups.values():
+        target = dict(own[members[0]])
+        for d in padded:
+            buckets = spec.buckets(d)
+            target[d] = buckets[bisect.bisect_left(buckets, max(own[i][d] for i in members))]
+        batch = [pad_to(spec, requests[i], target) for i in members]
+        for i, o in zip(members, _split(specs, batch, run, {}), strict=True):
+            answers[i] = cut(o, specs, o[0].shape[0], own[i])
     return [a for a in answers if a is not None]
 
 

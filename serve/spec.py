@@ -215,10 +215,16 @@ class InputSpec:
         return [t.name for t in self.tensors]
 
     @property
+    def padded_dims(self) -> list[str]:
+        """The dynamic dimensions requests of different lengths are padded along, to share a batch: those of a
+        mask input, which tells the model which positions are padding (elsewhere padding would change the
+        answers). In the order of ``dims``."""
+        masked = {d for t in self.tensors if t.is_mask for d in t.shape if isinstance(d, str)}
+        return [d for d in self.dims if d in masked]
+
+    @property
     def padded(self) -> bool:
-        """Requests of different lengths share a batch, padded to a bucket: only where a mask input tells the
-        model which positions are padding (without one, padding would change the answers)."""
-        return bool(self.dims) and any(t.is_mask for t in self.tensors)
+        return bool(self.padded_dims)
 
     @property
     def export_batch(self) -> int:
@@ -234,6 +240,11 @@ class InputSpec:
             size = min(max(lo, 2, (lo + hi) // 2), hi)
             while size in taken and size < hi:
                 size += 1
+            if size in taken and lo != hi:
+                raise ValueError(
+                    f"dimension {name}={lo}:{hi} has no size to trace with that differs from the batch's and the "
+                    "other dimensions'; widen its range"
+                )
             taken.add(size)
             sizes[name] = size
         return sizes

@@ -99,50 +99,69 @@ def materialise(model_name: str, state: Mapping[str, torch.Tensor]) -> nn.Module
     return model.eval()
 
 
-def output_specs(spec: ModelSpec, real: Callable[[], Any] | None = None) -> list[OutputSpec]:
+def output_specs(spec: ModelSpec, real: Callable[[Sequence[torch.Tensor]], Any] | None = None) -> list[OutputSpec]:
     """Each output's name, dtype and shape, found by running the model on the meta device (nothing is computed)
-    at sizes that differ in one dimension at a time: a dimension of an output that follows an input's is named
-    after it. A model that cannot run on meta tensors is run once for real (``real``), when given; a forward
-    that does not take the declared inputs is a `ModelSpecError`."""
+    at sizes that differ in one dimension at a time: an output dimension equal to an input dimension's size at
+    every probe is named after it (and cut to each request's own length); one that changes otherwise is
+    dynamic, ``?``. A model that cannot run on meta tensors is run for real (``real``, on its device) when
+    given; a forward that does not take the declared inputs is a `ModelSpecError`."""
     sig = spec.input.cast(spec.torch_dtype)
-    meta = build_model(spec.model, meta=True).to(spec.torch_dtype)
     base = sig.example_sizes()
     b0 = sig.export_batch
     b1 = b0 + 1 if b0 < sig.max_batch else max(sig.min_batch, b0 - 1)
     probes: dict[str, tuple[int, dict[str, int]]] = {"": (b0, base), "batch": (b1, base)}
-    for d, (lo, hi) in sig.dims.items():
-        if lo != hi:
-            probes[d] = (b0, {**base, d: base[d] + 1 if base[d] < hi else base[d] - 1})
+    for d, (_, hi) in sig.dims.items():
+        probes[d] = (b0, {**base, d: base[d] + 1 if base[d] < hi or base[d] == 1 else base[d] - 1})
+
+    def answers(forward: Callable[..., Any], device: str) -> dict[str, list[tuple[str, torch.Tensor]]]:
+        runs = {}
+        for k, (b, sizes) in probes.items():
+            xs = [x.to(device) for x in sig.examples(batch=b, sizes=sizes)]
+            with torch.inference_mode():
+                try:
+                    out = forward(*xs)
+                except TypeError as e:
+                    raise ModelSpecError(
+                        f"{spec.model} does not take the inputs declared ({sig.text()}): {e}; declare the inputs its "
+                        "forward takes, in its order, with --inputs"
+                    ) from e
+            runs[k] = [(n, t.to("meta")) for n, t in flatten(out)]
+        return runs
+
     try:
-        with torch.inference_mode():
-            runs = {
-                k: flatten(meta(*(x.to("meta") for x in sig.examples(batch=b, sizes=sz))))
-                for k, (b, sz) in probes.items()
-            }
-    except TypeError as e:
-        raise ModelSpecError(
-            f"{spec.model} does not take the inputs declared ({sig.text()}): {e}; declare the inputs its forward "
-            "takes, in its order, with --inputs"
-        ) from e
-    except Exception as e:  # a model that cannot run on meta tensors: its real answer, at one size
+        runs = answers(build_model(spec.model, meta=True).to(spec.torch_dtype), "meta")
+    except ModelSpecError:
+        raise
+    except Exception as e:  # a model that cannot run on meta tensors: its real answers
         if real is None:
             return []
         logger.info("outputs from the real model (on meta tensors: %s: %s)", type(e).__name__, e)
-        with torch.inference_mode():
-            runs = {"": [(n, t.to("meta")) for n, t in flatten(real())]}
-    names = list(spec.outputs) or [n for n, _ in runs[""]]
-    if len(names) != len(runs[""]):
-        found = ", ".join(n for n, _ in runs[""])
-        raise ModelSpecError(f"outputs: {len(names)} name(s) given, but {spec.model} returns {len(runs[''])} ({found})")
+        runs = answers(lambda *xs: real(xs), "cpu")
+    first = runs[""]
+    names = list(spec.outputs) or [n for n, _ in first]
+    if len(names) != len(first):
+        found = ", ".join(n for n, _ in first)
+        raise ModelSpecError(f"outputs: {len(names)} name(s) given, but {spec.model} returns {len(first)} ({found})")
     out = []
-    for i, (name, t) in enumerate(zip(names, (t for _, t in runs[""]), strict=True)):
-        if t.dim() == 0 or (b1 != b0 and "batch" in runs and runs["batch"][i][1].shape[0] == t.shape[0]):
+    for i, (name, (_, t)) in enumerate(zip(names, first, strict=True)):
+        if t.dim() == 0 or (b1 != b0 and runs["batch"][i][1].shape[0] == t.shape[0]):
             raise ModelSpecError(f"output {name} does not have the batch as its first dimension: {list(t.shape)}")
         dims: list[int | str] = list(t.shape[1:])
-        for k, run in runs.items():
-            if k not in ("", "batch"):
-                changed = [run[i][1].shape[a + 1] != n for a, n in enumerate(t.shape[1:])]
-                dims = [k if c else d for c, d in zip(changed, dims, strict=True)]
+        for d in sig.dims:
+            other = probes[d][1][d]
+            for a, n in enumerate(t.shape[1:]):
+                moved = runs[d][i][1].shape[a + 1]
+                if moved == n:
+                    continue
+                if n == base[d] and moved == other:
+                    dims[a] = d
+                elif d in sig.padded_dims:
+                    raise ModelSpecError(
+                        f"output {name}'s dimension {a + 1} changes with {d} without equalling it ({n} at {d}={base[d]}"
+                        f"): padded requests could not be cut back"
+                    )
+                else:
+                    dims[a] = "?"
         dtype = torch.float32 if t.is_floating_point() else t.dtype
         out.append(OutputSpec(name, str(dtype).removeprefix("torch."), tuple(dims)))
     return out
@@ -331,7 +350,7 @@ class Worker:
         return probe
 
     def _output_specs(self, model: nn.Module) -> list[OutputSpec]:
-        return output_specs(self.spec, lambda: model(*self._probe_input()))
+        return output_specs(self.spec, lambda xs: model(*(x.to(self.device) for x in xs)))
 
     def start(self) -> StartReport:
         """Model and weights, then the artifact from the cache (or built once), load, refit, verify: ready."""

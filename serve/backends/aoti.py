@@ -42,7 +42,10 @@ FOLDED_PREFIX = "_FOLDED_CONST_"
 
 def buckets(spec: InputSpec) -> list[tuple[int, tuple[int, ...]]]:
     """The shapes that get a CUDA graph: each batch bucket (powers of two inside the range, and its ends) with
-    each combination of the dynamic dimensions' buckets."""
+    each combination of the padded dimensions' buckets. None where a dynamic dimension is not padded (requests
+    run at their own length there, which a graph would fit only by chance): the package runs alone."""
+    if any(lo != hi and d not in spec.padded_dims for d, (lo, hi) in spec.dims.items()):
+        return []
     shapes: list[tuple[int, tuple[int, ...]]] = [(b, ()) for b in spec.batch_buckets()]
     for name in spec.dims:
         shapes = [(b, (*rest, n)) for b, rest in shapes for n in spec.buckets(name)]
@@ -116,9 +119,9 @@ class AOTIEngine(Engine):
         loading, cuDNN's algorithm choice), then the captures, largest first so the smaller graphs reuse its
         pool memory. Nothing compiles. The warm-up runs on the current stream: on a side stream, the constants
         each refit folds stayed allocated after the next refit (33 MiB of GPU memory per swap for resnet18)."""
-        if not self.use_graphs or self._graphs:
-            return
         shapes = buckets(self.spec)
+        if not self.use_graphs or self._graphs or not shapes:
+            return
         names = list(self.spec.dims)
         inputs = {
             shape: self.spec.examples(batch=shape[0], sizes=dict(zip(names, shape[1], strict=True)), device=self.device)

@@ -28,7 +28,12 @@ def flatten(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
             for p in flatten(v, f"{prefix}{k}" if not prefix else f"{prefix}.{k}")
         ]
     if isinstance(out, list | tuple):
-        return [p for i, v in enumerate(out) for p in flatten(v, f"{prefix}.{i}" if prefix else f"output__{i}")]
+        return [
+            p
+            for i, v in enumerate(out)
+            if v is not None
+            for p in flatten(v, f"{prefix}.{i}" if prefix else f"output__{i}")
+        ]
     raise TypeError(f"the model returned a {type(out).__name__}; return tensors (alone, in a tuple or in a dict)")
 
 

@@ -103,7 +103,7 @@ class InductorBackend(Backend):
         return "reduce-overhead" if self.cudagraphs else "default"
 
     def settings(self) -> dict[str, Any]:
-        settings = {"mode": self.mode, "dynamic_batch": True, "cache": "mega-cache", "warm": "dims"}
+        settings = {"mode": self.mode, "dynamic_batch": True, "cache": "mega-cache"}
         return {**settings, "cxx": self.cxx.key_doc()} if self.cxx else settings
 
     def report(self) -> dict[str, Any]:

@@ -37,6 +37,7 @@ def test_pixels_are_normalised_as_a_photo_is() -> None:
     )
     assert x.dtype == torch.float32 and torch.allclose(x[0, :, 5, 7], want)
     assert normalise_pixels(pixels, torch.float16).dtype == torch.float16
+    assert takes_pixels((3, 16, 16), torch.float32) and not takes_pixels((3, -1, -1), torch.float32)  # a dynamic size
 
 
 def test_photos_are_resized_as_pil_resizes_them() -> None:

@@ -38,3 +38,37 @@ def tiny_cnn_fails_in_replicas() -> nn.Module:
     if os.environ.get("TINY_CNN_FAIL"):
         raise RuntimeError("tiny_cnn refuses to build here (TINY_CNN_FAIL is set)")
     return TinyCNN()
+
+
+class TwoHeads(nn.Module):
+    """One input, two outputs (a tuple): class scores and a feature map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = torch.relu(self.conv(x))
+        return self.head(features.mean(dim=(2, 3))), features
+
+
+def two_heads() -> nn.Module:
+    return TwoHeads()
+
+
+class Frames(nn.Module):
+    """Frames of features with a dynamic count, and a masked token sequence of its own length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 4)
+        self.embed = nn.Embedding(16, 4)
+
+    def forward(self, feats: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = self.embed(ids) * attention_mask[..., None]
+        return {"frames": self.proj(feats), "tokens": tokens, "pooled": self.proj(feats).mean(1) + tokens.sum(1)}
+
+
+def frames() -> nn.Module:
+    return Frames()

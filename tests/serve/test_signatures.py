@@ -196,3 +196,59 @@ def test_half_precision_on_the_cpu_where_it_runs(precision: str, cache_config: C
     worker.start()
     out = worker.infer(torch.randn(3, 3, 16, 16))
     assert out.dtype == torch.float32 and out.shape == (3, 10)
+
+
+def test_a_tuple_of_outputs_from_one_input(cache_config: CacheConfig) -> None:
+    spec = tiny_spec(model="tests.serve.models:two_heads")
+    assert output_specs(spec) == [
+        OutputSpec("output__0", "float32", (10,)),
+        OutputSpec("output__1", "float32", (4, 16, 16)),
+    ]
+    worker = Worker(spec, backend="eager", cache_config=cache_config)
+    worker.start()
+    outs, _ = worker.run(worker.check_inputs([torch.randn(3, 3, 16, 16)]))
+    assert [tuple(o.shape) for o in outs] == [(3, 10), (3, 4, 16, 16)]
+    assert worker.infer(torch.randn(2, 3, 16, 16)).shape == (2, 10)  # infer: the first output
+
+
+def test_only_a_masked_dimension_is_padded(cache_config: CacheConfig) -> None:
+    tensors, dims = parse_inputs("feats:float32[frames=4:32,8] ids:int64[seq=4:32]<16 attention_mask:int64[seq]")
+    spec = ModelSpec(
+        model="tests.serve.models:frames", input=InputSpec(min_batch=1, max_batch=8, tensors=tensors, dims=dims)
+    )
+    assert spec.input.padded_dims == ["seq"]
+    assert output_specs(spec) == [
+        OutputSpec("frames", "float32", ("frames", 4)),
+        OutputSpec("tokens", "float32", ("seq", 4)),
+        OutputSpec("pooled", "float32", (4,)),
+    ]
+    worker = Worker(spec, backend="eager", cache_config=cache_config)
+    worker.start()
+
+    def request(n_frames: int, n_tokens: int) -> list[torch.Tensor]:
+        return [
+            torch.randn(1, n_frames, 8),
+            torch.randint(0, 16, (1, n_tokens)),
+            torch.ones(1, n_tokens, dtype=torch.int64),
+        ]
+
+    with pytest.raises(InputError, match="frames is 2; this model takes frames from 4 to 32"):
+        worker.check_inputs(request(2, 8))
+    requests = [worker.check_inputs(request(f, t)) for f, t in [(5, 2), (5, 9), (7, 3)]]  # seq 2 < 4: padded
+    answers, _ = worker.run_requests(requests)
+    model = worker._require_model()
+    for xs, got in zip(requests, answers, strict=True):
+        with torch.inference_mode():
+            want = list(model(*xs).values())
+        for a, w in zip(got, want, strict=True):
+            assert a.shape == w.shape and torch.allclose(a, w, atol=1e-5)
+
+
+def test_narrow_ranges_and_fixed_lengths() -> None:
+    tensors, dims = parse_inputs("ids:int64[seq=8:8]<1000 attention_mask:int64[seq]")
+    fixed = text_spec(input=InputSpec(min_batch=1, max_batch=8, tensors=tensors, dims=dims))
+    # a fixed padded length: outputs still follow seq, so a shorter request is cut back to its own length
+    assert output_specs(fixed)[0] == OutputSpec("last_hidden_state", "float32", ("seq", 128))
+    tensors, dims = parse_inputs("ids:int64[seq=1:2] attention_mask:int64[seq]")
+    with pytest.raises(ValueError, match="no size to trace with"):
+        InputSpec(min_batch=1, max_batch=32, tensors=tensors, dims=dims).example_sizes()
