@@ -1,15 +1,17 @@
-"""What the benchmark scripts share: running `warmserve build --json` in a fresh process, OIP binary requests and
-a steady load of them."""
+"""What the benchmark scripts share: running `warmserve build --json` in a fresh process, `warmserve run` in a
+fresh HOME, OIP binary requests and a steady load of them."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,48 @@ def run_build(cmd: list[str], env: dict[str, str], timeout: float = 1800) -> dic
     report = run_json(cmd, env, timeout)
     report.pop("logged", None)
     return report
+
+
+class Service:
+    """A `warmserve run` started by `warmserve_run`: its process, log, and seconds to its ready line."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path, ready_s: float) -> None:
+        self.proc, self.log, self.ready_s = proc, log, ready_s
+        self.exit_code: int | None = None
+
+
+@contextmanager
+def warmserve_run(args: Sequence[str], home: Path, timeout: float = 900) -> Iterator[Service]:
+    """`warmserve run ARGS` from the checkout in ``home`` as a fresh HOME (no RAY_* or WARMSERVE_* variables), once
+    it has printed its ready line; stopped with SIGTERM on the way out (``exit_code`` then says how it ended). A
+    RuntimeError with the log's tail if it exits or is not ready within ``timeout`` seconds."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WARMSERVE_"))}
+    env.update(HOME=str(home), PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    log = home / "run.log"
+    t0 = time.monotonic()
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "warmserve.deployments.cli", "run", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+    service = Service(proc, log, 0.0)
+    try:
+        while "ready on" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"warmserve run did not become ready:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        service.ready_s = time.monotonic() - t0
+        yield service
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            service.exit_code = proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            service.exit_code = proc.wait()
 
 
 def binary_request(x: Any) -> tuple[bytes, dict[str, str]]:

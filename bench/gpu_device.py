@@ -133,7 +133,14 @@ def cycle(model: str, backend: str, tmp: Path, timeout: float, pyc_first: bool) 
     lat = {}
     for b in (1, 32):
         x = spec.input.example(batch=b, device=DEVICE)
-        compiled, base = worker._live.engine, eager._live.engine  # type: ignore[union-attr]
+        live, base_live = worker._live.engine, eager._live.engine  # type: ignore[union-attr]
+
+        def compiled(x: torch.Tensor, e: Any = live) -> torch.Tensor:  # engines take and return lists
+            return e([x])[0]
+
+        def base(x: torch.Tensor, e: Any = base_live) -> torch.Tensor:
+            return e([x])[0]
+
         times = latency_rounds({"compiled": compiled, "eager": base}, x)
         with torch.inference_mode():
             got, want = compiled(x).float(), base(x).float()

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +22,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import warmserve_run  # noqa: E402
 from bench.serve_throughput import JPEG, load, oip_binary  # noqa: E402
 
 
@@ -41,50 +39,36 @@ def main() -> None:
     name = args.model.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
     result: dict[str, object] = {"date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:], "points": []}
     home = Path(tempfile.mkdtemp(prefix="warmserve-home-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WARMSERVE_"))}
-    env.update(HOME=str(home), PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "warmserve.deployments.cli", "run", "--model", args.model, "--port", str(args.port)]
-    cmd += args.run_args
-    log = home / "run.log"
-    t0 = time.monotonic()
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    service = None
     try:
-        while "ready on" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() - t0 > 900:
-                raise SystemExit(f"warmserve run did not become ready:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
-        ready = time.monotonic() - t0
-        said = [line for line in log.read_text().splitlines() if line.startswith("warmserve:")]
-        print("\n".join(said))
-        print(f"ready {ready:.1f}s after the command started")
-        result.update(said=said, ready_s=ready)
-        base = f"http://127.0.0.1:{args.port}"
-        meta = requests.get(f"{base}/v2/models/{name}", timeout=30).json()
-        shape = [int(d) for d in meta["inputs"][0]["shape"][1:]]
-        print("| workload | clients | items/s | p50 ms | p99 ms | failed |\n|---|---|---|---|---|---|")
-        for workload, url, (body, headers), rows in [
-            ("b1", f"{base}/v2/models/{name}/infer", oip_binary(1, shape), 1),
-            ("rows32", f"{base}/v2/models/{name}/infer", oip_binary(32, shape), 32),
-            ("jpeg", f"{base}/v1/classify", (JPEG.read_bytes(), {"content-type": "image/jpeg"}), 1),
-        ]:
-            p = load(url, body, headers, args.concurrency, args.client_procs, args.seconds)
-            p.update(workload=workload, clients=args.concurrency, items_per_s=p["requests_per_s"] * rows)
-            result["points"].append(p)  # type: ignore[attr-defined]
-            print(
-                f"| {workload} | {args.concurrency} | {p['items_per_s']:.0f} | {p['p50_ms']:.1f} | "
-                f"{p['p99_ms']:.1f} | {p['failed']} |",
-                flush=True,
-            )
+        with warmserve_run(["--model", args.model, "--port", str(args.port), *args.run_args], home) as service:
+            said = [line for line in service.log.read_text().splitlines() if line.startswith("warmserve:")]
+            print("\n".join(said))
+            print(f"ready {service.ready_s:.1f}s after the command started")
+            result.update(said=said, ready_s=service.ready_s)
+            base = f"http://127.0.0.1:{args.port}"
+            meta = requests.get(f"{base}/v2/models/{name}", timeout=30).json()
+            shape = [int(d) for d in meta["inputs"][0]["shape"][1:]]
+            print("| workload | clients | items/s | p50 ms | p99 ms | failed |\n|---|---|---|---|---|---|")
+            for workload, url, (body, headers), rows in [
+                ("b1", f"{base}/v2/models/{name}/infer", oip_binary(1, shape), 1),
+                ("rows32", f"{base}/v2/models/{name}/infer", oip_binary(32, shape), 32),
+                ("jpeg", f"{base}/v1/classify", (JPEG.read_bytes(), {"content-type": "image/jpeg"}), 1),
+            ]:
+                p = load(url, body, headers, args.concurrency, args.client_procs, args.seconds)
+                p.update(workload=workload, clients=args.concurrency, items_per_s=p["requests_per_s"] * rows)
+                result["points"].append(p)  # type: ignore[attr-defined]
+                print(
+                    f"| {workload} | {args.concurrency} | {p['items_per_s']:.0f} | {p['p50_ms']:.1f} | "
+                    f"{p['p99_ms']:.1f} | {p['failed']} |",
+                    flush=True,
+                )
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from e
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-        print(f"warmserve run exited {code} after SIGTERM")
-        result["exit_code"] = code
+        if service is not None:
+            print(f"warmserve run exited {service.exit_code} after SIGTERM")
+            result["exit_code"] = service.exit_code
         shutil.rmtree(home, ignore_errors=True)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

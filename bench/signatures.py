@@ -20,9 +20,7 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import warmserve_run  # noqa: E402
 from bench.gpu_device import anonymise  # noqa: E402
 
 
@@ -43,7 +42,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def rounds(fns: dict[str, Callable[[], Any]], device: str, n: int = 7, iters: int = 30) -> dict[str, dict[str, float]]:
+def rounds(fns: dict[str, Callable[..., Any]], device: str, n: int = 7, iters: int = 30) -> dict[str, dict[str, float]]:
     """ms per call of each fn in interleaved rounds: median, min, max."""
     out: dict[str, list[float]] = {k: [] for k in fns}
     with torch.inference_mode():
@@ -278,35 +277,22 @@ def over_http(
     from bench.serve_throughput import load
 
     home = Path(tempfile.mkdtemp(dir=tmp, prefix="home-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WARMSERVE_"))}
-    env.update(HOME=str(home), PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "warmserve.deployments.cli", "run", "--model", args.model, "--inputs", args.inputs]
-    cmd += ["--batch", args.batch, "--precision", args.precision, "--backend", args.backend, "--device", args.device]
-    cmd += ["--replicas", str(args.replicas), "--max-batch-size", str(args.max_batch_size)]
+    cmd = ["--model", args.model, "--inputs", args.inputs, "--batch", args.batch, "--precision", args.precision]
+    cmd += ["--backend", args.backend, "--device", args.device, "--replicas", str(args.replicas)]
+    cmd += ["--max-batch-size", str(args.max_batch_size)]
     cmd += ["--cache-dir", cache_dir]  # the engine built above: the service warm-starts
-    log = home / "run.log"
-    t0 = time.monotonic()
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
-        while "ready on" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() - t0 > args.ready_timeout:
-                return {"error": "not ready", "log": anonymise(log.read_text()[-2500:])}
-            time.sleep(1)
-        result: dict[str, Any] = {"ready_s": time.monotonic() - t0}
-        name = spec.name
-        meta = requests.get(f"http://127.0.0.1:8000/v2/models/{name}", timeout=30).json()
-        result["metadata"] = {"inputs": meta["inputs"], "outputs": meta["outputs"]}
-        bodies = [oip_tokens(*r) for r in token_requests(64, lengths, vocab)]
-        p = load(f"http://127.0.0.1:8000/v2/models/{name}/infer", bodies, {}, args.clients, 4, args.seconds)
-        result.update(p, clients=args.clients)
-        return result
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with warmserve_run(cmd, home, args.ready_timeout) as service:
+            result: dict[str, Any] = {"ready_s": service.ready_s}
+            name = spec.name
+            meta = requests.get(f"http://127.0.0.1:8000/v2/models/{name}", timeout=30).json()
+            result["metadata"] = {"inputs": meta["inputs"], "outputs": meta["outputs"]}
+            bodies = [oip_tokens(*r) for r in token_requests(64, lengths, vocab)]
+            p = load(f"http://127.0.0.1:8000/v2/models/{name}/infer", bodies, {}, args.clients, 4, args.seconds)
+            result.update(p, clients=args.clients)
+            return result
+    except RuntimeError as e:
+        return {"error": "not ready", "log": anonymise(str(e)[-2500:])}
 
 
 def main() -> None:

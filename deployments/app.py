@@ -24,6 +24,7 @@ from warmserve.deployments.errors import BodyTooLarge, ModelNotFound, ReplicaSta
 from warmserve.serve.errors import InputError, NotReady
 from warmserve.serve.metrics import Metrics
 from warmserve.serve.settings import Settings
+from warmserve.serve.spec import wire_shape
 from warmserve.serve.worker import SwapReport, Worker
 
 logger = logging.getLogger("warmserve.app")
@@ -458,7 +459,7 @@ class WarmModel:
                 {
                     "name": t.name,
                     "datatype": oip.TORCH_TO_DATATYPE[t.torch_dtype],
-                    "shape": [-1, *(d if isinstance(d, int) else -1 for d in t.shape)],
+                    "shape": wire_shape(t.shape),
                 }
                 for t in spec.input.tensors
             ],
@@ -466,7 +467,7 @@ class WarmModel:
                 {
                     "name": o.name,
                     "datatype": oip.TORCH_TO_DATATYPE.get(getattr(torch, o.dtype), o.dtype.upper()),
-                    "shape": [-1, *(d if isinstance(d, int) else -1 for d in o.shape)],
+                    "shape": wire_shape(o.shape),
                 }
                 for o in self.worker.outputs
             ],

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from warmserve.serve.errors import InputError
-from warmserve.serve.spec import DTYPES, InputSpec, TensorSpec
+from warmserve.serve.spec import InputSpec, TensorSpec, wire_shape
 
 Request = Sequence[torch.Tensor]
 Outputs = list[torch.Tensor]
@@ -35,7 +35,7 @@ class OutputSpec:
         return {
             "name": self.name,
             "dtype": self.dtype,
-            "shape": [-1, *(d if isinstance(d, int) else -1 for d in self.shape)],
+            "shape": wire_shape(self.shape),
         }
 
 
@@ -161,4 +161,4 @@ def _split(
     return [cut([p[i] for p in per_output], specs, rows[i], sizes) for i in range(len(requests))]
 
 
-__all__ = ["DTYPES", "OutputSpec", "check_request", "cut", "pad_to", "run_requests"]
+__all__ = ["OutputSpec", "check_request", "cut", "lengths", "pad_to", "run_requests"]

@@ -88,6 +88,11 @@ def powers_of_two(low: int, high: int) -> list[int]:
     return sorted(sizes)
 
 
+def wire_shape(dims: Sequence[int | str]) -> list[int]:
+    """A shape as the protocol's metadata writes it: -1 for the batch and for every dynamic dimension."""
+    return [-1, *(d if isinstance(d, int) else -1 for d in dims)]
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One input: its name, dtype, the dimensions after the batch (an int, or a dynamic dimension's name) and,
@@ -194,7 +199,7 @@ class InputSpec:
             object.__setattr__(self, "tensors", (TensorSpec(DEFAULT_INPUT, self.dtype, tuple(self.shape)),))
         first = self.tensors[0]
         object.__setattr__(self, "dtype", first.dtype)
-        object.__setattr__(self, "shape", tuple(d if isinstance(d, int) else -1 for d in first.shape))
+        object.__setattr__(self, "shape", tuple(wire_shape(first.shape)[1:]))
         object.__setattr__(self, "dims", dict(self.dims))
         names = [t.name for t in self.tensors]
         if len(set(names)) != len(names):

@@ -23,6 +23,7 @@ from torch import nn
 
 from warmserve.serve.backends.base import Backend, Engine
 from warmserve.serve.backends.export import export
+from warmserve.serve.batching import lengths
 from warmserve.serve.errors import RefitError
 from warmserve.serve.spec import InputSpec
 from warmserve.serve.toolchain import CompilerPin
@@ -78,18 +79,9 @@ class AOTIEngine(Engine):
     def _run(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return list(self.runner.run(list(xs)))
 
-    def _sizes(self, xs: Sequence[torch.Tensor]) -> tuple[int, ...]:
-        """The dynamic dimensions' sizes in ``xs``, in the order of ``spec.dims``."""
-        sizes: dict[str, int] = {}
-        for t, x in zip(self.spec.tensors, xs, strict=True):
-            for axis, d in enumerate(t.shape):
-                if isinstance(d, str):
-                    sizes.setdefault(d, x.shape[axis + 1])
-        return tuple(sizes[d] for d in self.spec.dims)
-
     @torch.inference_mode()
     def __call__(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        graphs = self._graphs.get(self._sizes(xs)) if self._graphs else None  # swapped whole by a refit
+        graphs = self._graphs.get(lengths(self.spec, xs)) if self._graphs else None  # swapped whole by a refit
         n = xs[0].shape[0]
         if not graphs or n > next(reversed(graphs)):
             return self._run(xs)  # a length with no bucket: the package alone
