@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,9 +19,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from warmserve.deployments import oip, oip_grpc, peers
+from warmserve.deployments import oip, oip_grpc, peers, triton
 from warmserve.deployments.auth import authorized, rollout_problem
+from warmserve.deployments.batcher import Batcher, BatchTimes
 from warmserve.deployments.errors import BodyTooLarge, ModelNotFound, ReplicaStartError, Unauthorized
+from warmserve.deployments.triton import ModelStats
 from warmserve.serve.errors import InputError, NotReady
 from warmserve.serve.metrics import Metrics
 from warmserve.serve.settings import Settings
@@ -241,6 +244,10 @@ class WarmModel:
         self._starting = True
         self._swaps = ThreadPoolExecutor(1, thread_name_prefix="weights-swap")  # swaps in order, off requests
         self._nvjpeg = threading.Lock()  # one batch decode at a time on the GPU
+        self.stats = ModelStats()
+        self._batcher: Batcher[list[torch.Tensor], tuple[list[torch.Tensor], str]] = Batcher(
+            self._infer_batch, on_batch=self._count_batch
+        )
         self._configure_batching(self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
         if self.worker.device.type == "cuda":
             self._warm_decoder()
@@ -343,12 +350,13 @@ class WarmModel:
         self._starting = False
 
     def _configure_batching(self, size: int, wait: float) -> None:
-        batcher: Any = self._infer_batch  # serve.batch adds these setters at run time
-        batcher.set_max_batch_size(size)
-        batcher.set_batch_wait_timeout_s(wait)
+        self._batcher.configure(size, wait)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    def _count_batch(self, items: list[list[torch.Tensor]], times: BatchTimes) -> None:
+        self.stats.batch(sum(x[0].shape[0] for x in items), times.queued, times.run)
+
     async def _infer_batch(self, items: list[list[torch.Tensor]]) -> list[tuple[list[torch.Tensor], str]]:
+        """One engine call for the requests `Batcher` gathered."""
         spec = self.settings.model.input
         if len(spec.tensors) == 1 and not spec.dims:
             sizes = [x[0].shape[0] for x in items]
@@ -387,7 +395,15 @@ class WarmModel:
         """Every output for one request of every input, in the signature's order."""
         # Reject a bad request alone, before it joins a batch.
         pixels = self._pixels and xs[0].dtype == torch.uint8
-        return await self._infer_batch(self.worker.check_inputs(xs, pixels=pixels))  # type: ignore[no-any-return]
+        checked = self.worker.check_inputs(xs, pixels=pixels)
+        t0 = time.perf_counter()
+        try:
+            answer = await self._batcher.submit(checked)
+        except Exception:
+            self.stats.request(time.perf_counter() - t0, ok=False)
+            raise
+        self.stats.request(time.perf_counter() - t0, ok=True, rows=checked[0].shape[0])
+        return answer
 
     def _by_name(self, named: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
         """A request's tensors in the signature's order, matched by name (a model of one input takes any name)."""
@@ -434,7 +450,13 @@ class WarmModel:
     # -- Open Inference Protocol v2 --------------------------------------------------------------
     @api.get("/v2")
     async def server_metadata(self) -> dict[str, Any]:
-        return {"name": "warmserve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+        return {
+            "name": "warmserve",
+            "version": "0.1.0",
+            # Not "statistics": its counts are the answering replica's, which Triton's tools would subtract
+            # across replicas (perf_analyzer reads them only where the server lists the extension).
+            "extensions": ["binary_tensor_data", "model_configuration"],
+        }
 
     @api.get("/v2/health/live", response_class=Response, responses={200: {"description": "the server is up"}})
     async def live(self) -> Response:
@@ -480,6 +502,30 @@ class WarmModel:
                 "replica_pid": os.getpid(),
             },
         }
+
+    @api.get("/v2/models/{name}/config", responses=errors(400, 404))
+    async def model_config(self, name: str) -> dict[str, Any]:
+        """Triton's model configuration extension: what Triton's tools (perf_analyzer...) read first."""
+        return self._config(name)
+
+    def _config(self, name: str) -> dict[str, Any]:
+        self._model(name)
+        batcher = self._batcher
+        return triton.model_config(
+            name,
+            self.settings.model.input,
+            self.worker.outputs,
+            backend=self.worker.backend.name,
+            batch_wait_timeout_s=batcher.batch_wait_timeout_s,
+            max_batch_size=batcher.max_batch_size,
+            parameters={"weights_version": self.worker.version or "", "device": str(self.worker.device)},
+        )
+
+    @api.get("/v2/models/{name}/stats", responses=errors(400, 404))
+    async def model_stats(self, name: str) -> dict[str, Any]:
+        """Triton's statistics document of the replica that answers: its counts and times since it started."""
+        self._model(name)
+        return self.stats.doc(name, self.worker.version or "")
 
     @api.get("/v2/models/{name}/ready", response_class=Response, responses={**NOT_READY, **errors(400, 404)})
     async def model_ready(self, name: str) -> Response:
@@ -561,6 +607,18 @@ class WarmModel:
             return oip_grpc.model_metadata(self._metadata(request.name))
 
         return await self._rpc(grpc_context, oip_grpc.ModelMetadataResponse, call)
+
+    async def ModelConfig(self, request: Any, grpc_context: Any = None) -> Any:
+        async def call() -> Any:
+            return oip_grpc.model_config(self._config(request.name))
+
+        return await self._rpc(grpc_context, oip_grpc.ModelConfigResponse, call)
+
+    async def ModelStatistics(self, request: Any, grpc_context: Any = None) -> Any:
+        async def call() -> Any:
+            return oip_grpc.model_statistics(await self.model_stats(request.name))
+
+        return await self._rpc(grpc_context, oip_grpc.ModelStatisticsResponse, call)
 
     async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:
         async def call() -> Any:

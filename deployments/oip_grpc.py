@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 import torch
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 
 from warmserve.deployments.errors import BodyTooLarge
 from warmserve.deployments.oip import TORCH_TO_DATATYPE, check_header, tensor_from_bytes, tensor_from_values
@@ -98,10 +98,78 @@ MESSAGES: dict[str, list[tuple[str, int, str]]] = {
         ("parameters", 4, "map<string,InferParameter>"),
         ("contents", 5, "InferTensorContents"),
     ],
+    # Triton's model configuration extension (model_config.proto): the fields warmserve fills.
+    "ModelConfigRequest": [("name", 1, "string"), ("version", 2, "string")],
+    "ModelConfigResponse": [("config", 1, "ModelConfig")],
+    "ModelConfig": [
+        ("name", 1, "string"),
+        ("platform", 2, "string"),
+        ("backend", 17, "string"),
+        ("max_batch_size", 4, "int32"),
+        ("input", 5, "repeated ModelInput"),
+        ("output", 6, "repeated ModelOutput"),
+        ("dynamic_batching", 11, "ModelDynamicBatching"),
+        ("parameters", 14, "map<string,ModelParameter>"),
+    ],
+    "ModelInput": [("name", 1, "string"), ("data_type", 2, "DataType"), ("dims", 4, "repeated int64")],
+    "ModelOutput": [("name", 1, "string"), ("data_type", 2, "DataType"), ("dims", 3, "repeated int64")],
+    "ModelDynamicBatching": [
+        ("preferred_batch_size", 1, "repeated int32"),
+        ("max_queue_delay_microseconds", 2, "uint64"),
+    ],
+    "ModelParameter": [("string_value", 1, "string")],
+    # The statistics extension (what perf_analyzer reads for its server-side figures).
+    "ModelStatisticsRequest": [("name", 1, "string"), ("version", 2, "string")],
+    "ModelStatisticsResponse": [("model_stats", 1, "repeated ModelStatistics")],
+    "ModelStatistics": [
+        ("name", 1, "string"),
+        ("version", 2, "string"),
+        ("last_inference", 3, "uint64"),
+        ("inference_count", 4, "uint64"),
+        ("execution_count", 5, "uint64"),
+        ("inference_stats", 6, "InferStatistics"),
+        ("batch_stats", 7, "repeated InferBatchStatistics"),
+    ],
+    "InferStatistics": [
+        (name, number, "StatisticDuration")
+        for number, name in enumerate(
+            ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss"),
+            start=1,
+        )
+    ],
+    "StatisticDuration": [("count", 1, "uint64"), ("ns", 2, "uint64")],
+    "InferBatchStatistics": [
+        ("batch_size", 1, "uint64"),
+        ("compute_input", 2, "StatisticDuration"),
+        ("compute_infer", 3, "StatisticDuration"),
+        ("compute_output", 4, "StatisticDuration"),
+    ],
 }
-ONEOFS = {"InferParameter": "parameter_choice"}
+# Enums: name -> (value name, number); the protocol's datatypes in model configurations.
+ENUMS: dict[str, list[tuple[str, int]]] = {
+    "DataType": [
+        (f"TYPE_{t}", n)
+        for n, t in enumerate(
+            "INVALID BOOL UINT8 UINT16 UINT32 UINT64 INT8 INT16 INT32 INT64 FP16 FP32 FP64 STRING BF16".split()  # noqa: SIM905
+        )
+    ]
+}
+# message -> its oneof and the fields in it (None: every field)
+ONEOFS: dict[str, tuple[str, set[str] | None]] = {
+    "InferParameter": ("parameter_choice", None),
+    "ModelConfig": ("scheduling_choice", {"dynamic_batching"}),
+}
 # The RPCs warmserve answers: the health, metadata and inference calls of the protocol.
-METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+METHODS = (
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+    "ModelConfig",
+    "ModelStatistics",
+)
 
 _F = descriptor_pb2.FieldDescriptorProto
 SCALARS = {
@@ -130,6 +198,8 @@ CONTENTS = {
 def _typed(field: descriptor_pb2.FieldDescriptorProto, kind: str) -> None:
     if kind in SCALARS:
         field.type = SCALARS[kind]
+    elif kind in ENUMS:
+        field.type, field.type_name = _F.TYPE_ENUM, f".{PACKAGE}.{kind}"
     else:
         field.type, field.type_name = _F.TYPE_MESSAGE, f".{PACKAGE}.{kind}"
 
@@ -137,13 +207,18 @@ def _typed(field: descriptor_pb2.FieldDescriptorProto, kind: str) -> None:
 def file_descriptor() -> descriptor_pb2.FileDescriptorProto:
     """The protocol's messages and service as a .proto file would describe them."""
     fdp = descriptor_pb2.FileDescriptorProto(name="warmserve/grpc_predict_v2.proto", package=PACKAGE, syntax="proto3")
+    for name, values in ENUMS.items():
+        enum = fdp.enum_type.add(name=name)
+        for value, number in values:
+            enum.value.add(name=value, number=number)
     protos: dict[str, descriptor_pb2.DescriptorProto] = {}
     for full, fields in MESSAGES.items():
         parent, _, name = full.rpartition(".")
         msg = (protos[parent].nested_type if parent else fdp.message_type).add(name=name)
         protos[full] = msg
-        if full in ONEOFS:
-            msg.oneof_decl.add(name=ONEOFS[full])
+        oneof, members = ONEOFS.get(full, (None, set()))
+        if oneof:
+            msg.oneof_decl.add(name=oneof)
         for fname, number, kind in fields:
             repeated = kind.startswith("repeated ")
             kind = kind.removeprefix("repeated ")
@@ -158,7 +233,7 @@ def file_descriptor() -> descriptor_pb2.FileDescriptorProto:
                 f.label, f.type, f.type_name = _F.LABEL_REPEATED, _F.TYPE_MESSAGE, f".{PACKAGE}.{full}.{entry.name}"
             else:
                 _typed(f, kind)
-            if full in ONEOFS:
+            if oneof and (members is None or fname in members):
                 f.oneof_index = 0
     service = fdp.service.add(name=SERVICE.rpartition(".")[2])
     for method in METHODS:
@@ -191,6 +266,10 @@ ModelMetadataRequest = _message("ModelMetadataRequest")
 ModelMetadataResponse = _message("ModelMetadataResponse")
 ModelInferRequest = _message("ModelInferRequest")
 ModelInferResponse = _message("ModelInferResponse")
+ModelConfigRequest = _message("ModelConfigRequest")
+ModelConfigResponse = _message("ModelConfigResponse")
+ModelStatisticsRequest = _message("ModelStatisticsRequest")
+ModelStatisticsResponse = _message("ModelStatisticsResponse")
 
 
 def add_inference_service(servicer: Any, server: Any) -> None:
@@ -245,6 +324,18 @@ def infer_response(model: str, version: str, request_id: str, outputs: Mapping[s
             (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
         )
     return response
+
+
+def model_config(config: Mapping[str, Any]) -> Any:
+    """The HTTP model configuration document (`oip.model_config`) as a ``ModelConfigResponse``."""
+    response = ModelConfigResponse()
+    json_format.ParseDict(config, response.config)
+    return response
+
+
+def model_statistics(stats: Mapping[str, Any]) -> Any:
+    """The HTTP statistics document (`oip.ModelStats.doc`) as a ``ModelStatisticsResponse``."""
+    return json_format.ParseDict(stats, ModelStatisticsResponse())
 
 
 def model_metadata(meta: Mapping[str, Any]) -> Any:

@@ -20,7 +20,7 @@ def _shape(descriptor: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             f.number,
             f.type,
             f.is_repeated,
-            f.message_type.full_name if f.message_type else None,
+            f.message_type.full_name if f.message_type else f.enum_type.full_name if f.enum_type else None,
             f.containing_oneof.name if f.containing_oneof else None,
         )
         for f in descriptor.fields
@@ -28,12 +28,24 @@ def _shape(descriptor: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return fields, {n.name: _shape(n) for n in descriptor.nested_types}
 
 
+# Messages of which warmserve declares only the fields it fills: each of those is tritonclient's own.
+PARTIAL = {"ModelConfig", "ModelInput", "ModelOutput", "ModelDynamicBatching", "ModelParameter", "ModelStatistics"}
+
+
 def test_the_messages_are_the_ones_tritonclient_was_generated_from() -> None:
-    from tritonclient.grpc import service_pb2
+    from google.protobuf import descriptor_pool
+    from tritonclient.grpc import model_config_pb2, service_pb2  # noqa: F401 - they fill the default pool
 
     for name in (n for n in oip_grpc.MESSAGES if "." not in n):
-        ours = oip_grpc.POOL.FindMessageTypeByName(f"inference.{name}")
-        assert _shape(ours) == _shape(service_pb2.DESCRIPTOR.message_types_by_name[name]), name
+        ours = _shape(oip_grpc.POOL.FindMessageTypeByName(f"inference.{name}"))
+        theirs = _shape(descriptor_pool.Default().FindMessageTypeByName(f"inference.{name}"))
+        if name in PARTIAL:
+            assert {f: theirs[0][f] for f in ours[0]} == ours[0], name
+        else:
+            assert ours == theirs, name
+    for enum, values in oip_grpc.ENUMS.items():
+        theirs_enum = descriptor_pool.Default().FindEnumTypeByName(f"inference.{enum}")
+        assert values == [(v.name, v.number) for v in theirs_enum.values]
     theirs = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     ours_service = oip_grpc.POOL.FindServiceByName(oip_grpc.SERVICE)
     for method in ours_service.methods:
@@ -108,3 +120,64 @@ def test_raw_contents_are_checked_against_shapes_and_the_size_limit() -> None:
     request.raw_input_contents.append(b"")
     with pytest.raises(InputError, match="2 raw_input_contents for 1 inputs"):
         oip_grpc.parse_infer(request, limit=2**20)
+
+
+def test_the_model_configuration_reads_as_tritonclients() -> None:
+    from google.protobuf import json_format
+    from tritonclient.grpc import service_pb2
+
+    from warmserve.deployments import triton
+    from warmserve.serve.batching import OutputSpec
+    from warmserve.serve.spec import InputSpec, parse_inputs
+
+    tensors, dims = parse_inputs("input_ids:int64[seq=16:128]<30522 attention_mask:int64[seq]")
+    spec = InputSpec(min_batch=1, max_batch=32, tensors=tensors, dims=dims)
+    doc = triton.model_config(
+        "enc",
+        spec,
+        [OutputSpec("last_hidden_state", "float16", ("seq", 128)), OutputSpec("pooler_output", "float32", (128,))],
+        backend="aoti",
+        batch_wait_timeout_s=0.002,
+        max_batch_size=8,
+        parameters={"weights_version": "v1"},
+    )
+    ours = oip_grpc.model_config(doc)
+    theirs = service_pb2.ModelConfigResponse.FromString(ours.SerializeToString()).config
+    assert json_format.MessageToDict(theirs, preserving_proto_field_name=True) == {
+        "name": "enc",
+        "platform": "warmserve_aoti",
+        "backend": "warmserve",
+        "max_batch_size": 32,  # rows a request may carry: the engine's largest batch
+        "input": [
+            {"name": "input_ids", "data_type": "TYPE_INT64", "dims": ["-1"]},
+            {"name": "attention_mask", "data_type": "TYPE_INT64", "dims": ["-1"]},
+        ],
+        "output": [
+            {"name": "last_hidden_state", "data_type": "TYPE_FP16", "dims": ["-1", "128"]},
+            {"name": "pooler_output", "data_type": "TYPE_FP32", "dims": ["128"]},
+        ],
+        "dynamic_batching": {"preferred_batch_size": [8], "max_queue_delay_microseconds": "2000"},
+        "parameters": {"weights_version": {"string_value": "v1"}},
+    }
+
+
+def test_statistics_count_rows_calls_and_times_and_read_as_tritonclients() -> None:
+    from tritonclient.grpc import service_pb2
+
+    from warmserve.deployments.triton import ModelStats
+
+    stats = ModelStats()
+    stats.batch(rows=3, queued=[0.001, 0.002], run=0.01)
+    stats.request(0.012, ok=True, rows=1)
+    stats.request(0.013, ok=True, rows=2)
+    stats.request(0.5, ok=False)
+    doc = stats.doc("m", "v1")
+    (theirs,) = service_pb2.ModelStatisticsResponse.FromString(
+        oip_grpc.model_statistics(doc).SerializeToString()
+    ).model_stats
+    assert (theirs.name, theirs.version, theirs.inference_count, theirs.execution_count) == ("m", "v1", 3, 1)
+    s = theirs.inference_stats
+    assert (s.success.count, s.success.ns) == (2, 25_000_000)
+    assert (s.fail.count, s.queue.count, s.queue.ns) == (1, 2, 3_000_000)
+    assert (s.compute_infer.count, s.compute_infer.ns) == (2, 20_000_000)  # each request adds its call's time
+    assert [(b.batch_size, b.compute_infer.count) for b in theirs.batch_stats] == [(3, 1)]

@@ -32,6 +32,11 @@ def test_http_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny_cnn")
     meta = client.get_model_metadata("tiny_cnn")
     assert meta["inputs"][0]["shape"] == [-1, 3, 16, 16] and meta["versions"] == ["v1"]
+    # Triton's model configuration extension, as perf_analyzer reads it: the batch left out of dims.
+    config = client.get_model_config("tiny_cnn")
+    assert config["input"] == [{"name": "input__0", "data_type": "TYPE_FP32", "dims": [3, 16, 16]}]
+    assert config["output"] == [{"name": "output__0", "data_type": "TYPE_FP32", "dims": [10]}]
+    assert config["max_batch_size"] == 8 and config["platform"] == "warmserve_aoti" and "dynamic_batching" in config
     x = np.random.default_rng(0).standard_normal((3, 3, 16, 16), dtype=np.float32)
     for binary in (True, False):  # the binary tensor extension and plain JSON, as tritonclient sends them
         inp = th.InferInput("input__0", list(x.shape), "FP32")
@@ -50,6 +55,9 @@ def test_http_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
         inp.set_data_from_numpy(array, binary_data=True)
         answers.append(client.infer("tiny_cnn", [inp]).as_numpy("output__0"))
     np.testing.assert_allclose(answers[0], answers[1], rtol=1e-4, atol=1e-4)
+    stats = client.get_inference_statistics("tiny_cnn")["model_stats"][0]  # the statistics extension
+    assert stats["inference_count"] >= 3 + 3 + 2 + 2 and stats["inference_stats"]["success"]["count"] >= 4
+    assert stats["execution_count"] >= 1 and stats["batch_stats"]
 
     # Pixels and floats sent at once share batches: each answer is still its own.
     def ask(k: int) -> np.ndarray:
@@ -155,6 +163,7 @@ def test_grpc_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
     import grpc
     import tritonclient.grpc as tg
     import tritonclient.http as th
+    from tritonclient.grpc import model_config_pb2
     from tritonclient.grpc import service_pb2 as pb
     from tritonclient.grpc import service_pb2_grpc as pb_grpc
     from tritonclient.utils import InferenceServerException
@@ -166,6 +175,11 @@ def test_grpc_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
     assert client.get_server_metadata().name == "warmserve"
     meta = client.get_model_metadata("tiny_cnn")
     assert list(meta.inputs[0].shape) == [-1, 3, 16, 16] and list(meta.versions) == ["v1"]
+    config = client.get_model_config("tiny_cnn").config
+    assert [(i.name, model_config_pb2.DataType.Name(i.data_type), list(i.dims)) for i in config.input] == [
+        ("input__0", "TYPE_FP32", [3, 16, 16])
+    ]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("output__0", [10])] and config.max_batch_size == 8
 
     x = np.random.default_rng(0).standard_normal((3, 3, 16, 16), dtype=np.float32)
     inp = tg.InferInput("input__0", list(x.shape), "FP32")
@@ -224,6 +238,9 @@ def test_grpc_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
         assert caught.value.details()
     with pytest.raises(InferenceServerException, match="unknown model"):
         client.get_model_metadata("other")
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        client.get_model_config("other")
+    assert client.get_inference_statistics("tiny_cnn").model_stats[0].inference_count >= 3 + 2 + 2 + 24 * 3
     assert client.is_model_ready("tiny_cnn")  # still serving
 
 
