@@ -90,12 +90,15 @@ class Service:
 
 
 @contextmanager
-def warmserve_run(args: Sequence[str], home: Path, timeout: float = 900) -> Iterator[Service]:
-    """`warmserve run ARGS` from the checkout in ``home`` as a fresh HOME (no RAY_* or WARMSERVE_* variables), once
-    it has printed its ready line; stopped with SIGTERM on the way out (``exit_code`` then says how it ended). A
-    RuntimeError with the log's tail if it exits or is not ready within ``timeout`` seconds."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WARMSERVE_"))}
-    env.update(HOME=str(home), PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+def warmserve_run(
+    args: Sequence[str], home: Path, timeout: float = 900, env: Mapping[str, str] | None = None
+) -> Iterator[Service]:
+    """`warmserve run ARGS` from the checkout in ``home`` as a fresh HOME (no RAY_* or WARMSERVE_* variables but
+    those of ``env``), once it has printed its ready line; stopped with SIGTERM on the way out (``exit_code`` then
+    says how it ended). A RuntimeError with the log's tail if it exits or is not ready within ``timeout`` s."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WARMSERVE_"))}
+    environ.update(HOME=str(home), PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")])))
+    environ.update(env or {})
     log = home / "run.log"
     t0 = time.monotonic()
     with log.open("w") as out:
@@ -103,7 +106,7 @@ def warmserve_run(args: Sequence[str], home: Path, timeout: float = 900) -> Iter
             [sys.executable, "-m", "warmserve.deployments.cli", "run", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=environ,
             cwd=ROOT,
         )
     service = Service(proc, log, 0.0)

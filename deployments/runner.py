@@ -26,7 +26,7 @@ from typing import Any, TextIO
 import requests
 
 from warmserve.cache.errors import CacheError
-from warmserve.deployments import ledger
+from warmserve.deployments import ledger, ports
 from warmserve.deployments.auth import sign_rollout
 from warmserve.deployments.errors import StartError
 from warmserve.serve.errors import WarmserveError
@@ -160,12 +160,45 @@ def check_port(host: str, port: int, flag: str = "--port") -> None:
             s.bind((host, port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise StartError(
-                    f"port {port} on {host} is already in use (another warmserve or server?); "
-                    f"pick a free one with {flag}"
-                ) from e
+                raise StartError(busy_port(host, port, flag)) from e
             raise StartError(f"cannot listen on {host}:{port} ({e.strerror}); choose --host/{flag}") from e
 
+
+def busy_port(host: str, port: int, flag: str) -> str:
+    """Why ``port`` cannot be had, naming the process that holds it where this user can see it: an HAProxy
+    that Ray Serve left behind (an earlier run killed before it could stop it) is said to be one, with its pid
+    and how to stop it."""
+    held = ports.holders(port)
+    orphans = [h for h in held if h.is_serve_haproxy and h.orphaned]
+    if orphans:
+        pids = " ".join(str(h.pid) for h in orphans)
+        return (
+            f"port {port} on {host} is held by Ray Serve's HAProxy left behind by an earlier run "
+            f"({orphans[0].describe()}); stop it with `kill {pids}`, or pick another port with {flag}"
+        )
+    if any(h.is_serve_haproxy for h in held):
+        return (
+            f"port {port} on {host} is served by a running Ray Serve's HAProxy (another warmserve run?; "
+            f"{held[0].describe()}); stop that service or pick another port with {flag}"
+        )
+    if held:
+        return f"port {port} on {host} is already in use by {held[0].describe()}; stop it or pick another with {flag}"
+    return f"port {port} on {host} is already in use (another warmserve or server?); pick a free one with {flag}"
+
+
+# Ray Serve's HAProxy settings for a local cluster (the operator's own values win).
+HAPROXY_TUNING = {
+    # A replica that stops stays reachable this long, so that HAProxy has dropped it before it goes. Serve's
+    # 30 s is for HAProxies on other nodes; on one host its HAProxy reloads within a second, and 30 s made
+    # every stop outlast serve.shutdown's own 30 s wait (the controller cut off, Ray killed mid-shutdown).
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    # gRPC requests are large (a 224x224 FP32 row is 602 KB): with HTTP/2's 64 KB stream windows and 16 KB
+    # buffers, HAProxy relayed them in many round trips, and gRPC ran slower than HTTP through the same
+    # replicas (bench/results/perf-analyzer-*).
+    "RAY_SERVE_HAPROXY_H2_FE_INITIAL_WINDOW_SIZE": str(1 << 20),
+    "RAY_SERVE_HAPROXY_H2_BE_INITIAL_WINDOW_SIZE": str(1 << 20),
+    "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(1 << 16),
+}
 
 # HAProxy's own listeners on every interface, beside the service port: Ray's default ports.
 HAPROXY_PORTS = {
@@ -184,6 +217,8 @@ def ingress_env(local: bool, ingress: str, environ: Mapping[str, str]) -> dict[s
     if ingress != "haproxy":
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     env = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    for name, value in HAPROXY_TUNING.items():
+        env[name] = environ.get(name, value)
     for name, (what, default) in HAPROXY_PORTS.items():
         if name in environ:
             continue
@@ -300,6 +335,7 @@ def serve(
         logger.debug("ray.init failed", exc_info=True)
         return failed(f"Ray did not start: {one_line(e)}")
     dashboard = f"http://{context.dashboard_url}" if getattr(context, "dashboard_url", None) else None
+    node_id = ray.get_runtime_context().get_node_id() if local else None
     # After ray.init, which installs a crash handler for SIGTERM: `kill` must shut down cleanly too.
     with _stop_on_signals():
         try:
@@ -335,7 +371,7 @@ def serve(
             logger.debug("serving failed", exc_info=True)
             return failed(one_line(e))
         finally:
-            _shutdown(ray, ray_serve, name if not local else None)
+            _shutdown(ray, ray_serve, name if not local else None, haproxy_node=node_id)
 
 
 def _json_stream() -> TextIO:
@@ -361,9 +397,28 @@ def one_line(e: BaseException, limit: int = 400) -> str:
     return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
 
 
-def _shutdown(ray: Any, ray_serve: Any, app: str | None, timeout: float = 60.0) -> None:
+def _shutdown(
+    ray: Any, ray_serve: Any, app: str | None, timeout: float = 60.0, haproxy_node: str | None = None
+) -> None:
     """Stop Serve (or only ``app`` on a cluster we joined) and Ray, within ``timeout``: a Ray whose
-    processes are already gone must not keep the command from exiting."""
+    processes are already gone must not keep the command from exiting. A second Ctrl-C or SIGTERM does not cut
+    this short. Then, for a local Ray (``haproxy_node``: its node id), an HAProxy of it that is still alive is
+    stopped: Serve can lose one that a reload started while its manager was stopping it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    stopped = _stop_ray(ray, ray_serve, app, timeout)
+    if haproxy_node:
+        for h in ports.stop_haproxies(haproxy_node):
+            say(f"stopped Ray Serve's HAProxy that outlived Ray ({h.describe()})")
+    signal.signal(signal.SIGINT, previous[0])
+    signal.signal(signal.SIGTERM, previous[1])
+    if not stopped:
+        say(f"Ray did not shut down within {timeout:.0f}s; exiting anyway (`ray stop --force` cleans up)")
+        sys.stderr.flush()
+        os._exit(1)  # Ray's own threads and exit hooks may hang too
+
+
+def _stop_ray(ray: Any, ray_serve: Any, app: str | None, timeout: float) -> bool:
+    """Whether Serve and Ray stopped within ``timeout``."""
 
     def stop() -> None:
         with contextlib.suppress(Exception):
@@ -377,10 +432,7 @@ def _shutdown(ray: Any, ray_serve: Any, app: str | None, timeout: float = 60.0) 
     worker = threading.Thread(target=stop, daemon=True, name="shutdown")
     worker.start()
     worker.join(timeout)
-    if worker.is_alive():
-        say(f"Ray did not shut down within {timeout:.0f}s; exiting anyway (`ray stop --force` cleans up)")
-        sys.stderr.flush()
-        os._exit(1)
+    return not worker.is_alive()
 
 
 def _remember(app: dict[str, Any], settings: Settings) -> None:

@@ -41,7 +41,8 @@ SERVICE_SETTINGS: tuple[Setting, ...] = (
     Setting(
         "batch_wait_timeout_s",
         0.005,
-        "seconds a batch waits for more requests",
+        "seconds a batch that forms while the replica is busy may wait for more requests (a request to an idle "
+        "replica runs at once)",
         _at_least_zero,
         commands=SERVICE,
         metavar="S",

@@ -126,8 +126,19 @@ def test_the_haproxy_ray_serve_would_run_is_found(monkeypatch: pytest.MonkeyPatc
 def test_the_environment_a_local_ray_gets_for_each_ingress(capsys: pytest.CaptureFixture[str]) -> None:
     assert runner.ingress_env(False, "haproxy", {}) == {}  # a joined cluster chose at its start
     assert runner.ingress_env(True, "serve", {}) == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    mine = {"RAY_SERVE_HAPROXY_STATS_PORT": "7000", "RAY_SERVE_HAPROXY_METRICS_PORT": "7001"}
-    assert runner.ingress_env(True, "haproxy", mine) == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    mine = {
+        "RAY_SERVE_HAPROXY_STATS_PORT": "7000",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": "7001",
+        "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": "32768",
+    }
+    # HAProxy's tuning for one host (a short drain, HTTP/2 windows for large gRPC requests); the operator's
+    # own values win
+    assert runner.ingress_env(True, "haproxy", mine) == {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        **runner.HAPROXY_TUNING,
+        "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": "32768",
+    }
+    assert runner.HAPROXY_TUNING["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "5"
     with socket.socket() as held:
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

@@ -3,6 +3,7 @@ Ray cluster that `warmserve run` starts itself (token authentication on, as Ray 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -115,6 +116,14 @@ class Service:
             if text in line:
                 return line
         raise AssertionError(f"{text!r} never appeared; warmserve run said:\n" + "\n".join(self.seen[-40:]))
+
+    def rest(self) -> list[str]:
+        """The lines said since the last `wait_for` (after `stop`: all it said on the way out)."""
+        rest = []
+        while not self.lines.empty():
+            rest.append(self.lines.get())
+        self.seen += rest
+        return rest
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:
         self.proc.send_signal(sig)
@@ -294,6 +303,28 @@ def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User,
         inp.set_data_from_numpy(x)
         answer = client.infer("tiny_cnn", [inp])
         assert answer.as_numpy("output__0").shape == (2, 10) and answer.get_response().model_version == "v2"
+
+        # Stopped under load, then started again at once on the same ports: nothing of the first run is left
+        # to hold them, and the stop did not sit out Serve's 30 s controller timeout.
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(Exception):
+                    client.infer("tiny_cnn", [inp], client_timeout=5)
+
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+        time.sleep(1)
+        assert service.stop() == 0
+        stop.set()
+        loader.join(10)
+        said = service.rest()
+        assert not any("failed to shut down" in line for line in said), said
+        assert user.ray_processes() == [], "warmserve run left Ray or HAProxy processes behind"
+        service = start(user, "--cache-dir", str(tmp_path / "cache"), "--ingress", "haproxy", "--replicas", "1")
+        assert "weights v2" in service.wait_for("ready on")  # the rollout's weights, resumed
+        assert client.infer("tiny_cnn", [inp]).get_response().model_version == "v2"
         assert service.stop() == 0
     finally:
         if service.proc.poll() is None:
