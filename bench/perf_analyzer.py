@@ -1,0 +1,223 @@
+"""Triton's own perf_analyzer against `warmserve run`, beside bench/'s load generator at the same points.
+
+python bench/perf_analyzer.py                      # the default `warmserve run` (resnet18), HTTP and gRPC
+python bench/perf_analyzer.py --concurrency 1,8,64 --run-args "--replicas 4"
+
+One `warmserve run` in a fresh HOME (its engine cache under --cache-dir, so a second run is a warm start). For
+each protocol and concurrency: perf_analyzer (PyPI ``perf-analyzer``; it needs glibc >= 2.38) at batch 1, and
+bench/serve_throughput.py's own closed-loop load of the same one-row FP32 request, each for --seconds. Then, at
+--clients, one-row and 32-row requests over HTTP and gRPC (is gRPC as fast as HTTP?), and at one client the
+end-to-end latency next to the engine's own at batch 1 (the same engine, a cache hit, called in this process).
+Writes bench/results/perf-analyzer-<device>[-tag].{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def perf_analyzer(binary: str, model: str, target: str, protocol: str, clients: int, seconds: float) -> dict[str, Any]:
+    """One perf_analyzer run at ``clients`` concurrent requests of batch 1: infer/s and latencies (ms)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "pa.csv"
+        cmd = [
+            binary,
+            "-m",
+            model,
+            "-u",
+            target,
+            "-i",
+            protocol,
+            "-b",
+            "1",
+            "--concurrency-range",
+            f"{clients}:{clients}",
+            "--measurement-interval",
+            str(int(seconds * 1000)),
+            "-f",
+            str(report),
+        ]
+        t0 = time.monotonic()
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        wall = time.monotonic() - t0
+        if p.returncode != 0 or not report.exists():
+            tail = (p.stdout + p.stderr).strip().splitlines()[-6:]
+            return {"ok": False, "exit_code": p.returncode, "output": tail, "wall_s": wall}
+        (row,) = list(csv.DictReader(io.StringIO(report.read_text())))
+    return {
+        "ok": True,
+        "infer_per_s": float(row["Inferences/Second"]),
+        "p50_ms": float(row["p50 latency"]) / 1e3,
+        "p99_ms": float(row["p99 latency"]) / 1e3,
+        "wall_s": wall,
+        "command": shlex.join(cmd[:-2]),
+    }
+
+
+def engine_ms(model: str, cache_dir: Path, device: str, batch: int = 1, calls: int = 300) -> dict[str, float]:
+    """The served engine (a cache hit) called in this process at ``batch``: median and p99 ms per call, host in
+    and host out, as a replica's call is."""
+    from warmserve.cache import CacheConfig
+    from warmserve.serve.spec import ModelSpec
+    from warmserve.serve.worker import Worker
+
+    spec = ModelSpec.from_mapping({"model": model})
+    worker = Worker(spec, backend="auto", device=device, cache_config=CacheConfig.load(cache_dir=cache_dir))
+    report = worker.start()
+    x = spec.input.example(batch=batch)
+    for _ in range(20):
+        worker.infer(x)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        worker.infer(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"p50_ms": statistics.median(times), "p99_ms": times[int(0.99 * len(times)) - 1], "start": report.outcome}
+
+
+def main() -> int:
+    from bench.common import warmserve_run
+    from bench.serve_throughput import load, requests_for
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", default="1,8,64", help="perf_analyzer's and bench's points")
+    ap.add_argument("--clients", type=int, default=64, help="clients of the HTTP-against-gRPC comparison")
+    ap.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point (perf_analyzer's window)")
+    ap.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4)))
+    ap.add_argument("--run-args", default="", help="options for `warmserve run` (default: none)")
+    ap.add_argument("--cache-dir", help="engine cache (default: a temp dir, so the first run builds)")
+    ap.add_argument("--perf-analyzer", default=shutil.which("perf_analyzer") or "perf_analyzer")
+    ap.add_argument("--protocols", default="http,grpc", help="perf_analyzer's protocols ('' for none)")
+    ap.add_argument("--workloads", default="b1,grpc1,rows32,grpc32", help="of the HTTP-against-gRPC comparison")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="for `warmserve run`")
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    work = Path(tempfile.mkdtemp(prefix="warmserve-pa-"))
+    cache_dir = Path(args.cache_dir) if args.cache_dir else work / "cache"
+    home = work / "home"
+    home.mkdir()
+    run_args = ["--json", "--cache-dir", str(cache_dir), *shlex.split(args.run_args)]
+    results: dict[str, Any] = {"device": device, "run_args": run_args[3:], "points": [], "compare": []}
+    env = dict(e.split("=", 1) for e in args.env)
+    results["env"] = env
+    with warmserve_run(run_args, home, timeout=1800, env=env) as service:
+        ready = json.loads(next(ln for ln in service.log.read_text().splitlines() if ln.startswith('{"ready"')))
+        results["ready_s"] = service.ready_s
+        results["start"] = ready.get("start")
+        base = ready["ready"]
+        host = base.removeprefix("http://")
+        grpc_target = f"{host.rsplit(':', 1)[0]}:{ready['grpc_port']}"
+        import requests
+
+        name = str(ready.get("model", "resnet18")).rpartition(":")[2]
+        meta = requests.get(f"{base}/v2/models/{name}", timeout=10).json()
+        shape = meta["inputs"][0]["shape"][1:]
+        bodies = requests_for(base, name, shape, grpc_target)
+        print(f"ready in {service.ready_s:.0f}s: {ready.get('model')} via {ready.get('backend')}", flush=True)
+        for protocol in filter(None, args.protocols.split(",")):
+            target = host if protocol == "http" else grpc_target
+            url, body, headers, _ = bodies["b1" if protocol == "http" else "grpc1"]
+            for clients in (int(c) for c in args.concurrency.split(",")):
+                pa = perf_analyzer(args.perf_analyzer, name, target, protocol, clients, args.seconds)
+                own = load(url, body, headers, clients, args.client_procs, args.seconds)
+                point = {"protocol": protocol, "clients": clients, "perf_analyzer": pa, "bench": own}
+                results["points"].append(point)
+                ratio = pa["infer_per_s"] / own["requests_per_s"] if pa["ok"] and own["requests_per_s"] else None
+                pa_text = f"{pa['infer_per_s']:9.1f}/s p50 {pa['p50_ms']:6.2f} ms" if pa["ok"] else f"FAILED {pa}"
+                print(
+                    f"{protocol:4} c={clients:<3} perf_analyzer {pa_text} | bench {own['requests_per_s']:9.1f}/s "
+                    f"p50 {own['p50_ms']:6.2f} ms failed {own['failed']}" + (f" | ratio {ratio:.2f}" if ratio else ""),
+                    flush=True,
+                )
+        for workload in filter(None, args.workloads.split(",")):
+            url, body, headers, rows = bodies[workload]
+            for clients in (1, args.clients):
+                own = load(url, body, headers, clients, args.client_procs, args.seconds)
+                own.update(workload=workload, clients=clients, items_per_s=own["requests_per_s"] * rows)
+                results["compare"].append(own)
+                print(
+                    f"{workload:6} c={clients:<3} {own['items_per_s']:9.1f} items/s p50 {own['p50_ms']:7.2f} ms "
+                    f"p99 {own['p99_ms']:7.2f} ms failed {own['failed']}",
+                    flush=True,
+                )
+    results["exit_code"] = service.exit_code
+    if not args.run_args:  # the default model: its engine is in the cache the service used
+        results["engine_b1"] = engine_ms("torchvision:resnet18", cache_dir, device)
+    results["host"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    if device == "cuda":
+        results["host"]["gpu"] = torch.cuda.get_device_name()
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"perf-analyzer-{device}" + (f"-{args.tag}" if args.tag else "")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{stem}.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [
+        f"# perf_analyzer against `warmserve run {' '.join(r['run_args'])}` ({r['device']})"
+        + "".join(f" {k}={v}" for k, v in r.get("env", {}).items()),
+        "",
+        f"Ready in {r.get('ready_s', 0):.0f} s. Batch 1, FP32, one window of each point; bench = bench/'s own "
+        "closed-loop load generator at the same point.",
+        "",
+        "| protocol | clients | perf_analyzer infer/s | p50 ms | p99 ms | bench req/s | p50 ms | p99 ms | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in r["points"]:
+        pa, own = p["perf_analyzer"], p["bench"]
+        if pa["ok"]:
+            ratio = pa["infer_per_s"] / own["requests_per_s"] if own["requests_per_s"] else float("nan")
+            head = f"{pa['infer_per_s']:.1f} | {pa['p50_ms']:.2f} | {pa['p99_ms']:.2f}"
+        else:
+            ratio, head = float("nan"), f"failed: {' '.join(pa['output'])[:120]} | | "
+        lines.append(
+            f"| {p['protocol']} | {p['clients']} | {head} | {own['requests_per_s']:.1f} | "
+            f"{own['p50_ms']:.2f} | {own['p99_ms']:.2f} | {ratio:.2f} |"
+        )
+    lines += [
+        "",
+        "| workload | clients | items/s | p50 ms | p99 ms | p99/p50 | failed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in r["compare"]:
+        lines.append(
+            f"| {c['workload']} | {c['clients']} | {c['items_per_s']:.1f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | "
+            f"{c['p99_ms'] / c['p50_ms']:.1f} | {c['failed']} |"
+        )
+    e = r.get("engine_b1") or {}
+    if e:
+        lines += [
+            "",
+            f"Engine at batch 1 in process: p50 {e['p50_ms']:.2f} ms, p99 {e['p99_ms']:.2f} ms ({e['start']}).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

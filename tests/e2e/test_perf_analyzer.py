@@ -1,0 +1,42 @@
+"""Triton's own perf_analyzer, unmodified, against warmserve over HTTP and gRPC (where its binary runs: the
+perf-analyzer wheel needs glibc >= 2.38). The configuration endpoints it reads are checked against
+tritonclient on every machine (tests/e2e/test_serve_app.py)."""
+
+from __future__ import annotations
+
+import csv
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.cluster import RayCluster
+from tests.e2e.helpers import TINY
+
+PERF_ANALYZER = shutil.which("perf_analyzer")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        PERF_ANALYZER is None,
+        reason="perf_analyzer is not installed (pip install perf-analyzer: its wheel needs glibc >= 2.38, "
+        f"this machine has {' '.join(platform.libc_ver())})",
+    ),
+]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_perf_analyzer_runs_to_completion(cluster: RayCluster, tmp_path: Path, protocol: str) -> None:
+    assert PERF_ANALYZER is not None
+    cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
+    port = cluster.http.rsplit(":", 1)[1] if protocol == "http" else str(cluster.grpc_port)
+    report = tmp_path / "pa.csv"
+    cmd = [PERF_ANALYZER, "-m", "tiny_cnn", "-u", f"127.0.0.1:{port}", "-i", protocol]
+    cmd += ["--concurrency-range", "1:4:3", "--measurement-interval", "1500", "-f", str(report)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = list(csv.DictReader(report.open()))
+    assert [int(r["Concurrency"]) for r in rows] == [1, 4]
+    assert all(float(r["Inferences/Second"]) > 0 for r in rows)
