@@ -5,6 +5,7 @@ tritonclient on every machine (tests/e2e/test_serve_app.py)."""
 from __future__ import annotations
 
 import csv
+import io
 import platform
 import shutil
 import subprocess
@@ -37,6 +38,6 @@ def test_perf_analyzer_runs_to_completion(cluster: RayCluster, tmp_path: Path, p
     cmd += ["--concurrency-range", "1:4:3", "--measurement-interval", "1500", "-f", str(report)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = list(csv.DictReader(report.open()))
+    rows = list(csv.DictReader(io.StringIO(report.read_text())))
     assert [int(r["Concurrency"]) for r in rows] == [1, 4]
     assert all(float(r["Inferences/Second"]) > 0 for r in rows)
