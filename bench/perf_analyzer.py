@@ -71,7 +71,7 @@ def perf_analyzer(binary: str, model: str, target: str, protocol: str, clients: 
     }
 
 
-def engine_ms(model: str, cache_dir: Path, device: str, batch: int = 1, calls: int = 300) -> dict[str, float]:
+def engine_ms(model: str, cache_dir: Path, device: str, batch: int = 1, calls: int = 300) -> dict[str, Any]:
     """The served engine (a cache hit) called in this process at ``batch``: median and p99 ms per call, host in
     and host out, as a replica's call is."""
     from warmserve.cache import CacheConfig
