@@ -200,15 +200,6 @@ HAPROXY_TUNING = {
     "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(1 << 16),
 }
 
-# Ray Serve's replica settings for a local cluster (the operator's own values win).
-REPLICA_TUNING = {
-    # Requests run on the replica's own event loop, not handed to a second loop on another thread and back:
-    # one client's resnet18 request on an H200 took 3.95 ms with the hand-over and 2.63 ms without; a 32-row
-    # gRPC request 90 ms and 50 ms (bench/results/latency-split-*). Nothing warmserve runs on that loop blocks
-    # it but the constructor (the engine's warm start), before the replica takes requests.
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-}
-
 # HAProxy's own listeners on every interface, beside the service port: Ray's default ports.
 HAPROXY_PORTS = {
     "RAY_SERVE_HAPROXY_METRICS_PORT": ("metrics", 9101),
@@ -223,10 +214,9 @@ def ingress_env(local: bool, ingress: str, environ: Mapping[str, str]) -> dict[s
     left behind by a killed Ray, would otherwise make HAProxy exit at start with 'Address already in use'."""
     if not local:
         return {}
-    env = {name: environ.get(name, value) for name, value in REPLICA_TUNING.items()}
     if ingress != "haproxy":
-        return {**env, "RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
     for name, value in HAPROXY_TUNING.items():
         env[name] = environ.get(name, value)
     for name, (what, default) in HAPROXY_PORTS.items():

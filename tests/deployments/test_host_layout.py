@@ -125,15 +125,7 @@ def test_the_haproxy_ray_serve_would_run_is_found(monkeypatch: pytest.MonkeyPatc
 
 def test_the_environment_a_local_ray_gets_for_each_ingress(capsys: pytest.CaptureFixture[str]) -> None:
     assert runner.ingress_env(False, "haproxy", {}) == {}  # a joined cluster chose at its start
-    # requests on the replica's own event loop, whichever the ingress
-    assert runner.ingress_env(True, "serve", {}) == {
-        "RAY_SERVE_ENABLE_HA_PROXY": "0",
-        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    }
-    assert runner.ingress_env(True, "serve", {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}) == {
-        "RAY_SERVE_ENABLE_HA_PROXY": "0",
-        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
-    }
+    assert runner.ingress_env(True, "serve", {}) == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     mine = {
         "RAY_SERVE_HAPROXY_STATS_PORT": "7000",
         "RAY_SERVE_HAPROXY_METRICS_PORT": "7001",
@@ -143,7 +135,6 @@ def test_the_environment_a_local_ray_gets_for_each_ingress(capsys: pytest.Captur
     # own values win
     assert runner.ingress_env(True, "haproxy", mine) == {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        **runner.REPLICA_TUNING,
         **runner.HAPROXY_TUNING,
         "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": "32768",
     }
