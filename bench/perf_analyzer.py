@@ -6,7 +6,7 @@ python bench/perf_analyzer.py --concurrency 1,8,64 --run-args "--replicas 4"
 One `warmserve run` in a fresh HOME (its engine cache under --cache-dir, so a second run is a warm start). For
 each protocol and concurrency: perf_analyzer (PyPI ``perf-analyzer``; it needs glibc >= 2.38) at batch 1, and
 bench/serve_throughput.py's own closed-loop load of the same one-row FP32 request, each for --seconds. Then, at
---clients, one-row and 32-row requests over HTTP and gRPC (is gRPC as fast as HTTP?), and at one client the
+--compare-clients, one-row and 32-row requests over HTTP and gRPC (is gRPC as fast as HTTP?), and at one client the
 end-to-end latency next to the engine's own at batch 1 (the same engine, a cache hit, called in this process).
 Writes bench/results/perf-analyzer-<device>[-tag].{json,md}.
 """
@@ -99,7 +99,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", default="1,8,64", help="perf_analyzer's and bench's points")
-    ap.add_argument("--clients", type=int, default=64, help="clients of the HTTP-against-gRPC comparison")
+    ap.add_argument("--compare-clients", default="1,64", help="clients of the HTTP-against-gRPC comparison")
     ap.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point (perf_analyzer's window)")
     ap.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4)))
     ap.add_argument("--run-args", default="", help="options for `warmserve run` (default: none)")
@@ -123,6 +123,14 @@ def main() -> int:
     results: dict[str, Any] = {"device": device, "run_args": run_args[3:], "points": [], "compare": []}
     env = dict(e.split("=", 1) for e in args.env)
     results["env"] = env
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"perf-analyzer-{device}" + (f"-{args.tag}" if args.tag else "")
+
+    def save() -> None:  # after every point: a run cut short keeps what it measured
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+        (out / f"{stem}.md").write_text(markdown(results))
+
     with warmserve_run(run_args, home, timeout=1800, env=env) as service:
         ready = json.loads(next(ln for ln in service.log.read_text().splitlines() if ln.startswith('{"ready"')))
         results["ready_s"] = service.ready_s
@@ -145,6 +153,7 @@ def main() -> int:
                 own = load(url, body, headers, clients, args.client_procs, args.seconds)
                 point = {"protocol": protocol, "clients": clients, "perf_analyzer": pa, "bench": own}
                 results["points"].append(point)
+                save()
                 ratio = pa["infer_per_s"] / own["requests_per_s"] if pa["ok"] and own["requests_per_s"] else None
                 pa_text = f"{pa['infer_per_s']:9.1f}/s p50 {pa['p50_ms']:6.2f} ms" if pa["ok"] else f"FAILED {pa}"
                 print(
@@ -154,10 +163,11 @@ def main() -> int:
                 )
         for workload in filter(None, args.workloads.split(",")):
             url, body, headers, rows = bodies[workload]
-            for clients in (1, args.clients):
+            for clients in (int(c) for c in args.compare_clients.split(",")):
                 own = load(url, body, headers, clients, args.client_procs, args.seconds)
                 own.update(workload=workload, clients=clients, items_per_s=own["requests_per_s"] * rows)
                 results["compare"].append(own)
+                save()
                 print(
                     f"{workload:6} c={clients:<3} {own['items_per_s']:9.1f} items/s p50 {own['p50_ms']:7.2f} ms "
                     f"p99 {own['p99_ms']:7.2f} ms failed {own['failed']}",
@@ -169,11 +179,7 @@ def main() -> int:
     results["host"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
     if device == "cuda":
         results["host"]["gpu"] = torch.cuda.get_device_name()
-    out = ROOT / args.out
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"perf-analyzer-{device}" + (f"-{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    (out / f"{stem}.md").write_text(markdown(results))
+    save()
     print(markdown(results))
     return 0
 
@@ -199,6 +205,7 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(
             f"| {p['protocol']} | {p['clients']} | {head} | {own['requests_per_s']:.1f} | "
             f"{own['p50_ms']:.2f} | {own['p99_ms']:.2f} | {ratio:.2f} |"
+            + (f" bench: {own['failed']} failed" if own["failed"] else "")
         )
     lines += [
         "",

@@ -95,7 +95,7 @@ def cycle(args: argparse.Namespace, work: Path, k: int) -> dict[str, Any]:
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
     log = home / "run.log"
-    run_args = ["--json", "--cache-dir", str(work / "cache"), *shlex.split(args.run_args)]
+    run_args = ["--json", "--cache-dir", args.cache_dir or str(work / "cache"), *shlex.split(args.run_args)]
     t0 = time.monotonic()
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -151,6 +151,7 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=3.0, help="load before each stop")
     ap.add_argument("--run-args", default="", help="options for `warmserve run` (default: none)")
+    ap.add_argument("--cache-dir", help="engine cache (default: a temp dir, so the first cycle builds)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
