@@ -9,6 +9,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -257,6 +258,13 @@ applications:
         "warmserve: error: the deployment failed: RuntimeError: tiny_cnn refuses to build here (TINY_CNN_FAIL is set)"
     ], out.stderr
     assert "Traceback" not in out.stderr
+    deadline = time.monotonic() + 30  # a failed start leaves nothing behind either
+    while user.ray_processes() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert user.ray_processes() == [], "a failed warmserve run left Ray or HAProxy processes behind"
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", user.port))  # free again: a failed start holds no port either
 
 
 def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User, tmp_path: Path) -> None:
