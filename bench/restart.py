@@ -54,7 +54,13 @@ def port_free(port: int) -> bool:
 
 
 def load(
-    http: str, grpc_target: str, name: str, shape: list[int], stop: threading.Event, counts: dict[str, int]
+    http: str,
+    grpc_target: str,
+    name: str,
+    shape: list[int],
+    stop: threading.Event,
+    counts: dict[str, int],
+    errors: list[str],
 ) -> None:
     """One HTTP and one gRPC client in a loop until ``stop``; answers and failures counted (failures are
     expected once the stop begins)."""
@@ -80,8 +86,9 @@ def load(
                 else:
                     client.infer(name, [inp], client_timeout=5)
                 counts[kind] += 1
-            except Exception:
+            except Exception as e:
                 counts["failed"] += 1
+                errors.append(f"{kind}: {type(e).__name__}: {str(e)[:200]}")
 
 
 def cycle(args: argparse.Namespace, work: Path, k: int) -> dict[str, Any]:
@@ -122,10 +129,12 @@ def cycle(args: argparse.Namespace, work: Path, k: int) -> dict[str, Any]:
     shape = requests.get(f"{base}/v2/models/{name}", timeout=10).json()["inputs"][0]["shape"][1:]
     stop = threading.Event()
     counts = {"http": 0, "grpc": 0, "failed": 0}
-    loader = threading.Thread(target=load, args=(base, grpc_target, name, shape, stop, counts), daemon=True)
+    errors: list[str] = []
+    loader = threading.Thread(target=load, args=(base, grpc_target, name, shape, stop, counts, errors), daemon=True)
     loader.start()
     time.sleep(args.seconds)
     answered = dict(counts)
+    failures_before_stop = list(errors)
     t1 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     try:
@@ -139,6 +148,7 @@ def cycle(args: argparse.Namespace, work: Path, k: int) -> dict[str, Any]:
     said = log.read_text()
     row.update(
         answered_before_stop=answered,
+        failures_before_stop=failures_before_stop[:5],
         left=leftovers(raytmp),
         ports_free={p: port_free(p) for p in (int(base.rsplit(":", 1)[1]), int(ready["grpc_port"]))},
         controller_timeout="failed to shut down" in said,
@@ -202,7 +212,7 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"{good} of {len(r['cycles'])} cycles started, stopped with exit 0 and left no process and no port behind.",
         "",
-        "| cycle | ready s | stop s | exit | processes left | ports free | answered before the stop (HTTP, gRPC) |",
+        "| cycle | ready s | stop s | exit | processes left | ports free | answered before the stop (HTTP, gRPC, failed) |",
         "|---|---|---|---|---|---|---|",
     ]
     for c in r["cycles"]:
@@ -212,7 +222,7 @@ def markdown(r: dict[str, Any]) -> str:
         a = c["answered_before_stop"]
         lines.append(
             f"| {c['cycle']} | {c['ready_s']:.1f} | {c['stop_s']:.1f} | {c['exit_code']} | {len(c['left'])} | "
-            f"{all(c['ports_free'].values())} | {a['http']}, {a['grpc']} |"
+            f"{all(c['ports_free'].values())} | {a['http']}, {a['grpc']}, {a['failed']} |"
         )
     lines += ["", f"Host: {r['host']}", ""]
     return "\n".join(lines)

@@ -347,6 +347,8 @@ def serve(
             )
             client.deploy_apps(schema, _blocking=False)
             _wait_ready(ray_serve, name, ready_timeout)
+            grpc_at = f"{http.get('host', '127.0.0.1')}:{grpc_port(config)}" if grpc_port(config) else None
+            _wait_answering(url, grpc_at, ready_timeout)
             meta = _metadata(url, settings)
             say(f"ready on {url}: {_describe(meta, settings)}")
             if json_lines:
@@ -478,6 +480,45 @@ def _wait_ready(ray_serve: Any, name: str, timeout: float | None) -> None:
             say(f"still starting after {elapsed:.0f}s (a first start compiles the model; later ones load it)")
             last_note = time.monotonic()
         time.sleep(0.5)
+
+
+def _wait_answering(url: str, grpc_target: str | None, timeout: float | None) -> None:
+    """Until the service answers ready through its ports (HTTP, and gRPC where it is on): Serve says RUNNING
+    before its ingress routes to the replicas (HAProxy took up to seconds more for gRPC), and a client that
+    starts on the ready line must not see those failures."""
+    import grpc
+
+    from warmserve.deployments import oip_grpc
+
+    t0 = time.monotonic()
+    channel = grpc.insecure_channel(grpc_target) if grpc_target else None
+    ready = None
+    if channel is not None:
+        ready = channel.unary_unary(
+            f"/{oip_grpc.SERVICE}/ServerReady",
+            request_serializer=oip_grpc.ServerReadyRequest.SerializeToString,
+            response_deserializer=oip_grpc.ServerReadyResponse.FromString,
+        )
+    try:
+        http_ok = grpc_ok = False
+        while True:
+            if not http_ok:
+                with contextlib.suppress(requests.RequestException):
+                    http_ok = requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200
+            if ready is not None and not grpc_ok:
+                with contextlib.suppress(grpc.RpcError):
+                    grpc_ok = bool(ready(oip_grpc.ServerReadyRequest(), timeout=5).ready)
+            if http_ok and (ready is None or grpc_ok):
+                return
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                missing = " and ".join(p for p, ok in (("HTTP", http_ok), ("gRPC", grpc_ok or ready is None)) if not ok)
+                raise StartError(
+                    f"the application is running, but its {missing} port did not answer ready in {timeout:.0f}s"
+                )
+            time.sleep(0.2)
+    finally:
+        if channel is not None:
+            channel.close()
 
 
 def _metadata(url: str, settings: Settings) -> dict[str, Any]:
