@@ -12,6 +12,7 @@ next cycle starts at once. Writes bench/results/restart-<device>[-tag].{json,md}
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,16 +32,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def leftovers(marker: str) -> list[str]:
-    """Live processes whose command line names ``marker``."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
+    """Live processes whose command line names ``marker``: pid and the start of the command line."""
+    from tests.e2e.cluster import ray_processes
+
+    left = []
+    for pid in ray_processes(marker):
+        with contextlib.suppress(OSError):
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd and int(pid) != os.getpid():
-            found.append(f"{pid} {cmd[:120]}")
-    return found
+            left.append(f"{pid} {cmd[:120]}")
+    return left
 
 
 def port_free(port: int) -> bool:
