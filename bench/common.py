@@ -126,6 +126,38 @@ def warmserve_run(
             service.exit_code = proc.wait()
 
 
+def ready_line(service: Service, timeout: float = 10) -> dict[str, Any]:
+    """The JSON line `warmserve run --json` prints once ready (it follows the "ready on" line that
+    `warmserve_run` waits for)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in service.log.read_text().splitlines():
+            if line.startswith('{"ready"'):
+                return dict(json.loads(line))
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no JSON ready line in {service.log} (was --json given?)")
+        time.sleep(0.1)
+
+
+def host_facts() -> dict[str, Any]:
+    """The machine a result was measured on: cores, Python, torch, and the GPU if there is one."""
+    import platform
+
+    import torch
+
+    facts: dict[str, Any] = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name()
+    return facts
+
+
+def write_results(out: Path, stem: str, results: dict[str, Any], markdown: str) -> None:
+    """``results`` as ``out/stem.json`` and its ``markdown`` as ``out/stem.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{stem}.md").write_text(markdown)
+
+
 def binary_request(x: Any) -> tuple[bytes, dict[str, str]]:
     """An OIP request for the numpy array ``x`` with the binary tensor extension, as tritonclient sends it
     (binary outputs asked for too)."""

@@ -15,9 +15,6 @@ Writes bench/results/latency-split-<device>[-tag].{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import re
 import shlex
 import sys
@@ -108,7 +105,7 @@ def measure(base: str, name: str, shape: list[int], grpc_target: str, seconds: f
 
 
 def main() -> int:
-    from bench.common import warmserve_run
+    from bench.common import host_facts, ready_line, warmserve_run, write_results
     from bench.perf_analyzer import engine_ms
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,7 +133,7 @@ def main() -> int:
         home.mkdir()
         print(f"{label} {env}", flush=True)
         with warmserve_run(run_args, home, timeout=1800, env=env) as service:
-            ready = json.loads(next(ln for ln in service.log.read_text().splitlines() if ln.startswith('{"ready"')))
+            ready = ready_line(service)
             base = ready["ready"]
             grpc_target = f"{base.removeprefix('http://').rsplit(':', 1)[0]}:{ready['grpc_port']}"
             name = str(ready.get("model", "resnet18")).rpartition(":")[2]
@@ -144,18 +141,13 @@ def main() -> int:
             for rows in args.rows:
                 point = measure(base, name, shape, grpc_target, args.seconds, rows)
                 results["variants"].append({"label": label, "env": env, "ready_s": service.ready_s, **point})
-    model = next((a for a in shlex.split(args.run_args) if a.startswith(("torchvision:", "--model="))), None)
-    if model is None and "--model" not in args.run_args:
+    if "--model" not in args.run_args:  # the default model: its engine is in the cache the service used
         results["engine_b1"] = engine_ms("torchvision:resnet18", cache_dir, device)
         print(f"engine in process at batch 1: p50 {results['engine_b1']['p50_ms']:.2f} ms", flush=True)
-    results["host"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
-    if device == "cuda":
-        results["host"]["gpu"] = torch.cuda.get_device_name()
-    out = ROOT / args.out
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"latency-split-{device}" + (f"-{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    (out / f"{stem}.md").write_text(markdown(results))
+    results["host"] = host_facts()
+    write_results(
+        ROOT / args.out, f"latency-split-{device}" + (f"-{args.tag}" if args.tag else ""), results, markdown(results)
+    )
     print(markdown(results))
     return 0
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -94,7 +92,7 @@ def engine_ms(model: str, cache_dir: Path, device: str, batch: int = 1, calls: i
 
 
 def main() -> int:
-    from bench.common import warmserve_run
+    from bench.common import host_facts, ready_line, warmserve_run, write_results
     from bench.serve_throughput import load, requests_for
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,16 +121,14 @@ def main() -> int:
     results: dict[str, Any] = {"device": device, "run_args": run_args[3:], "points": [], "compare": []}
     env = dict(e.split("=", 1) for e in args.env)
     results["env"] = env
-    out = ROOT / args.out
-    out.mkdir(parents=True, exist_ok=True)
+    results["host"] = host_facts()
     stem = f"perf-analyzer-{device}" + (f"-{args.tag}" if args.tag else "")
 
     def save() -> None:  # after every point: a run cut short keeps what it measured
-        (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-        (out / f"{stem}.md").write_text(markdown(results))
+        write_results(ROOT / args.out, stem, results, markdown(results))
 
     with warmserve_run(run_args, home, timeout=1800, env=env) as service:
-        ready = json.loads(next(ln for ln in service.log.read_text().splitlines() if ln.startswith('{"ready"')))
+        ready = ready_line(service)
         results["ready_s"] = service.ready_s
         results["start"] = ready.get("start")
         base = ready["ready"]
@@ -176,9 +172,6 @@ def main() -> int:
     results["exit_code"] = service.exit_code
     if not args.run_args:  # the default model: its engine is in the cache the service used
         results["engine_b1"] = engine_ms("torchvision:resnet18", cache_dir, device)
-    results["host"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
-    if device == "cuda":
-        results["host"]["gpu"] = torch.cuda.get_device_name()
     save()
     print(markdown(results))
     return 0

@@ -13,13 +13,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import platform
 import shlex
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -92,66 +87,48 @@ def load(
 
 
 def cycle(args: argparse.Namespace, work: Path, k: int) -> dict[str, Any]:
+    import requests
+
+    from bench.common import ready_line, warmserve_run
+
     home = work / f"home{k}"
     home.mkdir()
     raytmp = tempfile.mkdtemp(prefix="wsr", dir="/tmp")  # short: Ray's socket paths live under it
-    environ = {n: v for n, v in os.environ.items() if not n.startswith(("RAY_", "WARMSERVE_"))}
-    environ.update(
-        HOME=str(home),
-        RAY_TMPDIR=raytmp,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    )
-    log = home / "run.log"
     run_args = ["--json", "--cache-dir", args.cache_dir or str(work / "cache"), *shlex.split(args.run_args)]
-    t0 = time.monotonic()
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "warmserve.deployments.cli", "run", *run_args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=environ,
-            cwd=ROOT,
-        )
     row: dict[str, Any] = {"cycle": k}
-    while '{"ready"' not in log.read_text():
-        if proc.poll() is not None or time.monotonic() - t0 > 1800:
-            proc.kill()
-            row.update(started=False, exit_code=proc.wait(), log=log.read_text()[-2000:])
-            return row
-        time.sleep(0.5)
-    row.update(started=True, ready_s=time.monotonic() - t0)
-    ready = json.loads(next(ln for ln in log.read_text().splitlines() if ln.startswith('{"ready"')))
-    base = ready["ready"]
-    grpc_target = f"{base.removeprefix('http://').rsplit(':', 1)[0]}:{ready['grpc_port']}"
-    name = str(ready.get("model", "resnet18")).rpartition(":")[2]
-    import requests
-
-    shape = requests.get(f"{base}/v2/models/{name}", timeout=10).json()["inputs"][0]["shape"][1:]
     stop = threading.Event()
     counts = {"http": 0, "grpc": 0, "failed": 0}
     errors: list[str] = []
-    loader = threading.Thread(target=load, args=(base, grpc_target, name, shape, stop, counts, errors), daemon=True)
-    loader.start()
-    time.sleep(args.seconds)
-    answered = dict(counts)
-    failures_before_stop = list(errors)
-    t1 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
     try:
-        row["exit_code"] = proc.wait(180)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        row["exit_code"] = proc.wait()
-    row["stop_s"] = time.monotonic() - t1
+        with warmserve_run(run_args, home, timeout=1800, env={"RAY_TMPDIR": raytmp}) as service:
+            row.update(started=True, ready_s=service.ready_s)
+            ready = ready_line(service)
+            base = ready["ready"]
+            grpc_target = f"{base.removeprefix('http://').rsplit(':', 1)[0]}:{ready['grpc_port']}"
+            name = str(ready.get("model", "resnet18")).rpartition(":")[2]
+            shape = requests.get(f"{base}/v2/models/{name}", timeout=10).json()["inputs"][0]["shape"][1:]
+            loader = threading.Thread(
+                target=load, args=(base, grpc_target, name, shape, stop, counts, errors), daemon=True
+            )
+            loader.start()
+            time.sleep(args.seconds)
+            answered, failures_before_stop = dict(counts), list(errors)
+            t1 = time.monotonic()
+        # leaving the block sent SIGTERM and waited for the exit
+    except RuntimeError as e:  # it did not become ready: warmserve_run's message has the log's tail
+        if row.get("started"):
+            raise
+        row.update(started=False, exit_code=None, log=str(e)[-2000:])
+        return row
+    row.update(stop_s=time.monotonic() - t1, exit_code=service.exit_code)
     stop.set()
     loader.join(30)
-    said = log.read_text()
     row.update(
         answered_before_stop=answered,
         failures_before_stop=failures_before_stop[:5],
         left=leftovers(raytmp),
         ports_free={p: port_free(p) for p in (int(base.rsplit(":", 1)[1]), int(ready["grpc_port"]))},
-        controller_timeout="failed to shut down" in said,
+        controller_timeout="failed to shut down" in service.log.read_text(),
     )
     return row
 
@@ -188,19 +165,12 @@ def main() -> int:
         )
         if not row["started"]:
             break
-    results = {
-        "device": device,
-        "run_args": shlex.split(args.run_args),
-        "cycles": rows,
-        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
-    }
-    if device == "cuda":
-        results["host"]["gpu"] = torch.cuda.get_device_name()
-    out = ROOT / args.out
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"restart-{device}" + (f"-{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    (out / f"{stem}.md").write_text(markdown(results))
+    from bench.common import host_facts, write_results
+
+    results = {"device": device, "run_args": shlex.split(args.run_args), "cycles": rows, "host": host_facts()}
+    write_results(
+        ROOT / args.out, f"restart-{device}" + (f"-{args.tag}" if args.tag else ""), results, markdown(results)
+    )
     print(markdown(results))
     return 0 if all(r.get("ok") for r in rows) and len(rows) == args.cycles else 1
 

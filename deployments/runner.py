@@ -482,43 +482,59 @@ def _wait_ready(ray_serve: Any, name: str, timeout: float | None) -> None:
         time.sleep(0.5)
 
 
+ANSWER_TIMEOUT_S = 120.0  # from Serve's RUNNING to both ports answering; HAProxy took seconds
+
+
 def _wait_answering(url: str, grpc_target: str | None, timeout: float | None) -> None:
     """Until the service answers ready through its ports (HTTP, and gRPC where it is on): Serve says RUNNING
     before its ingress routes to the replicas (HAProxy took up to seconds more for gRPC), and a client that
-    starts on the ready line must not see those failures."""
+    starts on the ready line must not see those failures. A port that does not answer within ``timeout``
+    (`ANSWER_TIMEOUT_S` if None) is a `StartError` with the last thing it said."""
     import grpc
 
     from warmserve.deployments import oip_grpc
 
-    t0 = time.monotonic()
-    channel = grpc.insecure_channel(grpc_target) if grpc_target else None
-    ready = None
-    if channel is not None:
-        ready = channel.unary_unary(
-            f"/{oip_grpc.SERVICE}/ServerReady",
-            request_serializer=oip_grpc.ServerReadyRequest.SerializeToString,
-            response_deserializer=oip_grpc.ServerReadyResponse.FromString,
-        )
-    try:
-        http_ok = grpc_ok = False
+    limit = ANSWER_TIMEOUT_S if timeout is None else timeout
+    deadline = time.monotonic() + limit
+    pending: dict[str, str] = {"HTTP": "no answer yet"}  # port -> what it last said
+    if grpc_target:
+        pending["gRPC"] = "no answer yet"
+    with contextlib.ExitStack() as stack:
+        ready = None
+        if grpc_target:
+            channel = stack.enter_context(grpc.insecure_channel(grpc_target))
+            ready = channel.unary_unary(
+                f"/{oip_grpc.SERVICE}/ServerReady",
+                request_serializer=oip_grpc.ServerReadyRequest.SerializeToString,
+                response_deserializer=oip_grpc.ServerReadyResponse.FromString,
+            )
         while True:
-            if not http_ok:
-                with contextlib.suppress(requests.RequestException):
-                    http_ok = requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200
-            if ready is not None and not grpc_ok:
-                with contextlib.suppress(grpc.RpcError):
-                    grpc_ok = bool(ready(oip_grpc.ServerReadyRequest(), timeout=5).ready)
-            if http_ok and (ready is None or grpc_ok):
+            if "HTTP" in pending:
+                try:
+                    r = requests.get(f"{url}/v2/health/ready", timeout=5)
+                    if r.status_code == 200:
+                        del pending["HTTP"]
+                    else:
+                        pending["HTTP"] = f"{url}/v2/health/ready answered {r.status_code}"
+                except requests.RequestException as e:
+                    pending["HTTP"] = one_line(e)
+            if ready is not None and "gRPC" in pending:
+                try:
+                    if ready(oip_grpc.ServerReadyRequest(), timeout=5).ready:
+                        del pending["gRPC"]
+                    else:
+                        pending["gRPC"] = "ServerReady answered not ready"
+                except grpc.RpcError as e:
+                    pending["gRPC"] = f"{e.code().name}: {e.details()}"  # type: ignore[attr-defined]
+            if not pending:
                 return
-            if timeout is not None and time.monotonic() - t0 > timeout:
-                missing = " and ".join(p for p, ok in (("HTTP", http_ok), ("gRPC", grpc_ok or ready is None)) if not ok)
+            if time.monotonic() > deadline:
+                said = "; ".join(f"{port}: {what}" for port, what in pending.items())
                 raise StartError(
-                    f"the application is running, but its {missing} port did not answer ready in {timeout:.0f}s"
+                    f"the application is running, but {' and '.join(pending)} did not answer ready "
+                    f"within {limit:.0f}s ({said})"
                 )
             time.sleep(0.2)
-    finally:
-        if channel is not None:
-            channel.close()
 
 
 def _metadata(url: str, settings: Settings) -> dict[str, Any]:

@@ -194,3 +194,32 @@ def test_every_command_maps_its_errors_to_the_documented_exit_codes() -> None:
     assert cli.exit_code(cache.CacheCorrupt("bad digest", reason="digest")) == 1
     assert cli.exit_code(cache.LeaseTimeout("waited")) == 1
     assert cli.exit_code(RuntimeError("a bug")) is None and cli.exit_code(KeyError("k")) is None
+
+
+def test_a_port_that_never_answers_ready_is_named_with_what_it_said() -> None:
+    """After Serve's RUNNING, `warmserve run` waits for its ports to answer; one that does not ends the start
+    with the port and its last error, instead of waiting forever."""
+    import http.server
+    import threading
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/v2/health/ready" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with pytest.raises(StartError, match=r"HTTP did not answer ready within 1s \(HTTP: .*refused"):
+        runner._wait_answering(f"http://127.0.0.1:{free_port()}", None, timeout=1)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        runner._wait_answering(url, None, timeout=5)  # HTTP alone: answered
+        with pytest.raises(StartError, match=r"but gRPC did not answer ready within 1s \(gRPC: UNAVAILABLE"):
+            runner._wait_answering(url, f"127.0.0.1:{free_port()}", timeout=1)
+    finally:
+        server.shutdown()
+        server.server_close()
