@@ -67,7 +67,9 @@ def load(
 
     x = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
     body, headers = binary_request(x)
-    client = tg.InferenceServerClient(grpc_target)
+    # A subchannel of its own: gRPC shares one per target across a process, so a new client would inherit the
+    # last cycle's, still backing off after that service stopped, and fail with its "Connection refused".
+    client = tg.InferenceServerClient(grpc_target, channel_args=[("grpc.use_local_subchannel_pool", 1)])
     inp = tg.InferInput("input__0", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     session = requests.Session()
@@ -84,6 +86,7 @@ def load(
             except Exception as e:
                 counts["failed"] += 1
                 errors.append(f"{kind}: {type(e).__name__}: {str(e)[:200]}")
+    client.close()
 
 
 def cycle(args: argparse.Namespace, work: Path, k: int) -> dict[str, Any]:
