@@ -62,8 +62,8 @@ def add_run_parser(sub: Any) -> None:
         "--replicas",
         type=_positive,
         metavar="N",
-        help="fixed replica count (default: on a GPU host, 3 replicas per 4 cores, at most 12 per GPU, sharing it; "
-        "on a CPU, the config's autoscaling)",
+        help="fixed replica count (default: the config's autoscaling, from min_replicas up to as many as fit: on a "
+        "GPU host 3 replicas per 4 cores, at most 12 per GPU, sharing it; on a CPU one per num_cpus cores)",
     )
     p.add_argument(
         "--ingress",

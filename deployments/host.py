@@ -34,6 +34,7 @@ class Layout:
     replicas: int | None  # a fixed count, or None: the config's (autoscaling or num_replicas)
     num_gpus: float | None  # GPU share per replica, or None: the config's
     why: str  # one line for the operator
+    max_replicas: int | None = None  # the autoscaling's ceiling where this host sets it: as many as fit
 
     def apply(self, config: dict[str, Any]) -> None:
         for dep in _deployments(config):
@@ -42,6 +43,12 @@ class Layout:
             if self.replicas is not None:
                 dep.pop("autoscaling_config", None)
                 dep["num_replicas"] = self.replicas
+            elif self.max_replicas is not None and dep.get("autoscaling_config"):
+                scaling = {**dep["autoscaling_config"], "max_replicas": self.max_replicas}
+                for key in ("min_replicas", "initial_replicas"):
+                    if scaling.get(key) is not None:
+                        scaling[key] = min(int(scaling[key]), self.max_replicas)
+                dep["autoscaling_config"] = scaling
 
 
 def host_cpus() -> int:
@@ -120,21 +127,28 @@ def plan(
     configured = _option(config, "num_gpus")
     fixed = next((int(d["num_replicas"]) for d in _deployments(config) if d.get("num_replicas")), None)
     count = replicas or fixed
+    scaling = _autoscaling(config) if count is None else None
+    ceiling = None  # the autoscaling's max_replicas, where this host sets it
     if not gpus:
         share, where = None, "on the CPU"
+        if scaling is not None:  # replicas past the cores would stay pending: Ray cannot place them
+            ceiling = min(int(scaling.get("max_replicas") or 1), max(1, math.floor(cpus / num_cpus)))
     elif configured is not None:
         share, where = float(configured), f"on {gpus} GPU(s), num_gpus {float(configured):g} each (the config's)"
     else:
         if count is None:
             cores = max(CORES_PER_REPLICA, Fraction(math.ceil(num_cpus)))
             per_gpu = max(1, min(MAX_REPLICAS_PER_GPU, math.floor(Fraction(cpus, gpus) / cores)))
-            count = per_gpu * gpus
             basis = f"{per_gpu} per GPU for {cpus} cores: one per {cores} cores, at most {MAX_REPLICAS_PER_GPU}"
+            if scaling is not None:
+                ceiling = per_gpu * gpus
+            else:
+                count = per_gpu * gpus
         else:
             per_gpu = math.ceil(count / gpus)
             basis = f"{per_gpu} per GPU"
         share = _share(per_gpu)
-        where = f"on {gpus} GPU(s), num_gpus {share:g} each ({basis}; --replicas to choose)"
+        where = f"on {gpus} GPU(s), num_gpus {share:g} each ({basis}; --replicas to fix a count)"
     if count is not None and count * num_cpus > cpus:
         raise ValueError(
             f"{_count(count)} with num_cpus {num_cpus:g} each need {count * num_cpus:g} cores and this host has "
@@ -143,12 +157,47 @@ def plan(
     replaced = (
         " (replacing the config's autoscaling)" if count is not None and fixed is None and _autoscaled(config) else ""
     )
-    what = _count(count) if count is not None else "the config's replicas (autoscaling)"
-    return Layout(chosen, count, share if gpus else None, f"{what}{replaced} {where}, {_ingress_words(chosen)}")
+    if count is not None:
+        what = _count(count)
+    elif scaling is not None:
+        what = _scaling_words(scaling, ceiling)
+    else:
+        what = "the config's replicas"
+    return Layout(
+        chosen, count, share if gpus else None, f"{what}{replaced} {where}, {_ingress_words(chosen)}", ceiling
+    )
 
 
 def _autoscaled(config: dict[str, Any]) -> bool:
-    return any(d.get("autoscaling_config") for d in _deployments(config))
+    return _autoscaling(config) is not None
+
+
+def _autoscaling(config: dict[str, Any]) -> dict[str, Any] | None:
+    return next((dict(d["autoscaling_config"]) for d in _deployments(config) if d.get("autoscaling_config")), None)
+
+
+def _scaling_words(scaling: dict[str, Any], ceiling: int | None) -> str:
+    """'autoscaling 1-12 replicas (...)': the range, what sets its top, and what makes it move."""
+    configured = int(scaling.get("max_replicas") or 1)
+    top = configured if ceiling is None else ceiling
+    low = min(int(scaling.get("min_replicas") or 0), top)
+    if ceiling is None or ceiling == configured:
+        source = "the config's max_replicas"
+    elif ceiling < configured:
+        source = f"as many as fit this host, below the config's max_replicas {configured}"
+    else:
+        source = f"as many as fit this host, in place of the config's max_replicas {configured}"
+    target = scaling.get("target_ongoing_requests")
+    delay = scaling.get("upscale_delay_s")
+    moves = ", ".join(
+        part
+        for part in (
+            f"target {target:g} requests in flight per replica" if target else "",
+            f"upscale after {delay:g} s" if delay is not None else "",
+        )
+        if part
+    )
+    return f"autoscaling {low}-{top} replicas ({source}" + (f"; {moves}" if moves else "") + ")"
 
 
 def _count(n: int | None) -> str:

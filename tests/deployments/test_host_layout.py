@@ -35,17 +35,30 @@ def fits(layout: host.Layout, gpus: int) -> bool:
     return per_gpu * round(layout.num_gpus * host.RESOURCE_STEP) <= host.RESOURCE_STEP
 
 
-def test_a_gpu_host_gets_replicas_sharing_each_gpu_behind_haproxy() -> None:
+def test_a_gpu_host_autoscales_up_to_as_many_replicas_as_share_each_gpu_behind_haproxy() -> None:
     doc = config()
     layout = host.plan(doc, gpus=1, cpus=16, haproxy=HAPROXY)
-    assert (layout.ingress, layout.replicas, layout.num_gpus) == ("haproxy", 12, 0.0833)
+    assert (layout.ingress, layout.replicas, layout.max_replicas, layout.num_gpus) == ("haproxy", None, 12, 0.0833)
     layout.apply(doc)
     dep = deployment(doc)
-    assert dep["num_replicas"] == 12 and "autoscaling_config" not in dep
+    assert "num_replicas" not in dep
+    assert dep["autoscaling_config"] == {**deployment(config())["autoscaling_config"], "max_replicas": 12}
     assert dep["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.0833}
-    assert layout.why.startswith("12 replicas (replacing the config's autoscaling) on 1 GPU(s)")
-    assert "12 per GPU for 16 cores: one per 4/3 cores, at most 12" in layout.why
+    assert layout.why.startswith(
+        "autoscaling 1-12 replicas (as many as fit this host, in place of the config's max_replicas 4; "
+        "target 4 requests in flight per replica, upscale after 10 s) on 1 GPU(s)"
+    ), layout.why
+    assert "12 per GPU for 16 cores: one per 4/3 cores, at most 12; --replicas to fix a count" in layout.why
     assert "HAProxy ingress" in layout.why
+
+
+def test_a_gpu_host_without_autoscaling_gets_as_many_replicas_as_fit() -> None:
+    doc = config()
+    deployment(doc).pop("autoscaling_config")
+    layout = host.plan(doc, gpus=1, cpus=16, haproxy=HAPROXY)
+    assert (layout.replicas, layout.max_replicas, layout.num_gpus) == (12, None, 0.0833)
+    layout.apply(doc)
+    assert deployment(doc)["num_replicas"] == 12 and layout.why.startswith("12 replicas on 1 GPU(s)")
 
 
 @pytest.mark.parametrize(
@@ -54,13 +67,14 @@ def test_a_gpu_host_gets_replicas_sharing_each_gpu_behind_haproxy() -> None:
 )
 def test_three_replicas_per_four_cores_at_most_twelve_per_gpu(gpus: int, cpus: int, per_gpu: int) -> None:
     layout = host.plan(config(), gpus=gpus, cpus=cpus, haproxy=HAPROXY)
-    assert layout.replicas == per_gpu * gpus
-    assert fits(layout, gpus), layout  # 6 x round(1/6, 4) = 1.0002 GPUs would leave one replica unplaced
-    assert layout.replicas <= cpus  # the config's num_cpus: 1 each
+    assert layout.max_replicas == per_gpu * gpus
+    full = host.Layout(layout.ingress, layout.max_replicas, layout.num_gpus, layout.why)
+    assert fits(full, gpus), layout  # 6 x round(1/6, 4) = 1.0002 GPUs would leave one replica unplaced
+    assert layout.max_replicas <= cpus  # the config's num_cpus: 1 each
 
 
 def test_replicas_that_need_more_cores_are_fewer() -> None:
-    assert host.plan(config(num_cpus=4), gpus=1, cpus=16, haproxy=HAPROXY).replicas == 4
+    assert host.plan(config(num_cpus=4), gpus=1, cpus=16, haproxy=HAPROXY).max_replicas == 4
 
 
 def test_what_the_operator_chose_wins() -> None:
@@ -71,7 +85,10 @@ def test_what_the_operator_chose_wins() -> None:
     fixed = host.plan(config({"num_replicas": 2}), gpus=1, cpus=16, haproxy=HAPROXY)
     assert (fixed.replicas, fixed.num_gpus) == (2, 0.5) and "replacing" not in fixed.why
     share = host.plan(config(num_gpus=0.5), gpus=1, cpus=16, haproxy=HAPROXY)
-    assert (share.num_gpus, share.replicas) == (0.5, None) and "(the config's)" in share.why
+    assert (share.num_gpus, share.replicas, share.max_replicas) == (0.5, None, None) and "(the config's)" in share.why
+    assert share.why.startswith("autoscaling 1-4 replicas (the config's max_replicas;")
+    one = host.plan(config(), gpus=1, cpus=16, replicas=1, haproxy=HAPROXY)
+    assert one.why.startswith("1 replica (replacing the config's autoscaling) on 1 GPU(s)")
     assert host.plan(config(), gpus=1, cpus=16, ingress="serve", haproxy=HAPROXY).ingress == "serve"
 
 
@@ -80,12 +97,18 @@ def test_more_replicas_than_cores_is_an_error_not_a_hang() -> None:
         host.plan(config(), gpus=1, cpus=8, replicas=16, haproxy=HAPROXY)
 
 
-def test_a_cpu_host_keeps_the_configs_autoscaling_behind_haproxy() -> None:
-    doc = config()
+def test_a_cpu_host_keeps_the_configs_autoscaling_up_to_its_cores_behind_haproxy() -> None:
+    doc = config({"autoscaling_config": {"min_replicas": 3, "initial_replicas": 3, "max_replicas": 4}})
     layout = host.plan(doc, gpus=0, cpus=2, haproxy=HAPROXY)
-    assert (layout.ingress, layout.replicas, layout.num_gpus) == ("haproxy", None, None)
+    assert (layout.ingress, layout.replicas, layout.max_replicas, layout.num_gpus) == ("haproxy", None, 2, None)
     layout.apply(doc)
-    assert "autoscaling_config" in deployment(doc) and "num_gpus" not in deployment(doc)["ray_actor_options"]
+    assert deployment(doc)["autoscaling_config"] == {"min_replicas": 2, "initial_replicas": 2, "max_replicas": 2}
+    assert "num_gpus" not in deployment(doc)["ray_actor_options"]
+    assert layout.why.startswith(
+        "autoscaling 2-2 replicas (as many as fit this host, below the config's max_replicas 4) on the CPU"
+    ), layout.why
+    roomy = host.plan(config(), gpus=0, cpus=8, haproxy=HAPROXY)
+    assert roomy.max_replicas == 4 and roomy.why.startswith("autoscaling 1-4 replicas (the config's max_replicas;")
     assert host.plan(config(), gpus=0, cpus=2, ingress="serve", haproxy=HAPROXY).ingress == "serve"
     assert host.plan(config(), gpus=0, cpus=2, haproxy=None).ingress == "serve"  # no HAProxy here
     one = host.plan(config(), gpus=0, cpus=2, replicas=1, haproxy=HAPROXY)
@@ -164,9 +187,13 @@ def test_print_config_shows_the_layout_it_chose(
     argv = ["run", "--print-config", "--no-resume", "--cache-dir", str(tmp_path)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert out.startswith("# ") and "12 replicas (replacing the config's autoscaling) on 1 GPU(s)" in out
+    assert out.startswith("# ") and "# autoscaling 1-12 replicas (as many as fit this host" in out
     doc = yaml.safe_load(out)
-    assert deployment(doc)["num_replicas"] == 12 and deployment(doc)["ray_actor_options"]["num_gpus"] == 0.0833
+    assert deployment(doc)["autoscaling_config"]["max_replicas"] == 12
+    assert deployment(doc)["ray_actor_options"]["num_gpus"] == 0.0833
+    assert cli.main([*argv, "--replicas", "12"]) == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    assert deployment(doc)["num_replicas"] == 12 and "autoscaling_config" not in deployment(doc)
     # The operator's environment decides the ingress when --ingress is left at auto.
     monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
     assert cli.main(argv) == 0

@@ -24,7 +24,7 @@ import pytest
 import requests
 import torch
 
-from tests.e2e.cluster import haproxy_files, ray_processes, stop_ray
+from tests.e2e.cluster import FAST_AUTOSCALING, haproxy_files, ray_processes, stop_ray
 from tests.e2e.helpers import ROOT_ENV
 from tests.servers import free_port
 from warmserve.serve.model import build_model
@@ -32,6 +32,7 @@ from warmserve.serve.weights import demo_weights, save_weights
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
+LOCAL_SUBCHANNELS = ("grpc.use_local_subchannel_pool", 1)  # a gRPC channel that shares no connection state
 TINY = ["--model", "tests.serve.models:tiny_cnn", "--input-shape", "3,16,16", "--batch", "1:8", "--backend", "aoti"]
 
 
@@ -267,6 +268,78 @@ applications:
         s.bind(("127.0.0.1", user.port))  # free again: a failed start holds no port either
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_the_default_run_scales_up_and_down_under_load_without_a_failed_request(user: User, tmp_path: Path) -> None:
+    """The default `warmserve run` (autoscaling, HAProxy) from 1 replica to 2 under load and back to 1 under a
+    lighter load: no request fails, the engine is built once and the second replica loads it."""
+    import yaml
+
+    from warmserve.deployments.cli import DEFAULT_CONFIG
+
+    doc = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1}
+    doc["applications"][0]["deployments"][0]["autoscaling_config"] = {
+        **scaling,
+        "downscale_delay_s": 3,
+        "look_back_period_s": 2,
+    }
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    user.extra_env.update(FAST_AUTOSCALING)
+    service = start(user, "--config", str(config), "--cache-dir", str(tmp_path / "cache"))
+    stop_all, stop_extra = threading.Event(), threading.Event()
+    failures: list[str] = []
+    starts: dict[int, str] = {}  # replica pid -> how it started
+    body = {"inputs": [{"name": "x", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": [0.0] * 768}]}
+
+    def load(stop: threading.Event) -> None:
+        with requests.Session() as session:
+            while not stop.is_set() and not stop_all.is_set():
+                try:
+                    r = session.post(f"{user.http}/v2/models/tiny_cnn/infer", json=body, timeout=30)
+                    r.raise_for_status()
+                    s = session.get(f"{user.http}/v1/status", timeout=30).json()
+                    starts[int(s["replica_pid"])] = str(s["start"]["outcome"])
+                except Exception as e:
+                    failures.append(repr(e))
+
+    threads = [threading.Thread(target=load, args=(stop_all,))]
+    threads += [threading.Thread(target=load, args=(stop_extra,)) for _ in range(5)]
+    try:
+        layout = service.wait_for("HAProxy ingress")
+        assert "autoscaling 1-2 replicas (the config's max_replicas; target 1 requests in flight per replica" in layout
+        service.wait_for("ready on")
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 180  # a second replica starts, loads the engine and HAProxy routes to it
+        while len(starts) < 2 and time.monotonic() < deadline and not failures:
+            time.sleep(0.5)
+        assert failures == [] and len(starts) == 2, (failures[:3], starts)
+        assert sorted(starts.values()) == ["built", "local-hit"], starts
+        stop_extra.set()  # one client goes on: the extra replica drains and stops under its load
+        deadline = time.monotonic() + 120
+        while all(_alive(pid) for pid in starts) and time.monotonic() < deadline and not failures:
+            time.sleep(0.5)
+        assert not all(_alive(pid) for pid in starts), "the second replica was not scaled down"
+        time.sleep(3)  # the remaining replica serves on alone
+    finally:
+        stop_all.set()
+        stop_extra.set()
+        for t in threads:
+            if t.ident is not None:  # started
+                t.join(60)
+        code = service.stop()
+    assert failures == [], failures[:5]
+    assert code == 0
+
+
 def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User, tmp_path: Path) -> None:
     """The GPU default's ingress, tried on the CPU: requests reach both replicas straight from HAProxy, a
     rollout confirms each of them, and stopping leaves no HAProxy behind."""
@@ -290,6 +363,14 @@ def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User,
         assert ready["ready"] == user.http and ready["backend"] == "aoti" and ready["weights_version"] == "v1"
         # one of the two replicas builds on the empty cache, the other waits for it; either may answer
         assert ready["grpc_port"] == user.grpc_port and ready["start"]["outcome"] in ("built", "waited", "local-hit")
+        import tritonclient.grpc as tg
+
+        # At once: the ready line comes once both ports answer through HAProxy. A subchannel of its own, since
+        # gRPC shares one per target across this process, and an earlier test's may still be backing off from
+        # a service on this port that has stopped (it would fail with that service's "Connection refused").
+        fresh = tg.InferenceServerClient(f"127.0.0.1:{user.grpc_port}", channel_args=[LOCAL_SUBCHANNELS])
+        assert fresh.is_server_ready()
+        fresh.close()
         assert any(b"haproxy" in _cmdline(p) for p in user.ray_processes()), "no HAProxy of this service"
         pids: set[object] = set()
         deadline = time.monotonic() + 60  # until HAProxy's health checks have both replicas up
@@ -304,8 +385,6 @@ def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User,
         assert (result["version"], result["replicas"]) == ("v2", 2), done.stdout
         assert {status(user)["weights_version"] for _ in range(8)} == {"v2"}
         # gRPC through HAProxy too, straight to the replicas' own gRPC servers
-        import tritonclient.grpc as tg
-
         client = tg.InferenceServerClient(f"127.0.0.1:{user.grpc_port}")
         x = np.random.default_rng(0).standard_normal((2, 3, 16, 16), dtype=np.float32)
         inp = tg.InferInput("input__0", list(x.shape), "FP32")

@@ -258,41 +258,6 @@ def test_second_replica_starts_warm(cluster: RayCluster, tmp_path: Path) -> None
     assert second[0]["start"]["seconds"] < next(iter(first.values()))["start"]["seconds"] / 5
 
 
-def test_scale_out_under_load_builds_once(cluster: RayCluster, tmp_path: Path) -> None:
-    args = {**TINY, "cache_dir": str(tmp_path / "c")}
-    autoscaling = {
-        "min_replicas": 1,
-        "max_replicas": 3,
-        "target_ongoing_requests": 1,
-        "upscale_delay_s": 0,
-        "downscale_delay_s": 600,
-        "look_back_period_s": 2,
-    }
-    cluster.deploy(cluster.config(args, {"autoscaling_config": autoscaling, "max_ongoing_requests": 2}))
-    x = np.random.default_rng(1).standard_normal((8, 3, 16, 16), dtype=np.float32)
-    stop = threading.Event()
-    failures: list[str] = []
-
-    def load() -> None:
-        while not stop.is_set():
-            try:
-                infer(cluster, x)
-            except Exception as e:
-                failures.append(repr(e))
-
-    with ThreadPoolExecutor(8) as pool:
-        for _ in range(8):
-            pool.submit(load)
-        try:
-            cluster.wait_running("warmserve", timeout=240, replicas=3)
-        finally:
-            stop.set()
-    assert failures == []
-    statuses = cluster.replica_statuses(3)
-    outcomes = sorted(s["start"]["outcome"] for s in statuses.values())
-    assert outcomes.count("built") == 1 and len(outcomes) == 3, outcomes
-
-
 def test_rollout_under_load(cluster: RayCluster, tmp_path: Path) -> None:
     x = np.random.default_rng(2).standard_normal((2, 3, 16, 16), dtype=np.float32)
     (_, v2), want, before = deploy_versions(cluster, tmp_path, (11, 22), x)
