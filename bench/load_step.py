@@ -140,21 +140,27 @@ def plot(r: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.6))
-    ax.plot(range(len(r["ok"])), r["ok"], label="answers/s")
-    ax.plot(range(len(r["failed"])), r["failed"], label="failures/s", color="red")
+    whole = len(r["ok"]) - 1  # the last second is cut short by the end of the load
+    ax.plot(range(whole), r["ok"][:whole], label="answers/s")
+    ax.plot(range(whole), r["failed"][:whole], label="failures/s", color="red")
     ax.axvline(r["step_at"], color="grey", linestyle="--", label=f"{r['few']} -> {r['many']} clients")
-    arrivals = sorted(rep["first_answer_s"] for rep in r["replicas"].values())
+    arrivals = sorted(max(0.0, rep["first_answer_s"]) for rep in r["replicas"].values())
     twin = ax.twinx()
-    twin.step(
-        [0, *arrivals, len(r["ok"])], [0, *range(1, len(arrivals) + 1), len(arrivals)], where="post", color="green"
-    )
+    twin.step([0, *arrivals, whole], [0, *range(1, len(arrivals) + 1), len(arrivals)], where="post", color="green")
     twin.set_ylabel("replicas answering", color="green")
     ax.set_xlabel("seconds")
     ax.set_ylabel("per second")
-    ax.set_title(f"load step, {r['device']}, cache {r['cache']}")
+    ax.set_title(f"load step over {r['protocol']}, {r['device']}, cache {r['cache']}")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+
+
+def replot(path: str) -> None:
+    """The PNG again from a result's JSON: `python -c "from bench.load_step import replot; replot('X.json')"`."""
+    import json
+
+    plot(json.loads(Path(path).read_text()), Path(path).with_suffix(".png"))
 
 
 def main() -> int:

@@ -150,7 +150,11 @@ def main() -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work = Path(tempfile.mkdtemp(prefix="warmserve-restart-"))
-    rows = []
+    from bench.common import host_facts, write_results
+
+    stem = f"restart-{device}" + (f"-{args.tag}" if args.tag else "")
+    rows: list[dict[str, Any]] = []
+    results: dict[str, Any] = {}
     for k in range(1, args.cycles + 1):
         row = cycle(args, work, k)
         rows.append(row)
@@ -166,14 +170,10 @@ def main() -> int:
             ),
             flush=True,
         )
+        results = {"device": device, "run_args": shlex.split(args.run_args), "cycles": rows, "host": host_facts()}
+        write_results(ROOT / args.out, stem, results, markdown(results))  # after each cycle: a cut run keeps them
         if not row["started"]:
             break
-    from bench.common import host_facts, write_results
-
-    results = {"device": device, "run_args": shlex.split(args.run_args), "cycles": rows, "host": host_facts()}
-    write_results(
-        ROOT / args.out, f"restart-{device}" + (f"-{args.tag}" if args.tag else ""), results, markdown(results)
-    )
     print(markdown(results))
     return 0 if all(r.get("ok") for r in rows) and len(rows) == args.cycles else 1
 
