@@ -72,8 +72,8 @@ def clients(
             try:
                 once()
                 done = time.time()
-                ok[int(done - t0)] += 1
-                latency[int(done - t0)] += done - now
+                ok[min(int(done - t0), seconds - 1)] += 1
+                latency[min(int(done - t0), seconds - 1)] += done - now
             except Exception as e:
                 failed[min(int(time.time() - t0), seconds - 1)] += 1
                 if len(errors) < 5:
@@ -114,7 +114,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"- Failed requests: {r['failed_before']} before the step, {r['failed_after']} after it.",
         f"- Replicas answering: {r['replicas_before']} before the step, {len(r['replicas'])} in all; the last "
         f"first answered {r['to_full_capacity_s']} s after the step.",
-        f"- Answers per second: {r['rate_before']:.0f} before the step, {r['rate_end']:.0f} in its last 10 s.",
+        f"- Answers per second: {r['rate_before']:.0f} before the step, {r['rate_end']:.0f} in its last seconds (up to 10).",
         "",
         "| replica pid | first answer, s after the step | start outcome | start s | phases |",
         "|---|---|---|---|---|",
@@ -231,6 +231,7 @@ def main() -> int:
     failed = [sum(p["failed"][s] for p in parts) for s in range(seconds)]
     lat = [1000 * sum(p["latency"][s] for p in parts) / ok[s] if ok[s] else 0.0 for s in range(seconds)]
     step = int(args.step_at)
+    tail = max(1, min(10, int(args.after) - 1))  # the whole seconds at the end of the load, at most 10
     before = [rep for rep in seen.values() if rep["first_answer_s"] < args.step_at]
     last = max((rep["first_answer_s"] for rep in seen.values()), default=args.step_at)
     results = {
@@ -255,7 +256,7 @@ def main() -> int:
         "replicas": {str(pid): rep for pid, rep in seen.items()},
         "to_full_capacity_s": round(max(0.0, last - args.step_at), 1),
         "rate_before": sum(ok[2:step]) / max(1, step - 2),
-        "rate_end": sum(ok[-11:-1]) / 10,
+        "rate_end": sum(ok[-1 - tail : -1]) / tail,
         "host": host_facts(),
     }
     stem = f"load-step-{device}" + (f"-{args.tag}" if args.tag else "")

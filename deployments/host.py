@@ -140,8 +140,8 @@ def plan(
             cores = max(CORES_PER_REPLICA, Fraction(math.ceil(num_cpus)))
             per_gpu = max(1, min(MAX_REPLICAS_PER_GPU, math.floor(Fraction(cpus, gpus) / cores)))
             basis = f"{per_gpu} per GPU for {cpus} cores: one per {cores} cores, at most {MAX_REPLICAS_PER_GPU}"
-            if scaling is not None:
-                ceiling = per_gpu * gpus
+            if scaling is not None:  # no more than the cores can place, as for a fixed count
+                ceiling = min(per_gpu * gpus, max(1, math.floor(cpus / num_cpus)))
             else:
                 count = per_gpu * gpus
         else:
@@ -192,7 +192,7 @@ def _scaling_words(scaling: dict[str, Any], ceiling: int | None) -> str:
     moves = ", ".join(
         part
         for part in (
-            f"target {target:g} requests in flight per replica" if target else "",
+            f"target {target:g} request{'' if target == 1 else 's'} in flight per replica" if target else "",
             f"upscale after {delay:g} s" if delay is not None else "",
         )
         if part

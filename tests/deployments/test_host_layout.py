@@ -75,6 +75,7 @@ def test_three_replicas_per_four_cores_at_most_twelve_per_gpu(gpus: int, cpus: i
 
 def test_replicas_that_need_more_cores_are_fewer() -> None:
     assert host.plan(config(num_cpus=4), gpus=1, cpus=16, haproxy=HAPROXY).max_replicas == 4
+    assert host.plan(config(), gpus=8, cpus=4, haproxy=HAPROXY).max_replicas == 4  # one per GPU, but 4 cores
 
 
 def test_what_the_operator_chose_wins() -> None:
