@@ -88,8 +88,9 @@ def clients(
     out.put({"ok": ok, "failed": failed, "latency": latency, "errors": errors})
 
 
-def sample_replicas(http: str, t0: float, until: float, seen: dict[int, dict[str, Any]]) -> None:
-    """Every replica that answers `/v1/status`: when it first did (seconds since ``t0``) and its start report."""
+def sample_replicas(http: str, t0: float, until: float, seen: dict[int, dict[str, Any]], misses: list[str]) -> None:
+    """Every replica that answers `/v1/status`: when it first did (seconds since ``t0``) and its start report.
+    A sample that fails is kept in ``misses`` (the report counts them), not dropped."""
     import requests
 
     session = requests.Session()
@@ -99,8 +100,8 @@ def sample_replicas(http: str, t0: float, until: float, seen: dict[int, dict[str
             pid = int(s["replica_pid"])
             if pid not in seen:
                 seen[pid] = {"first_answer_s": round(time.time() - t0, 2), "start": s.get("start")}
-        except Exception:
-            pass
+        except (requests.RequestException, ValueError, KeyError) as e:
+            misses.append(f"{round(time.time() - t0, 2)} s: {type(e).__name__}: {str(e)[:200]}")
         time.sleep(0.05)
 
 
@@ -111,7 +112,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['few']} {r['protocol']} clients, then {r['many']} from second {r['step_at']:g}; "
         f"{r['after']:g} s after the step. Layout: {r['layout']}",
         "",
-        f"- Failed requests: {r['failed_before']} before the step, {r['failed_after']} after it.",
+        f"- Failed requests: {r['failed_before']} before the step, {r['failed_after']} after it "
+        f"({r.get('status_samples_failed', 0)} `/v1/status` samples failed).",
         f"- Replicas answering: {r['replicas_before']} before the step, {len(r['replicas'])} in all; the last "
         f"first answered {r['to_full_capacity_s']} s after the step.",
         f"- Answers per second: {r['rate_before']:.0f} before the step, {r['rate_end']:.0f} in its last seconds (up to 10).",
@@ -218,8 +220,9 @@ def main() -> int:
         for p in procs:
             p.start()
         seen: dict[int, dict[str, Any]] = {}
+        misses: list[str] = []
         sampler = threading.Thread(
-            target=sample_replicas, args=(http, t0, t0 + args.step_at + args.after, seen), daemon=True
+            target=sample_replicas, args=(http, t0, t0 + args.step_at + args.after, seen, misses), daemon=True
         )
         sampler.start()
         parts = [queue.get(timeout=args.step_at + args.after + 120) for _ in procs]
@@ -252,6 +255,8 @@ def main() -> int:
         "failed_before": sum(failed[:step]),
         "failed_after": sum(failed[step:]),
         "errors": [e for p in parts for e in p["errors"]][:10],
+        "status_samples_failed": len(misses),
+        "status_sample_errors": misses[:5],
         "replicas_before": len(before),
         "replicas": {str(pid): rep for pid, rep in seen.items()},
         "to_full_capacity_s": round(max(0.0, last - args.step_at), 1),
