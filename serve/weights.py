@@ -136,23 +136,25 @@ def validate(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[tup
         raise WeightsError("weights do not fit the model: " + "; ".join(problems[:10]))
 
 
-def demo_weights(model: nn.Module, seed: int = 0) -> StateDict:
-    """Seeded random weights of the right shapes (the embedded default: no model hub is reachable)."""
+def demo_weights(model: nn.Module | Mapping[str, tuple[tuple[int, ...], torch.dtype]], seed: int = 0) -> StateDict:
+    """Seeded random weights of the right shapes (the embedded default: no model hub is reachable), for a
+    module or for the names, shapes and dtypes its state dict has (`expected_tensors`)."""
     g = torch.Generator().manual_seed(seed)
     out: StateDict = {}
-    for name, t in model.state_dict().items():
-        if not t.is_floating_point():
-            out[name] = torch.zeros(t.shape, dtype=t.dtype)
+    tensors = expected_tensors(model) if isinstance(model, nn.Module) else model
+    for name, (shape, dtype) in tensors.items():
+        if not dtype.is_floating_point:
+            out[name] = torch.zeros(shape, dtype=dtype)
         elif name.endswith("running_var"):
-            out[name] = torch.rand(t.shape, generator=g) * 0.5 + 0.75
+            out[name] = torch.rand(shape, generator=g) * 0.5 + 0.75
         elif name.endswith("running_mean") or name.endswith("bias"):
-            out[name] = torch.randn(t.shape, generator=g) * 0.01
-        elif t.dim() <= 1:  # norm scales
-            out[name] = torch.rand(t.shape, generator=g) * 0.5 + 0.75
+            out[name] = torch.randn(shape, generator=g) * 0.01
+        elif len(shape) <= 1:  # norm scales
+            out[name] = torch.rand(shape, generator=g) * 0.5 + 0.75
         else:
-            fan_in = max(1, math.prod(t.shape[1:]))
-            out[name] = torch.randn(t.shape, generator=g) * math.sqrt(2.0 / fan_in)
-        out[name] = out[name].to(t.dtype)
+            fan_in = max(1, math.prod(shape[1:]))
+            out[name] = torch.randn(shape, generator=g) * math.sqrt(2.0 / fan_in)
+        out[name] = out[name].to(dtype)
     return out
 
 
@@ -163,7 +165,12 @@ def save_weights(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
     atomic_write(path, save({k: v.detach().contiguous().cpu() for k, v in state.items()}))
 
 
-def ensure_demo_weights(model_spec: str, model: nn.Module, directory: Path, seed: int = 0) -> str:
+def ensure_demo_weights(
+    model_spec: str,
+    model: nn.Module | Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    directory: Path,
+    seed: int = 0,
+) -> str:
     """Path of the demo weights for ``model_spec``, written once (atomically) on first use."""
     name = model_spec.replace(":", "-").replace("/", "_")
     path = directory / f"demo-{name}-seed{seed}.safetensors"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import threading
@@ -32,6 +33,7 @@ from warmserve.serve.errors import (
     ToolchainChanged,
     WeightsError,
 )
+from warmserve.serve.facts import FactsStore, ModelFacts
 from warmserve.serve.metrics import Metrics, MetricsCacheEvents
 from warmserve.serve.model import architecture_doc, build_model, class_names
 from warmserve.serve.rwlock import RWLock
@@ -167,6 +169,13 @@ def output_specs(spec: ModelSpec, real: Callable[[Sequence[torch.Tensor]], Any] 
     return out
 
 
+@functools.cache
+def derivation() -> tuple[str, ...]:
+    """The code that finds a model's facts (`ModelFacts`): facts that other code recorded are not read."""
+    code = (build_model, materialise, architecture_doc, expected_tensors, output_specs, class_names)
+    return (f"key format {KEY_FORMAT}", *(inspect.getsource(f) for f in code))
+
+
 class Steps:
     """Seconds per named step, in order."""
 
@@ -276,7 +285,19 @@ class Worker:
         self._swap_lock = threading.Lock()
         self._artifact = b""
         self._expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self.model: nn.Module | None = None
+        self._model: nn.Module | None = None  # built when something needs it (`model`)
+        self._state: StateDict | None = None  # the live weights, on the device
+        self.facts = FactsStore(
+            Path(self.cache_config.cache_dir) / "facts",
+            {
+                "model": spec.model,
+                "precision": spec.precision,
+                "input": self.engine_spec.doc(),
+                "outputs": list(spec.outputs),
+            },
+            derivation(),
+            self.cache_config.signing_key,
+        )
 
     def _make_backend(self, cls: type[Backend]) -> Backend:
         self._events.backend = cls.name
@@ -297,14 +318,25 @@ class Worker:
         live = self._live
         return live.sha256 if live else None
 
+    @property
+    def model(self) -> nn.Module | None:
+        """The eager module with the live weights (shared with the engine, not copied), or None before
+        `start`. A start from recorded facts builds none: the first use here builds it."""
+        if self._model is None and self._state is not None:
+            self._model = materialise(self.spec.model, self._state)
+        return self._model
+
     def key_for(self, model: nn.Module) -> CacheKey:
         """Weight-agnostic: architecture, input spec, precision, backend settings, device and versions."""
+        return self._key(architecture_doc(model))
+
+    def _key(self, architecture: Mapping[str, Any]) -> CacheKey:
         return CacheKey.from_doc(
             {
                 "format": KEY_FORMAT,
                 "backend": self.backend.name,
                 "settings": self.backend.settings(),
-                "architecture": architecture_doc(model),
+                "architecture": dict(architecture),
                 "input": self.engine_spec.doc(),
                 "precision": self.spec.precision,
                 "device": device_doc(self.device),
@@ -312,10 +344,10 @@ class Worker:
             }
         )
 
-    def _weights_uri(self, model: nn.Module) -> str:
+    def _weights_uri(self) -> str:
         if self.spec.weights:
             return self.spec.weights
-        return ensure_demo_weights(self.spec.model, model, Path(self.cache_config.cache_dir) / "weights")
+        return ensure_demo_weights(self.spec.model, self._expected, Path(self.cache_config.cache_dir) / "weights")
 
     def _prepare(self, state: Mapping[str, torch.Tensor]) -> StateDict:
         """Validated weights, cast to the serving precision, on the device."""
@@ -330,11 +362,19 @@ class Worker:
         # Made outside inference mode, as requests are: a Dynamo-guarded engine must not trace again for it.
         return self.engine_spec.examples(device=self.device, seed=1234)
 
-    def _reference(self, state: StateDict, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Eager PyTorch's answer for ``xs`` with ``state`` (its tensors shared, not copied)."""
+    def _reference(self, state: StateDict, xs: Sequence[torch.Tensor], sha256: str = "") -> list[torch.Tensor]:
+        """Eager PyTorch's answer for ``xs`` with ``state`` (its tensors shared, not copied). For the weights
+        file of digest ``sha256``: the answer eager gave a start or a swap here before, if one did (no module is
+        built for it), and recorded for the next one if not."""
+        device = device_doc(self.device)
+        recorded = self.facts.reference(sha256, device, xs)
+        if recorded is not None:
+            return [t.to(self.device) for t in recorded]
         model = materialise(self.spec.model, state)
         with torch.inference_mode():
-            return [t for _, t in flatten(model(*xs))]
+            want = [t for _, t in flatten(model(*xs))]
+        self.facts.save_reference(sha256, device, xs, want)
+        return want
 
     def _check(self, engine: Engine, xs: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
         with torch.inference_mode():
@@ -359,20 +399,30 @@ class Worker:
         steps = Steps()
         with fence.expected():  # compiling is expected until the worker is ready
             with steps("model"):
-                model = build_model(self.spec.model, meta=True)
-                self._expected = expected_tensors(model)
+                # Facts a start recorded here before: no module is built (nor torchvision imported) for them.
+                facts = self.facts.load()
+                if facts is None:
+                    self._expected = expected_tensors(build_model(self.spec.model, meta=True))
+                else:
+                    self._expected = dict(facts.expected)
             with steps("weights"):
-                uri = self._weights_uri(model)
+                uri = self._weights_uri()
                 loaded = read_weights(uri)
                 live_state = self._prepare(loaded.state)  # validates once, before anything uses the weights
-                model = materialise(self.spec.model, live_state)
-                self.outputs = self._output_specs(model)
+                self._state, self._model = live_state, None
+                if facts is None:
+                    model = self._require_model()
+                    self.outputs = self._output_specs(model)
+                    architecture = architecture_doc(model)
+                else:
+                    self.outputs, architecture = list(facts.outputs), facts.architecture
             t_key = time.perf_counter()
-            key, outcome, artifact = self._fetch(model, steps)
-            engine = self._engine(artifact, model, live_state, steps)
-            probe, num_outputs = self._first_answer(engine, live_state, steps)
-        self.labels = class_names(self.spec.model, num_outputs)
-        self.model = model
+            key, outcome, artifact = self._fetch(architecture, steps)
+            engine = self._engine(artifact, live_state, steps)
+            probe, num_outputs = self._first_answer(engine, live_state, loaded.sha256, steps)
+        self.labels = class_names(self.spec.model, num_outputs) if facts is None else facts.labels
+        if facts is None:
+            self.facts.save(ModelFacts(architecture, self._expected, self.outputs, self.labels))
         self._artifact = artifact
         self._live = _Live(engine, self.spec.weights_version, loaded.sha256)
         self.fence = fence.CompileFence(self.metrics, self.backend.name)
@@ -414,20 +464,20 @@ class Worker:
         }
         return {"imports": imports, **phases} if imports is not None else phases
 
-    def _fetch(self, model: nn.Module, steps: Steps) -> tuple[CacheKey, str, bytes]:
+    def _fetch(self, architecture: Mapping[str, Any], steps: Steps) -> tuple[CacheKey, str, bytes]:
         """The key and the artifact: from the cache, or built once. ``auto`` moves on to the next backend if
         this one turns out unusable (no working C++ compiler, say), and the report says why."""
         rekeys = 0
         while True:
             try:
                 with steps("fingerprint"):
-                    key = self.key_for(model)
+                    key = self._key(architecture)
                 if not self.backend.cacheable:
                     return key, "uncached", b""
                 with steps("cache"):
                     fetched = self.cache.get_or_build(
                         key,
-                        functools.partial(self._build, model, key),
+                        functools.partial(self._build, key),
                         Provenance(self.backend.name, self.backend.versions(), {"model": self.spec.model}),
                     )
                 return key, fetched.outcome, fetched.blob
@@ -443,18 +493,23 @@ class Worker:
                 self.backend = self._make_backend(self._choices.pop(0))
                 logger.warning("auto backend: %s; using %s instead", self.fallback, self.backend.name)
 
-    def _build(self, model: nn.Module, key: CacheKey) -> bytes:
+    def _build(self, key: CacheKey) -> bytes:
         name = self.backend.name
         logger.info("compiling %s with %s (key %s); this can take minutes", self.spec.model, name, key.short)
         t0 = time.perf_counter()
-        artifact = self.backend.compile(model, self.engine_spec)
+        artifact = self.backend.compile(self._require_model(), self.engine_spec)
         self.metrics.observe("warmserve_compile_seconds", time.perf_counter() - t0, backend=name)
         return artifact
 
-    def _engine(self, artifact: bytes, model: nn.Module, state: StateDict, steps: Steps) -> Engine:
+    def _load(self, artifact: bytes) -> Engine:
+        """The backend's engine for ``artifact``; with the eager module only for a backend that runs it."""
+        model = self._require_model() if self.backend.needs_model else None
+        return self.backend.load(artifact, model, self.engine_spec)
+
+    def _engine(self, artifact: bytes, state: StateDict, steps: Steps) -> Engine:
         name = self.backend.name
         with steps("load"):
-            engine = self.backend.load(artifact, model, self.engine_spec)
+            engine = self._load(artifact)
         self.metrics.observe("warmserve_engine_load_seconds", steps.seconds["load"], backend=name)
         if self.backend.cacheable:
             with steps("refit"):
@@ -464,7 +519,7 @@ class Worker:
             engine.prepare()
         return engine
 
-    def _first_answer(self, engine: Engine, state: StateDict, steps: Steps) -> tuple[float | None, int]:
+    def _first_answer(self, engine: Engine, state: StateDict, sha256: str, steps: Steps) -> tuple[float | None, int]:
         """Run the engine once (its first output's width names the labels) and, with ``verify``, compare it
         with eager PyTorch: (relative error or None, number of labels)."""
         xs = self._probe_input()
@@ -472,7 +527,7 @@ class Worker:
             with torch.inference_mode():
                 return None, int(engine(xs)[0].shape[-1])
         with steps("verify"):
-            want = self._reference(state, xs)
+            want = self._reference(state, xs, sha256)
             probe = self._check(engine, xs, want)
         return probe, int(want[0].shape[-1])
 
@@ -557,7 +612,7 @@ class Worker:
                 want = None
                 if self.verify:
                     with steps("reference"):
-                        want = self._reference(state, x)
+                        want = self._reference(state, x, digest)
                 probe = self._refit_and_switch(live, state, version, digest, x, want, steps)
             except (WeightsError, RefitError) as e:
                 logger.warning("weights %s rejected; still serving %s: %s", version, live.version, e)
@@ -621,7 +676,7 @@ class Worker:
             engine, self._spare = self._spare, None
             if engine is None:
                 with steps("load"):
-                    engine = self.backend.load(self._artifact, self._require_model(), self.engine_spec)
+                    engine = self._load(self._artifact)
             try:
                 with steps("refit"):
                     engine.refit(state)
@@ -639,6 +694,7 @@ class Worker:
                 raise
             with steps("switch"), self._rw.write():
                 self._live = _Live(engine, version, digest)
+            self._state, self._model = state, None  # the eager module, if one is asked for, has the new weights
             # No request holds the replaced engine any more: each reads the live one inside its read section.
             live.engine.idle()
             self._spare = live.engine
@@ -656,9 +712,10 @@ class Worker:
         return probe
 
     def _require_model(self) -> nn.Module:
-        if self.model is None:
+        model = self.model
+        if model is None:
             raise NotReady("start() the worker first")
-        return self.model
+        return model
 
     def describe(self) -> dict[str, Any]:
         """Model metadata, as the HTTP layer and `warmserve build --json` show it."""

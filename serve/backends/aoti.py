@@ -137,6 +137,7 @@ class AOTIEngine(Engine):
 
 class AOTIBackend(Backend):
     name = "aoti"
+    needs_model = False  # the package runs alone; its constants come from the weights
 
     def __init__(self, device: torch.device, **kw: Any) -> None:
         super().__init__(device, **kw)
@@ -163,7 +164,7 @@ class AOTIBackend(Backend):
                 with open(path, "rb") as f:
                     return f.read()
 
-    def load(self, artifact: bytes, model: nn.Module, spec: InputSpec) -> Engine:
+    def load(self, artifact: bytes, model: nn.Module | None, spec: InputSpec) -> Engine:
         # torch's own loader (torch._C._aoti) directly: no import of Inductor (most of a second), and none of
         # the Python wrapper's device-metadata comparison, which only logs a warning yet compiles ISA probe
         # programs with g++ on some CPUs (1.5 s on an AVX-512 VNNI machine). The cache key pins the device.

@@ -72,6 +72,8 @@ class Backend(ABC):
     swap: ClassVar[Literal["standby", "in-place"]] = "standby"
     #: False for backends without an artifact (eager): the worker skips the cache.
     cacheable: ClassVar[bool] = True
+    #: False when ``load`` runs the artifact alone: the worker then builds no eager module to start it.
+    needs_model: ClassVar[bool] = True
 
     def __init__(self, device: torch.device, *, cache: EngineCache | None = None, workdir: Path | None = None) -> None:
         """Every backend is built the same way: the device, the engine cache (for backends that cache
@@ -102,8 +104,16 @@ class Backend(ABC):
         """Compile ``model`` (weights already on ``self.device``) for ``spec`` and return the artifact."""
 
     @abstractmethod
-    def load(self, artifact: bytes, model: nn.Module, spec: InputSpec) -> Engine:
-        """Load an artifact. Its weights are unspecified until the caller refits it."""
+    def load(self, artifact: bytes, model: nn.Module | None, spec: InputSpec) -> Engine:
+        """Load an artifact. Its weights are unspecified until the caller refits it. ``model`` (the eager
+        module, with the live weights) is None only for a backend that does not need it (``needs_model``)."""
+
+
+def given(model: nn.Module | None) -> nn.Module:
+    """``model`` for a backend that needs it; the worker hands one to every backend whose ``needs_model`` is set."""
+    if model is None:
+        raise TypeError("this backend runs the eager module: load() needs it")
+    return model
 
 
 def device_doc(device: torch.device) -> dict[str, Any]:

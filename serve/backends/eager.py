@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from warmserve.serve.backends.base import Backend, Engine, tensors
+from warmserve.serve.backends.base import Backend, Engine, given, tensors
 from warmserve.serve.spec import InputSpec
 
 
@@ -33,5 +33,5 @@ class EagerBackend(Backend):
     def compile(self, model: nn.Module, spec: InputSpec) -> bytes:
         return b""
 
-    def load(self, artifact: bytes, model: nn.Module, spec: InputSpec) -> Engine:
-        return EagerEngine(model)
+    def load(self, artifact: bytes, model: nn.Module | None, spec: InputSpec) -> Engine:
+        return EagerEngine(given(model))

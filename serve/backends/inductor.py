@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from warmserve.serve.backends.base import Backend, Engine, tensors
+from warmserve.serve.backends.base import Backend, Engine, given, tensors
 from warmserve.serve.spec import InputSpec
 from warmserve.serve.toolchain import CompilerPin
 
@@ -121,7 +121,8 @@ class InductorBackend(Backend):
             raise RuntimeError("torch.compiler.save_cache_artifacts() returned nothing to cache")
         return bytes(saved[0])
 
-    def load(self, artifact: bytes, model: nn.Module, spec: InputSpec) -> Engine:
+    def load(self, artifact: bytes, model: nn.Module | None, spec: InputSpec) -> Engine:
+        model = given(model)
         torch.compiler.load_cache_artifacts(artifact)
         engine = InductorEngine(model, torch.compile(model, mode=self.mode), cudagraphs=self.cudagraphs)
         with self._compiler(prove=False):  # the warm calls trace again; a missing kernel is rebuilt alike

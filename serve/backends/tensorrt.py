@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from warmserve.serve.backends.base import Backend, Engine, tensors
+from warmserve.serve.backends.base import Backend, Engine, given, tensors
 from warmserve.serve.backends.export import export
 from warmserve.serve.errors import BackendUnavailable
 from warmserve.serve.spec import InputSpec
@@ -161,7 +161,7 @@ class TensorRTBackend(Backend):
             with open(path, "rb") as f:
                 return f.read()
 
-    def load(self, artifact: bytes, model: nn.Module, spec: InputSpec) -> Engine:
+    def load(self, artifact: bytes, model: nn.Module | None, spec: InputSpec) -> Engine:
         import torch_tensorrt
 
         with tempfile.TemporaryDirectory(prefix="warmserve-trt-") as tmp:
@@ -169,4 +169,4 @@ class TensorRTBackend(Backend):
             with open(path, "wb") as f:
                 f.write(artifact)
             program = torch_tensorrt.load(path)
-        return TensorRTEngine(program.module(), model, spec, self.device)
+        return TensorRTEngine(program.module(), given(model), spec, self.device)

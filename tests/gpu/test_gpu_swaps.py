@@ -19,8 +19,11 @@ SPEC = ModelSpec(model="torchvision:resnet18", input=InputSpec(shape=(3, 224, 22
 
 def test_aoti_swaps_keep_gpu_memory_flat(tmp_path: Path) -> None:
     """Each swap once kept 33 MiB more (constants folded by a warm-up on a side stream stayed allocated)."""
-    worker = Worker(SPEC, backend="aoti", device="cuda", cache_config=CacheConfig.load(environ={}, cache_dir=tmp_path))
-    worker.start()
+    config = CacheConfig.load(environ={}, cache_dir=tmp_path)
+    assert Worker(SPEC, backend="aoti", device="cuda", cache_config=config).start().outcome == "built"
+    worker = Worker(SPEC, backend="aoti", device="cuda", cache_config=config)  # from model facts: no module
+    report = worker.start()
+    assert report.outcome == "local-hit" and report.phases["model"] < 0.1, report.phases
     model = build_model(SPEC.model)
     states = [demo_weights(model, seed=s) for s in (2, 3, 4)]
     allocated = []
