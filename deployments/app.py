@@ -161,14 +161,16 @@ def decode_image(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
 def resize_crop(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """[C, H', W'] UINT8 pixels -> [C, h, w]: the short side resized to fit (bicubic with antialiasing, as PIL
     resizes: within rounding of PIL's pixels, and 2-4x faster than PIL on the host), then cropped to the centre.
-    The same on the host and on the device, so a photo's pixels do not depend on where it was decoded."""
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
-
+    The same on the host and on the device, so a photo's pixels do not depend on where it was decoded.
+    torch's own interpolation, as torchvision's resize does it (native UINT8 on the CPU; on a GPU in float32,
+    clamped and rounded back), without importing torchvision: that import takes seconds (it imports Dynamo)."""
     height, width = img.shape[-2:]
     scale = max(h / height, w / width)
     size = [max(h, round(height * scale)), max(w, round(width * scale))]
-    img = F.resize(img, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    if size != [height, width]:
+        x = img.unsqueeze(0) if img.device.type == "cpu" else img.unsqueeze(0).float()
+        x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+        img = (x if x.dtype == torch.uint8 else x.clamp_(0, 255).round_().to(torch.uint8))[0]
     top, left = (size[0] - h) // 2, (size[1] - w) // 2
     return img[:, top : top + h, left : left + w]
 
@@ -244,29 +246,42 @@ class WarmModel:
         self._starting = True
         self._swaps = ThreadPoolExecutor(1, thread_name_prefix="weights-swap")  # swaps in order, off requests
         self._nvjpeg = threading.Lock()  # one batch decode at a time on the GPU
+        self._nvjpeg_ready = threading.Event()  # set once a test photo decoded (`_warm_decoder`)
+        self._nvjpeg_warming = False
         self.stats = ModelStats()
         self._batcher: Batcher[list[torch.Tensor], tuple[list[torch.Tensor], str]] = Batcher(
             self._infer_batch, on_batch=self._count_batch
         )
         self._configure_batching(self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
-        if self.worker.device.type == "cuda":
-            self._warm_decoder()
         logger.info("replica %s ready: %s", os.getpid(), self.start_report.to_dict())
 
+    def _gpu_decoder(self) -> bool:
+        """Whether nvJPEG is ready to decode a batch. Its first use starts it up on a thread of its own: the
+        torchvision import it needs takes seconds (Dynamo), and nvJPEG sets itself up on its first decode (half
+        a second); the replica's start and a client's request wait for neither, since PIL on the host decodes
+        every photo meanwhile (and for good, if nvJPEG cannot decode a test photo)."""
+        if self._nvjpeg_ready.is_set():
+            return True
+        with self._nvjpeg:
+            if not self._nvjpeg_warming:
+                self._nvjpeg_warming = True
+                threading.Thread(target=self._warm_decoder, name="nvjpeg-warm-up", daemon=True).start()
+        return False
+
     def _warm_decoder(self) -> None:
-        """nvJPEG sets itself up on its first decode (half a second): do that before the replica is ready, not
-        in a client's request."""
-        spec = self.settings.model.input
-        if not takes_pixels(spec.shape, spec.torch_dtype):
-            return
         from PIL import Image
 
         photo = io.BytesIO()
         Image.new("RGB", (32, 32), (90, 120, 60)).save(photo, "JPEG")
+        t0 = time.perf_counter()
         try:
-            decode_jpegs([photo.getvalue()], spec.shape, self.worker.device)
-        except Exception:  # the replica serves anyway; a photo nvJPEG refuses goes through PIL
-            logger.warning("nvJPEG did not decode a test photo", exc_info=True)
+            with self._nvjpeg:
+                decode_jpegs([photo.getvalue()], self.settings.model.input.shape, self.worker.device)
+        except Exception:  # the replica serves anyway: PIL decodes every photo
+            logger.warning("nvJPEG did not decode a test photo; photos are decoded on the host", exc_info=True)
+            return
+        self._nvjpeg_ready.set()
+        logger.info("nvJPEG ready in %.2fs; requests of several JPEGs are decoded on the GPU", time.perf_counter() - t0)
 
     # -- Serve hooks ---------------------------------------------------------------------------
     async def reconfigure(self, config: dict[str, Any]) -> None:
@@ -704,7 +719,8 @@ class WarmModel:
             except InputError as e:
                 return e
 
-        if self.worker.device.type == "cuda" and len(images) >= GPU_DECODE_MIN and all(map(is_jpeg, images)):
+        gpu = self.worker.device.type == "cuda" and len(images) >= GPU_DECODE_MIN and all(map(is_jpeg, images))
+        if gpu and self._gpu_decoder():
             decoded = await asyncio.to_thread(on_gpu)
         else:
             decoded = await asyncio.gather(*(asyncio.to_thread(one, b) for b in images))

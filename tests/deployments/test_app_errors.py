@@ -62,6 +62,24 @@ def test_photos_are_resized_as_pil_resizes_them() -> None:
         assert diff.max() <= 2 and (diff > 1).mean() < 1e-4  # rounding: 6 of 252,000 values differ by 2
 
 
+def test_photos_are_resized_as_torchvision_resizes_them() -> None:
+    """resize_crop is torchvision's bicubic antialiased resize done with torch alone (importing torchvision
+    costs a replica seconds): the same pixels, shrinking and growing."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    from warmserve.deployments.app import resize_crop
+
+    g = torch.Generator().manual_seed(0)
+    for (height, width), (h, w) in [((480, 640), (224, 224)), ((100, 90), (224, 224)), ((300, 500), (32, 48))]:
+        img = torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).permute(2, 0, 1)
+        scale = max(h / height, w / width)
+        size = [max(h, round(height * scale)), max(w, round(width * scale))]
+        want = F.resize(img, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        top, left = (size[0] - h) // 2, (size[1] - w) // 2
+        assert torch.equal(resize_crop(img, h, w), want[:, top : top + h, left : left + w])
+
+
 def test_only_image_models_take_pixels() -> None:
     assert takes_pixels((3, 224, 224), torch.float32) and takes_pixels((3, 16, 16), torch.float16)
     assert not takes_pixels((1, 28, 28), torch.float32)  # one channel: no RGB pixels

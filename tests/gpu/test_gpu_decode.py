@@ -65,6 +65,7 @@ def test_a_gpu_replica_decodes_one_photo_on_the_host_and_several_with_nvjpeg() -
         settings=SimpleNamespace(model=SimpleNamespace(input=SimpleNamespace(shape=(3, 224, 224)))),
         worker=SimpleNamespace(device=torch.device("cuda")),
         _nvjpeg=threading.Lock(),
+        _gpu_decoder=lambda: True,  # nvJPEG started up
     )
     decode = app.WarmModel.func_or_class._decode
     photos = [CAT.read_bytes(), _jpeg(640, 480)]
@@ -74,3 +75,45 @@ def test_a_gpu_replica_decodes_one_photo_on_the_host_and_several_with_nvjpeg() -
     assert tuple(one.shape) == (1, 3, 224, 224) and tuple(several.shape) == (2, 3, 224, 224)
     with pytest.raises(InputError, match=r"'b\.jpg'"):
         asyncio.run(decode(replica, [photos[0], b"\xff\xd8\xff" + b"junk" * 10], ["a.jpg", "b.jpg"]))
+
+
+def test_nvjpeg_starts_up_off_the_request_path() -> None:
+    """The first request of several JPEGs starts nvJPEG on a thread and is decoded by PIL meanwhile; once
+    nvJPEG decoded a test photo, such requests are decoded on the GPU."""
+    import asyncio
+    from types import MethodType, SimpleNamespace
+
+    import warmserve.deployments.app as app
+
+    cls = app.WarmModel.func_or_class
+    replica = SimpleNamespace(
+        settings=SimpleNamespace(model=SimpleNamespace(input=SimpleNamespace(shape=(3, 224, 224)))),
+        worker=SimpleNamespace(device=torch.device("cuda")),
+        _nvjpeg=threading.Lock(),
+        _nvjpeg_ready=threading.Event(),
+        _nvjpeg_warming=False,
+    )
+    replica._gpu_decoder = MethodType(cls._gpu_decoder, replica)
+    replica._warm_decoder = MethodType(cls._warm_decoder, replica)
+    photos = [CAT.read_bytes(), _jpeg(640, 480)]
+    first = asyncio.run(cls._decode(replica, photos))
+    assert first.device.type == "cpu"
+    assert replica._nvjpeg_ready.wait(120)
+    assert asyncio.run(cls._decode(replica, photos)).device.type == "cuda"
+
+
+def test_photos_resize_on_the_gpu_as_torchvision_resizes_them() -> None:
+    """resize_crop does torchvision's bicubic resize with torch alone (no torchvision import): the same pixels."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    from warmserve.deployments.app import resize_crop
+
+    g = torch.Generator().manual_seed(0)
+    for height, width in [(480, 640), (100, 90)]:
+        img = torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8).cuda()
+        scale = max(224 / height, 224 / width)
+        size = [max(224, round(height * scale)), max(224, round(width * scale))]
+        want = F.resize(img, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        top, left = (size[0] - 224) // 2, (size[1] - 224) // 2
+        assert torch.equal(resize_crop(img, 224, 224), want[:, top : top + 224, left : left + 224])
