@@ -12,8 +12,10 @@ the last replica's first answer. Writes bench/results/load-step-DEVICE[-TAG].{js
 from __future__ import annotations
 
 import argparse
+import datetime
 import multiprocessing as mp
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -105,6 +107,46 @@ def sample_replicas(http: str, t0: float, until: float, seen: dict[int, dict[str
         time.sleep(0.05)
 
 
+LOG_LINE = re.compile(r"^[A-Z]+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (.*)$")
+
+
+def serve_timeline(raytmp: str, step: float) -> dict[str, Any]:
+    """From Serve's own logs, in seconds after the step (wall clock ``step``): the controller's upscaling
+    decisions and, per replica, when the controller started it, when its constructor began and ended, when
+    the controller counted it running, and its first inference request."""
+    logs = Path(raytmp) / "ray" / "session_latest" / "logs" / "serve"
+
+    def lines(path: Path) -> Any:
+        for line in path.read_text(errors="replace").splitlines():
+            m = LOG_LINE.match(line)
+            if m:
+                t = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() - step
+                yield round(t, 2), m.group(2)
+
+    upscales: list[list[Any]] = []
+    replicas: dict[str, dict[str, float]] = {}
+    for path in sorted(logs.glob("controller_*.log")):
+        for t, text in lines(path):
+            if m := re.search(r"Upscaling .* from (\d+) to (\d+) replicas", text):
+                upscales.append([t, int(m.group(1)), int(m.group(2))])
+            elif m := re.search(r"Starting Replica\(id='(\w+)'", text):
+                replicas.setdefault(m.group(1), {})["started"] = t
+            elif m := re.search(r"Replica\(id='(\w+)'.*started successfully", text):
+                replicas.setdefault(m.group(1), {})["running"] = t
+    for path in sorted(logs.glob("replica_*.log")):
+        rid = path.stem.rsplit("_", 1)[-1]
+        rep = replicas.setdefault(rid, {})
+        for t, text in lines(path):
+            if "Started initializing replica" in text:
+                rep.setdefault("init_begun", t)
+            elif "Finished initializing replica" in text:
+                rep.setdefault("init_done", t)
+            elif "/infer 200" in text or "ModelInfer OK" in text:
+                rep.setdefault("first_request", t)
+                break
+    return {"upscales": upscales, "replicas": replicas}
+
+
 def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# Load step against `warmserve run {r['run_args']}` ({r['device']}, cache {r['cache']})",
@@ -128,6 +170,20 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {pid} | {rep['first_answer_s'] - r['step_at']:.1f} | {start.get('outcome')} | "
             f"{start.get('total_seconds')} | {phases} |"
         )
+    timeline = r.get("serve_timeline") or {}
+    if timeline.get("replicas"):
+        ups = "; ".join(f"{a} -> {b} at {t:.1f} s" for t, a, b in timeline["upscales"]) or "none"
+        lines += [
+            "",
+            f"Serve's logs, seconds after the step. Upscaling decisions: {ups}.",
+            "",
+            "| replica | controller starts it | constructor begins | constructor ends | counted running "
+            "| first request |",
+            "|---|---|---|---|---|---|",
+        ]
+        cells = ("started", "init_begun", "init_done", "running", "first_request")
+        for rid, rep in sorted(timeline["replicas"].items(), key=lambda kv: kv[1].get("started", -1e9)):
+            lines.append(f"| {rid} | " + " | ".join(f"{rep[c]:.1f}" if c in rep else "" for c in cells) + " |")
     lines += ["", "| second | answers | failures | mean latency ms |", "|---|---|---|---|"]
     for s, (ok, failed, lat) in enumerate(zip(r["ok"], r["failed"], r["latency_ms"], strict=True)):
         lines.append(f"| {s} | {ok} | {failed} | {lat:.1f} |")
@@ -263,6 +319,7 @@ def main() -> int:
         "rate_before": sum(ok[2:step]) / max(1, step - 2),
         "rate_end": sum(ok[-1 - tail : -1]) / tail,
         "host": host_facts(),
+        "serve_timeline": serve_timeline(raytmp, t0 + args.step_at),
     }
     stem = f"load-step-{device}" + (f"-{args.tag}" if args.tag else "")
     out = ROOT / args.out
