@@ -247,7 +247,8 @@ class WarmModel:
         self._swaps = ThreadPoolExecutor(1, thread_name_prefix="weights-swap")  # swaps in order, off requests
         self._nvjpeg = threading.Lock()  # one batch decode at a time on the GPU
         self._nvjpeg_ready = threading.Event()  # set once a test photo decoded (`_warm_decoder`)
-        self._nvjpeg_warming = False
+        self._nvjpeg_warming = False  # under _nvjpeg_start, which is never held across a decode
+        self._nvjpeg_start = threading.Lock()
         self.stats = ModelStats()
         self._batcher: Batcher[list[torch.Tensor], tuple[list[torch.Tensor], str]] = Batcher(
             self._infer_batch, on_batch=self._count_batch
@@ -262,7 +263,7 @@ class WarmModel:
         every photo meanwhile (and for good, if nvJPEG cannot decode a test photo)."""
         if self._nvjpeg_ready.is_set():
             return True
-        with self._nvjpeg:
+        with self._nvjpeg_start:
             if not self._nvjpeg_warming:
                 self._nvjpeg_warming = True
                 threading.Thread(target=self._warm_decoder, name="nvjpeg-warm-up", daemon=True).start()
@@ -275,6 +276,8 @@ class WarmModel:
         Image.new("RGB", (32, 32), (90, 120, 60)).save(photo, "JPEG")
         t0 = time.perf_counter()
         try:
+            import torchvision.io  # noqa: F401 - seconds (it imports Dynamo), outside the decode lock
+
             with self._nvjpeg:
                 decode_jpegs([photo.getvalue()], self.settings.model.input.shape, self.worker.device)
         except Exception:  # the replica serves anyway: PIL decodes every photo

@@ -73,6 +73,18 @@ def code_identity(model: str) -> dict[str, Any] | None:
     return found
 
 
+def numerics() -> dict[str, Any]:
+    """What else an eager answer depends on: the CUDA and cuDNN libraries (packaged apart from torch) and
+    whether float32 matrix products may use TF32."""
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {
+        "cuda": torch.version.cuda,
+        "cudnn": cudnn,
+        "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32],
+        "matmul_precision": torch.get_float32_matmul_precision(),
+    }
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """A model as its start sees it, without the module."""
@@ -105,23 +117,23 @@ class ModelFacts:
 class FactsStore:
     """The facts of one model spec (model, input signature, precision, output names) in ``directory``.
 
-    ``derivation`` is the code that computes them (its source is part of their identity: facts recorded by
-    an older warmserve are not read). Every read failure (a missing, corrupt, unsigned or stale file) is a
+    ``derivation`` identifies the code that computes them (facts recorded by another warmserve are not read;
+    None keeps none). Every read failure (a missing, corrupt, unsigned or stale file) is a
     miss, and the start builds the module and records them again."""
 
     def __init__(
         self,
         directory: Path,
         spec_doc: Mapping[str, Any],
-        derivation: Sequence[str],
+        derivation: str | None,
         signing_key: bytes | None = None,
     ) -> None:
         self.directory = directory
         self.signing_key = signing_key
         code = code_identity(str(spec_doc["model"]))
         self.id: str | None = None
-        if code is not None:
-            doc = {"format": FORMAT, "spec": dict(spec_doc), "code": code, "derivation": _sha256("\n".join(derivation))}
+        if code is not None and derivation is not None:
+            doc = {"format": FORMAT, "spec": dict(spec_doc), "code": code, "derivation": derivation}
             self.id = _sha256(_canonical(doc))
 
     @property
@@ -131,14 +143,16 @@ class FactsStore:
     def _path(self) -> Path:
         return self.directory / f"{self.id}.json"
 
-    def _mac(self, data: bytes) -> str:
+    def _mac(self, path: Path, data: bytes) -> str:
+        """Over the file's name (which names the facts' identity, and an answer's weights, device and probe)
+        and its content: a signed file copied under another name is refused."""
         assert self.signing_key is not None
-        return hmac.new(self.signing_key, data, hashlib.sha256).hexdigest()
+        return hmac.new(self.signing_key, path.name.encode() + b"\0" + data, hashlib.sha256).hexdigest()
 
-    def _signed(self, data: bytes, signature: str | None) -> bool:
+    def _signed(self, path: Path, data: bytes, signature: str | None) -> bool:
         if self.signing_key is None:
             return True
-        return signature is not None and hmac.compare_digest(self._mac(data), signature)
+        return signature is not None and hmac.compare_digest(self._mac(path, data), signature)
 
     def load(self) -> ModelFacts | None:
         if self.id is None:
@@ -147,7 +161,7 @@ class FactsStore:
         try:
             raw = json.loads(path.read_bytes())
             body = raw["facts"]
-            if not self._signed(_canonical(body), raw.get("signature")):
+            if not self._signed(path, _canonical(body), raw.get("signature")):
                 logger.warning("model facts %s are unsigned or forged; building the module", path)
                 return None
             return ModelFacts.from_doc(body)
@@ -163,7 +177,7 @@ class FactsStore:
         body = facts.doc()
         doc: dict[str, Any] = {"facts": body}
         if self.signing_key is not None:
-            doc["signature"] = self._mac(_canonical(body))
+            doc["signature"] = self._mac(self._path(), _canonical(body))
         self._write(self._path(), json.dumps(doc).encode())
 
     # -- eager PyTorch's answers to the verification probe, per weights file --------------------------------
@@ -172,7 +186,13 @@ class FactsStore:
         for x in probe:
             h.update(f"{x.dtype}{list(x.shape)}".encode())
             h.update(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        doc = {"facts": self.id, "weights": weights_sha256, "device": dict(device), "probe": h.hexdigest()}
+        doc = {
+            "facts": self.id,
+            "weights": weights_sha256,
+            "device": dict(device),
+            "probe": h.hexdigest(),
+            "numerics": numerics(),
+        }
         return self.directory / f"{self.id}-answer-{_sha256(_canonical(doc))[:32]}.safetensors"
 
     def reference(
@@ -184,13 +204,14 @@ class FactsStore:
         path = self._reference_path(weights_sha256, device, probe)
         try:
             data = path.read_bytes()
-            signature = path.with_suffix(".sig").read_text().strip() if self.signing_key is not None else None
+            sig = path.with_suffix(".sig").read_bytes() if self.signing_key is not None else None
+            signature = sig.decode("ascii").strip() if sig is not None else None
         except FileNotFoundError:
             return None
-        except OSError as e:
+        except (OSError, ValueError) as e:
             logger.warning("recorded answer %s unreadable (%s); asking eager PyTorch", path, e)
             return None
-        if not self._signed(data, signature):
+        if not self._signed(path, data, signature):
             logger.warning("recorded answer %s is unsigned or forged; asking eager PyTorch", path)
             return None
         from safetensors import SafetensorError
@@ -219,8 +240,16 @@ class FactsStore:
         data = save({f"output{i}": t.detach().cpu().contiguous() for i, t in enumerate(answer)})
         path = self._reference_path(weights_sha256, device, probe)
         if self.signing_key is not None:
-            self._write(path.with_suffix(".sig"), self._mac(data).encode())
+            self._write(path.with_suffix(".sig"), self._mac(path, data).encode())
         self._write(path, data)
+
+    def forget_reference(self, weights_sha256: str, device: Mapping[str, Any], probe: Sequence[torch.Tensor]) -> None:
+        """Drop a recorded answer the engine disagreed with: eager is asked again, and its answer recorded."""
+        if self.id is None:
+            return
+        path = self._reference_path(weights_sha256, device, probe)
+        for p in (path, path.with_suffix(".sig")):
+            p.unlink(missing_ok=True)
 
     def _write(self, path: Path, data: bytes) -> None:
         """Facts are an optimisation: a full disk or a read-only cache directory costs the next start, no more."""

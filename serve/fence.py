@@ -25,9 +25,12 @@ AUTOTUNE_METRIC = "CachingAutotuner.benchmark_all_configs"
 def compile_counts() -> tuple[int, int]:
     """(Dynamo frames compiled, Triton autotuning runs) in this process so far."""
     utils = sys.modules.get("torch._dynamo.utils")
-    if utils is None:
+    # A module being imported (torchvision imports Dynamo, after a replica is ready, for nvJPEG or a swap's
+    # eager reference) is in sys.modules before its counters exist: nothing has compiled yet.
+    counters = getattr(utils, "counters", None)
+    if counters is None:
         return 0, 0
-    frames = int(utils.counters["frames"]["total"])
+    frames = int(counters["frames"]["total"])
     autotunes = len(getattr(utils, "compilation_time_metrics", {}).get(AUTOTUNE_METRIC, ()))
     return frames, autotunes
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import inspect
+import hashlib
 import logging
 import os
 import threading
@@ -170,10 +170,17 @@ def output_specs(spec: ModelSpec, real: Callable[[Sequence[torch.Tensor]], Any] 
 
 
 @functools.cache
-def derivation() -> tuple[str, ...]:
-    """The code that finds a model's facts (`ModelFacts`): facts that other code recorded are not read."""
-    code = (build_model, materialise, architecture_doc, expected_tensors, output_specs, class_names)
-    return (f"key format {KEY_FORMAT}", *(inspect.getsource(f) for f in code))
+def derivation() -> str | None:
+    """The code that finds a model's facts (`ModelFacts`): warmserve's worker, every file of it, so that facts
+    another version recorded are not read. None (no facts kept) where its sources cannot be read."""
+    h = hashlib.sha256(f"key format {KEY_FORMAT}".encode())
+    try:
+        for path in sorted(Path(__file__).resolve().parent.rglob("*.py")):
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+    except OSError as e:
+        logger.info("no model facts: warmserve's sources are unreadable (%s)", e)
+        return None
+    return h.hexdigest()
 
 
 class Steps:
@@ -286,6 +293,7 @@ class Worker:
         self._artifact = b""
         self._expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._model: nn.Module | None = None  # built when something needs it (`model`)
+        self._model_lock = threading.Lock()
         self._state: StateDict | None = None  # the live weights, on the device
         self.facts = FactsStore(
             Path(self.cache_config.cache_dir) / "facts",
@@ -321,10 +329,11 @@ class Worker:
     @property
     def model(self) -> nn.Module | None:
         """The eager module with the live weights (shared with the engine, not copied), or None before
-        `start`. A start from recorded facts builds none: the first use here builds it."""
-        if self._model is None and self._state is not None:
-            self._model = materialise(self.spec.model, self._state)
-        return self._model
+        `start` reads the weights. A start from recorded facts builds none: the first use here builds it."""
+        with self._model_lock:
+            if self._model is None and self._state is not None:
+                self._model = materialise(self.spec.model, self._state)
+            return self._model
 
     def key_for(self, model: nn.Module) -> CacheKey:
         """Weight-agnostic: architecture, input spec, precision, backend settings, device and versions."""
@@ -363,18 +372,18 @@ class Worker:
         return self.engine_spec.examples(device=self.device, seed=1234)
 
     def _reference(self, state: StateDict, xs: Sequence[torch.Tensor], sha256: str = "") -> list[torch.Tensor]:
-        """Eager PyTorch's answer for ``xs`` with ``state`` (its tensors shared, not copied). For the weights
-        file of digest ``sha256``: the answer eager gave a start or a swap here before, if one did (no module is
-        built for it), and recorded for the next one if not."""
-        device = device_doc(self.device)
-        recorded = self.facts.reference(sha256, device, xs)
-        if recorded is not None:
-            return [t.to(self.device) for t in recorded]
+        """Eager PyTorch's answer for ``xs`` with ``state`` (its tensors shared, not copied); recorded for the
+        weights file of digest ``sha256`` (read from that file), for the next start with it (`_recorded`)."""
         model = materialise(self.spec.model, state)
         with torch.inference_mode():
             want = [t for _, t in flatten(model(*xs))]
-        self.facts.save_reference(sha256, device, xs, want)
+        self.facts.save_reference(sha256, device_doc(self.device), xs, want)
         return want
+
+    def _recorded(self, sha256: str, xs: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The answer eager gave a start or a swap here for the weights file of digest ``sha256``, if one did."""
+        recorded = self.facts.reference(sha256, device_doc(self.device), xs)
+        return None if recorded is None else [t.to(self.device) for t in recorded]
 
     def _check(self, engine: Engine, xs: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
         with torch.inference_mode():
@@ -420,9 +429,13 @@ class Worker:
             key, outcome, artifact = self._fetch(architecture, steps)
             engine = self._engine(artifact, live_state, steps)
             probe, num_outputs = self._first_answer(engine, live_state, loaded.sha256, steps)
-        self.labels = class_names(self.spec.model, num_outputs) if facts is None else facts.labels
-        if facts is None:
+        if facts is not None and len(facts.labels) == num_outputs:
+            self.labels = facts.labels
+        else:  # no facts, or ones whose labels do not fit the engine's outputs: recorded (again)
+            self.labels = class_names(self.spec.model, num_outputs)
             self.facts.save(ModelFacts(architecture, self._expected, self.outputs, self.labels))
+        if self.backend.swap == "in-place":
+            self._state = None  # the engine's module holds the live weights, and refits them in place
         self._artifact = artifact
         self._live = _Live(engine, self.spec.weights_version, loaded.sha256)
         self.fence = fence.CompileFence(self.metrics, self.backend.name)
@@ -527,6 +540,13 @@ class Worker:
             with torch.inference_mode():
                 return None, int(engine(xs)[0].shape[-1])
         with steps("verify"):
+            want = self._recorded(sha256, xs)
+            if want is not None:
+                try:
+                    return self._check(engine, xs, want), int(want[0].shape[-1])
+                except RefitError as e:  # a stale record (other CUDA libraries, say): eager decides
+                    logger.warning("%s against the answer recorded for these weights; asking eager PyTorch", e)
+                    self.facts.forget_reference(sha256, device_doc(self.device), xs)
             want = self._reference(state, xs, sha256)
             probe = self._check(engine, xs, want)
         return probe, int(want[0].shape[-1])
@@ -612,7 +632,7 @@ class Worker:
                 want = None
                 if self.verify:
                     with steps("reference"):
-                        want = self._reference(state, x, digest)
+                        want = self._reference(state, x, digest if isinstance(weights, str) else "")
                 probe = self._refit_and_switch(live, state, version, digest, x, want, steps)
             except (WeightsError, RefitError) as e:
                 logger.warning("weights %s rejected; still serving %s: %s", version, live.version, e)
@@ -694,7 +714,8 @@ class Worker:
                 raise
             with steps("switch"), self._rw.write():
                 self._live = _Live(engine, version, digest)
-            self._state, self._model = state, None  # the eager module, if one is asked for, has the new weights
+            with self._model_lock:  # the eager module, if one is asked for, has the new weights
+                self._state, self._model = state, None
             # No request holds the replaced engine any more: each reads the live one inside its read section.
             live.engine.idle()
             self._spare = live.engine

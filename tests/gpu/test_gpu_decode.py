@@ -92,6 +92,7 @@ def test_nvjpeg_starts_up_off_the_request_path() -> None:
         _nvjpeg=threading.Lock(),
         _nvjpeg_ready=threading.Event(),
         _nvjpeg_warming=False,
+        _nvjpeg_start=threading.Lock(),
     )
     replica._gpu_decoder = MethodType(cls._gpu_decoder, replica)
     replica._warm_decoder = MethodType(cls._warm_decoder, replica)
