@@ -15,6 +15,7 @@ so. With a signing key, facts are signed as cache entries are, and unsigned or f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import importlib.metadata
@@ -47,6 +48,13 @@ def _canonical(doc: Mapping[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _mac(key: bytes, path: Path, data: bytes) -> str:
+    """HMAC-SHA256 over a file's name (which names the facts' identity, and an answer's weights, device and
+    probe) and its content: a signed file copied under another name is refused."""
+    return hmac.new(key, path.name.encode() + b"\0" + data, hashlib.sha256).hexdigest()
+
+
+@functools.cache  # read once per process: the installed distributions do not change under it
 def installed(package: str) -> dict[str, str] | None:
     """The installed distribution of ``package`` (its version and the digest of its RECORD), or None when it
     has no RECORD or is not the one Python imports (another copy earlier on the path, say)."""
@@ -54,11 +62,14 @@ def installed(package: str) -> dict[str, str] | None:
         dist = importlib.metadata.distribution(package)
         record = dist.read_text("RECORD")
         spec = importlib.util.find_spec(package)  # finds the package without importing it
-    except (importlib.metadata.PackageNotFoundError, ImportError, ValueError):
+    except (importlib.metadata.PackageNotFoundError, ImportError, ValueError) as e:
+        logger.debug("no model facts for %s models: %s: %s", package, type(e).__name__, e)
         return None
     if not record or spec is None or spec.origin is None:
+        logger.debug("no model facts for %s models: its installation has no RECORD", package)
         return None
     if Path(str(dist.locate_file(f"{package}/__init__.py"))).resolve() != Path(spec.origin).resolve():
+        logger.debug("no model facts for %s models: Python imports another copy than %s", package, dist.version)
         return None
     return {"version": dist.version, "record": _sha256(record)}
 
@@ -143,16 +154,10 @@ class FactsStore:
     def _path(self) -> Path:
         return self.directory / f"{self.id}.json"
 
-    def _mac(self, path: Path, data: bytes) -> str:
-        """Over the file's name (which names the facts' identity, and an answer's weights, device and probe)
-        and its content: a signed file copied under another name is refused."""
-        assert self.signing_key is not None
-        return hmac.new(self.signing_key, path.name.encode() + b"\0" + data, hashlib.sha256).hexdigest()
-
     def _signed(self, path: Path, data: bytes, signature: str | None) -> bool:
         if self.signing_key is None:
             return True
-        return signature is not None and hmac.compare_digest(self._mac(path, data), signature)
+        return signature is not None and hmac.compare_digest(_mac(self.signing_key, path, data), signature)
 
     def load(self) -> ModelFacts | None:
         if self.id is None:
@@ -177,7 +182,7 @@ class FactsStore:
         body = facts.doc()
         doc: dict[str, Any] = {"facts": body}
         if self.signing_key is not None:
-            doc["signature"] = self._mac(self._path(), _canonical(body))
+            doc["signature"] = _mac(self.signing_key, self._path(), _canonical(body))
         self._write(self._path(), json.dumps(doc).encode())
 
     # -- eager PyTorch's answers to the verification probe, per weights file --------------------------------
@@ -240,7 +245,7 @@ class FactsStore:
         data = save({f"output{i}": t.detach().cpu().contiguous() for i, t in enumerate(answer)})
         path = self._reference_path(weights_sha256, device, probe)
         if self.signing_key is not None:
-            self._write(path.with_suffix(".sig"), self._mac(path, data).encode())
+            self._write(path.with_suffix(".sig"), _mac(self.signing_key, path, data).encode())
         self._write(path, data)
 
     def forget_reference(self, weights_sha256: str, device: Mapping[str, Any], probe: Sequence[torch.Tensor]) -> None:

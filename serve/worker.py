@@ -175,8 +175,9 @@ def derivation() -> str | None:
     another version recorded are not read. None (no facts kept) where its sources cannot be read."""
     h = hashlib.sha256(f"key format {KEY_FORMAT}".encode())
     try:
-        for path in sorted(Path(__file__).resolve().parent.rglob("*.py")):
-            h.update(path.name.encode() + b"\0" + path.read_bytes())
+        root = Path(__file__).resolve().parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     except OSError as e:
         logger.info("no model facts: warmserve's sources are unreadable (%s)", e)
         return None
