@@ -5,6 +5,7 @@
 import asyncio
 import functools
 import io
+import json
 import logging
 import os
 import threading
@@ -28,7 +29,7 @@ from warmserve.serve.errors import InputError, NotReady
 from warmserve.serve.metrics import Metrics
 from warmserve.serve.settings import Settings
 from warmserve.serve.spec import wire_shape
-from warmserve.serve.worker import SwapReport, Worker
+from warmserve.serve.worker import SwapReport, Worker, process_age
 
 logger = logging.getLogger("warmserve.app")
 
@@ -224,9 +225,25 @@ class WarmModel:
     """One replica: warm-starts its engine in the constructor, so it takes traffic only once ready."""
 
     def __init__(self, args: dict[str, Any] | None = None) -> None:
+        from warmserve.deployments import IMPORT_BEGAN
         from warmserve.deployments.ray_metrics import RaySink
 
+        began = time.time()
         logging.basicConfig(level=logging.INFO)
+        age = process_age()
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        if threads.isdigit() and int(threads) > 0 and torch.get_num_threads() != int(threads):
+            # Ray sets the replica's OMP_NUM_THREADS (its num_cpus) when it takes the worker; a worker that
+            # imported torch before that (a preloaded one) would run torch's default, a thread per core.
+            torch.set_num_threads(int(threads))
+        # Wall clock, for a scale-up's timeline beside Serve's own log (bench/load_step.py): where the time
+        # between Serve starting this replica and its constructor went. In /v1/status as `process`.
+        self.process_times = {
+            "process_started": None if age is None else round(began - age, 3),
+            "app_import_began": round(IMPORT_BEGAN, 3),
+            "constructor_began": round(began, 3),
+        }
+        logger.info("replica %s process: %s", os.getpid(), json.dumps(self.process_times))
         self.settings = Settings.load(args=args)  # the environment is read here, once
         cache = self.settings.cache
         self.worker = Worker(
@@ -754,6 +771,7 @@ class WarmModel:
             "weights_sha256": self.worker.weights_sha256,
             "unexpected_compiles": self.worker.fence.unexpected if self.worker.fence else None,
             "start": self.start_report.to_dict(),
+            "process": self.process_times,
             "last_swap": self.last_swap.to_dict() if self.last_swap else None,
         }
 

@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -310,8 +311,14 @@ def serve(
     address, source = ray_address()
     local = address is None
     settings = preflight(config, local=local)
+    system_config = ray_system_config(config, local=local)
     for note in notes:
         say(note)
+    if system_config:
+        say(
+            "Ray's worker processes import torch and the app as they start, so a new replica does not "
+            "(WARMSERVE_PRELOAD=0 turns this off)"
+        )
     out = _json_stream() if json_lines else sys.stdout
     # Read by every Ray Serve process when it starts, so set before Ray starts: they inherit it.
     os.environ.update(ingress_env(local, ingress, os.environ))
@@ -324,11 +331,15 @@ def serve(
     from ray import serve as ray_serve
     from ray.serve._private import api as serve_api
     from ray.serve.config import gRPCOptions
-    from ray.serve.schema import ServeDeploySchema
 
     say(f"starting a local Ray cluster for {url}" if local else f"joining the Ray cluster at {address} ({source})")
     try:
-        context = ray.init(address=address or "local", namespace=SERVE_NAMESPACE, log_to_driver=verbose)
+        context = ray.init(
+            address=address or "local",
+            namespace=SERVE_NAMESPACE,
+            log_to_driver=verbose,
+            _system_config=system_config,
+        )
     except KeyboardInterrupt:
         return 0
     except Exception as e:  # Ray's many start failures: one line, not its traceback
@@ -339,7 +350,7 @@ def serve(
     # After ray.init, which installs a crash handler for SIGTERM: `kill` must shut down cleanly too.
     with _stop_on_signals():
         try:
-            schema = ServeDeploySchema.model_validate(config)
+            schema = serve_schema(config)
             client = serve_api.serve_start(
                 http_options=schema.http_options.model_dump(),
                 proxy_location=schema.proxy_location,
@@ -374,6 +385,43 @@ def serve(
             return failed(one_line(e))
         finally:
             _shutdown(ray, ray_serve, name if not local else None, haproxy_node=node_id)
+
+
+def preloads(config: dict[str, Any], *, local: bool, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the Ray workers of this service import torch and the app as they start (deployments/preload.py).
+    A replica Serve starts on such a worker skips seconds of imports, which is what a scale-up waits on; the
+    price is every Ray worker process of the node importing them too, at the cluster's start. So: on a local
+    cluster whose replicas autoscale on a GPU, where cores are many; ``WARMSERVE_PRELOAD`` 1 or 0 decides
+    instead. A cluster we join keeps its own settings."""
+    environ = os.environ if environ is None else environ
+    choice = environ.get("WARMSERVE_PRELOAD", "")
+    if choice not in ("", "0", "1"):
+        raise StartError(f"WARMSERVE_PRELOAD must be 0 or 1, got {choice!r}")
+    if not local:
+        return False
+    if choice:
+        return choice == "1"
+    deployments = app_entry(config).get("deployments") or []
+    return any(d.get("autoscaling_config") and (d.get("ray_actor_options") or {}).get("num_gpus") for d in deployments)
+
+
+def ray_system_config(config: dict[str, Any], *, local: bool) -> dict[str, Any] | None:
+    """Ray's ``_system_config`` for the local cluster `warmserve run` starts (None for one it joins)."""
+    if not preloads(config, local=local):
+        return None
+    return {"preload_python_modules": ["warmserve.deployments.preload"]}
+
+
+def serve_schema(config: dict[str, Any]) -> Any:
+    """Ray Serve's own check of ``config``, as its ServeDeploySchema. An autoscaling config's
+    ``metrics_interval_s`` is the only way to have replicas report their load more often than every 10 s:
+    Ray 2.60 deprecates it for environment variables that nothing of it reads yet, so that warning is not
+    passed on."""
+    from ray.serve.schema import ServeDeploySchema
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The `metrics_interval_s` field", category=DeprecationWarning)
+        return ServeDeploySchema.model_validate(config)
 
 
 def _json_stream() -> TextIO:

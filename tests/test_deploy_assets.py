@@ -46,10 +46,12 @@ def test_dockerfile_parses_and_copies_what_exists() -> None:
 
 
 def test_serve_config_is_valid() -> None:
-    from ray.serve.schema import ServeDeploySchema
+    from warmserve.deployments.runner import serve_schema
 
     config = yaml.safe_load((ROOT / "deployments" / "config.yaml").read_text())
-    ServeDeploySchema.model_validate(config)
+    scaling = serve_schema(config).applications[0].deployments[0].autoscaling_config
+    # Replicas report their load every second (Serve's own 10 s put a load step's decision 20 s after it).
+    assert (scaling["metrics_interval_s"], scaling["look_back_period_s"]) == (1, 5)
     app = config["applications"][0]
     Settings.load(args=app["args"], environ={})
     assert app["deployments"][0]["user_config"]["weights_version"] == app["args"]["weights_version"]

@@ -21,11 +21,9 @@ import requests
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST_AUTOSCALING = {
-    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
+# Ray 2.60 reads no RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S yet: a test that autoscales fast sets its
+# config's metrics_interval_s.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def ray_processes(marker: str) -> list[int]:
@@ -127,7 +125,7 @@ class RayCluster:
         home = self.workdir / "home"
         (home / ".ray").mkdir(parents=True, exist_ok=True)
         (home / ".ray" / "auth_token").write_text("a-stale-token-from-another-cluster")
-        env = {**os.environ, **FAST_AUTOSCALING, **self.auth_env, **self.env, **(extra or {}), "HOME": str(home)}
+        env = {**os.environ, **RAY_ENV, **self.auth_env, **self.env, **(extra or {}), "HOME": str(home)}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
             env = {**haproxy_files(self.tempdir), **env}

@@ -24,7 +24,7 @@ import pytest
 import requests
 import torch
 
-from tests.e2e.cluster import FAST_AUTOSCALING, haproxy_files, ray_processes, stop_ray
+from tests.e2e.cluster import RAY_ENV, haproxy_files, ray_processes, stop_ray
 from tests.e2e.helpers import ROOT_ENV
 from tests.servers import free_port
 from warmserve.serve.model import build_model
@@ -293,11 +293,12 @@ def test_the_default_run_scales_up_and_down_under_load_without_a_failed_request(
     doc["applications"][0]["deployments"][0]["autoscaling_config"] = {
         **scaling,
         "downscale_delay_s": 3,
+        "metrics_interval_s": 0.5,
         "look_back_period_s": 2,
     }
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump(doc))
-    user.extra_env.update(FAST_AUTOSCALING)
+    user.extra_env.update(RAY_ENV)
     service = start(user, "--config", str(config), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu")
     stop_all, stop_extra = threading.Event(), threading.Event()
     failures: list[str] = []
