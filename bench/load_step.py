@@ -101,7 +101,12 @@ def sample_replicas(http: str, t0: float, until: float, seen: dict[int, dict[str
             s = session.get(f"{http}/v1/status", timeout=10).json()
             pid = int(s["replica_pid"])
             if pid not in seen:
-                seen[pid] = {"first_answer_s": round(time.time() - t0, 2), "start": s.get("start")}
+                seen[pid] = {
+                    "first_answer_s": round(time.time() - t0, 2),
+                    "replica": s.get("replica"),
+                    "start": s.get("start"),
+                    "process": s.get("process"),  # wall clock: process start, the app's import, constructor
+                }
         except (requests.RequestException, ValueError, KeyError) as e:
             misses.append(f"{round(time.time() - t0, 2)} s: {type(e).__name__}: {str(e)[:200]}")
         time.sleep(0.05)
@@ -149,7 +154,8 @@ def serve_timeline(raytmp: str, step: float) -> dict[str, Any]:
 
 def markdown(r: dict[str, Any]) -> str:
     lines = [
-        f"# Load step against `warmserve run {r['run_args']}` ({r['device']}, cache {r['cache']})",
+        f"# Load step against `{''.join(f'{k}={v} ' for k, v in r.get('env', {}).items())}warmserve run "
+        f"{r['run_args']}` ({r['device']}, cache {r['cache']})",
         "",
         f"{r['few']} {r['protocol']} clients, then {r['many']} from second {r['step_at']:g}; "
         f"{r['after']:g} s after the step. Layout: {r['layout']}",
@@ -177,13 +183,23 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             f"Serve's logs, seconds after the step. Upscaling decisions: {ups}.",
             "",
-            "| replica | controller starts it | constructor begins | constructor ends | counted running "
-            "| first request |",
-            "|---|---|---|---|---|---|",
+            "Its process's start, and its import of warmserve's app, are the replica's own (`/v1/status`): a "
+            "process older than Serve's start of it was an idle Ray worker.",
+            "",
+            "| replica | controller starts it | process started | app import begins "
+            "| constructor begins | constructor ends | counted running | first request |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        cells = ("started", "init_begun", "init_done", "running", "first_request")
+        own = {rep.get("replica"): rep.get("process") or {} for rep in r["replicas"].values()}
+        step = r.get("step_wall")
+        cells = ("started", "process_started", "app_import_began", "init_begun", "init_done")
         for rid, rep in sorted(timeline["replicas"].items(), key=lambda kv: kv[1].get("started", -1e9)):
-            lines.append(f"| {rid} | " + " | ".join(f"{rep[c]:.1f}" if c in rep else "" for c in cells) + " |")
+            times = dict(rep)
+            for key, wall in own.get(rid, {}).items():
+                if step is not None and wall is not None and key != "constructor_began":
+                    times[key] = wall - step
+            row = (*cells, "running", "first_request")
+            lines.append(f"| {rid} | " + " | ".join(f"{times[c]:.1f}" if c in times else "" for c in row) + " |")
     lines += ["", "| second | answers | failures | mean latency ms |", "|---|---|---|---|"]
     for s, (ok, failed, lat) in enumerate(zip(r["ok"], r["failed"], r["latency_ms"], strict=True)):
         lines.append(f"| {s} | {ok} | {failed} | {lat:.1f} |")
@@ -230,6 +246,7 @@ def main() -> int:
     ap.add_argument("--protocol", choices=("http", "grpc"), default="http")
     ap.add_argument("--client-procs", type=int, default=4)
     ap.add_argument("--run-args", default="", help="options for `warmserve run` (default: none)")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="for `warmserve run` (repeatable)")
     ap.add_argument("--cache-dir", help="engine cache (default: a new temp dir, so the first replica builds)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="")
@@ -249,7 +266,8 @@ def main() -> int:
     home.mkdir()
     raytmp = tempfile.mkdtemp(prefix="wsl", dir="/tmp")  # short: Ray's socket paths live under it
     run_args = ["--json", "--cache-dir", str(cache), *shlex.split(args.run_args)]
-    with warmserve_run(run_args, home, timeout=1800, env={"RAY_TMPDIR": raytmp}) as service:
+    env = dict(item.split("=", 1) for item in args.env)
+    with warmserve_run(run_args, home, timeout=1800, env={**env, "RAY_TMPDIR": raytmp}) as service:
         ready = ready_line(service)
         layout = next((line for line in service.log.read_text().splitlines() if "ingress" in line), "")
         http = ready["ready"]
@@ -296,6 +314,7 @@ def main() -> int:
     results = {
         "device": device,
         "run_args": args.run_args,
+        "env": env,
         "layout": layout.split("warmserve: ", 1)[-1],
         "cache": state,
         "protocol": args.protocol,
@@ -319,6 +338,7 @@ def main() -> int:
         "rate_before": sum(ok[2:step]) / max(1, step - 2),
         "rate_end": sum(ok[-1 - tail : -1]) / tail,
         "host": host_facts(),
+        "step_wall": t0 + args.step_at,
         "serve_timeline": serve_timeline(raytmp, t0 + args.step_at),
     }
     stem = f"load-step-{device}" + (f"-{args.tag}" if args.tag else "")
