@@ -196,7 +196,7 @@ def markdown(r: dict[str, Any]) -> str:
         for rid, rep in sorted(timeline["replicas"].items(), key=lambda kv: kv[1].get("started", -1e9)):
             times = dict(rep)
             for key, wall in own.get(rid, {}).items():
-                if step is not None and wall is not None and key != "constructor_began":
+                if key in cells and step is not None and wall is not None:  # Serve's log has the constructor
                     times[key] = wall - step
             row = (*cells, "running", "first_request")
             lines.append(f"| {rid} | " + " | ".join(f"{times[c]:.1f}" if c in times else "" for c in row) + " |")

@@ -2,6 +2,6 @@
 
 import time
 
-# When this process began importing warmserve's deployments: in a replica, the start of the app's import
-# (Ray unpickling the deployment), which its start report times.
+# When this process first imported warmserve's deployments: in a replica, Ray unpickling the deployment (or, on
+# a preloaded worker, Ray's preload). A replica's /v1/status gives it as `process.app_import_began`.
 IMPORT_BEGAN = time.time()

@@ -38,10 +38,15 @@ def test_the_variable_decides_on_a_local_cluster() -> None:
         preloads(config(None), local=True, environ={"WARMSERVE_PRELOAD": "yes"})
 
 
-def test_the_preload_module_imports_what_a_replica_needs_and_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_preload_module_imports_what_a_replica_needs_and_never_raises(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from warmserve.deployments import preload
 
     preload.preload()
     assert {"torch", "ray.serve._private.replica", "warmserve.deployments.app"} <= set(sys.modules)
     monkeypatch.setattr(preload, "MODULES", ("warmserve.no_such_module", "torch"))
-    preload.preload()  # logged, not raised: Ray would stop the worker
+    with caplog.at_level("WARNING", logger=preload.__name__):
+        preload.preload()  # logged, not raised: Ray would stop the worker
+    assert "could not preload warmserve.no_such_module" in caplog.text
+    assert "ModuleNotFoundError" in caplog.text  # with its traceback
