@@ -41,6 +41,15 @@ def free_port(below: int = 65536) -> int:
             return port
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (held together while picked, so none is picked twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -92,11 +101,28 @@ class SeaweedFS:
                 }
             )
         )
-        # weed also listens on port+10000 for gRPC: use ports whose gRPC twin is valid.
-        if not self.s3_port:
-            self.s3_port = free_port(below=55000)
-        ports = [free_port(below=55000) for _ in range(3)]
-        with open(self.workdir / "weed.log", "ab") as log:
+        # A weed that does not answer S3 in time is stopped and started again, on other ports unless the S3 port
+        # was given (a restart keeps its endpoint): one start of CI's never answered, and every S3 test after it
+        # failed with it. Each attempt's log is kept, and a start that fails for good says what weed printed.
+        keep_port = bool(self.s3_port)
+        problems = []
+        for attempt in range(3):
+            if not keep_port:
+                self.s3_port = free_port()
+            log_path = self.workdir / f"weed-{attempt}.log"
+            try:
+                self._launch(weed, data, config, log_path)
+                return self
+            except (RuntimeError, TimeoutError, OSError) as e:
+                self.stop()
+                tail = log_path.read_text(errors="replace")[-1500:] if log_path.exists() else ""
+                problems.append(f"attempt {attempt + 1} (S3 port {self.s3_port}): {e}\n{tail}")
+        raise RuntimeError("SeaweedFS did not start:\n" + "\n".join(problems))
+
+    def _launch(self, weed: str, data: Path, config: Path, log_path: Path) -> None:
+        # Every port explicit: weed's default for a gRPC port is its HTTP port + 10000, which may be taken.
+        master, volume, filer, master_grpc, volume_grpc, filer_grpc, s3_grpc = free_ports(7)
+        with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [
                     weed,
@@ -104,12 +130,16 @@ class SeaweedFS:
                     f"-dir={data}",
                     "-ip=127.0.0.1",
                     "-ip.bind=127.0.0.1",
-                    f"-master.port={ports[0]}",
-                    f"-volume.port={ports[1]}",
+                    f"-master.port={master}",
+                    f"-master.port.grpc={master_grpc}",
+                    f"-volume.port={volume}",
+                    f"-volume.port.grpc={volume_grpc}",
                     "-filer",
-                    f"-filer.port={ports[2]}",
+                    f"-filer.port={filer}",
+                    f"-filer.port.grpc={filer_grpc}",
                     "-s3",
                     f"-s3.port={self.s3_port}",
+                    f"-s3.port.grpc={s3_grpc}",
                     f"-s3.config={config}",
                     "-master.volumeSizeLimitMB=64",
                     "-volume.max=20",
@@ -122,7 +152,6 @@ class SeaweedFS:
             )
         wait_port(self.s3_port, 60, self.proc)
         self._wait_ready()
-        return self
 
     def _wait_ready(self) -> None:
         import boto3
@@ -136,14 +165,16 @@ class SeaweedFS:
             region_name="us-east-1",
             config=Config(retries={"max_attempts": 1}),
         )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 30
         while True:
             try:
                 client.list_buckets()
                 return
-            except Exception:
+            except Exception as e:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"weed exited with {self.proc.returncode}") from e
                 if time.monotonic() > deadline:
-                    raise
+                    raise RuntimeError(f"S3 on port {self.s3_port} did not answer in 30 s: {e}") from e
                 time.sleep(0.3)
 
     def make_bucket(self, name: str) -> str:

@@ -16,16 +16,27 @@ import pytest
 from tests.e2e.cluster import RayCluster
 from tests.e2e.helpers import TINY
 
-PERF_ANALYZER = shutil.which("perf_analyzer")
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        PERF_ANALYZER is None,
-        reason="perf_analyzer is not installed (pip install perf-analyzer: its wheel needs glibc >= 2.38, "
-        f"this machine has {' '.join(platform.libc_ver())})",
-    ),
-]
+
+def runnable(name: str) -> tuple[str | None, str]:
+    """The binary ``name`` where it is installed and loads here, else None and why. tritonclient's older wheels
+    bring a perf_analyzer of their own that cannot load its libraries on most machines (libb64): on the PATH
+    is not enough."""
+    path = shutil.which(name)
+    needs = f"the perf-analyzer wheel needs glibc >= 2.38, this machine has {' '.join(platform.libc_ver())}"
+    if path is None:
+        return None, f"{name} is not installed (pip install perf-analyzer; {needs})"
+    try:
+        done = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"{path} does not run here ({e})"
+    if "error while loading shared libraries" in done.stderr or done.returncode in (126, 127):
+        first = (done.stderr.strip().splitlines() or ["?"])[0]
+        return None, f"{path} does not run here ({first}; {needs})"
+    return path, ""
+
+
+PERF_ANALYZER, WHY_NOT = runnable("perf_analyzer")
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.skipif(PERF_ANALYZER is None, reason=WHY_NOT)]
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
