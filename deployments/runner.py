@@ -276,16 +276,18 @@ def failure_reason(message: str) -> str:
 
 @contextlib.contextmanager
 def _stop_on_signals() -> Iterator[None]:
-    """SIGTERM behaves like Ctrl-C, so `kill` shuts Serve down too."""
+    """SIGTERM behaves like Ctrl-C, so `kill` shuts Serve down too; and SIGINT stops it even where the process
+    began with SIGINT ignored, as a job that a script puts in the background does (`kill -INT` did nothing)."""
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def serve(

@@ -24,7 +24,7 @@ import pytest
 import requests
 import torch
 
-from tests.e2e.cluster import RAY_ENV, haproxy_files, ray_processes, stop_ray
+from tests.e2e.cluster import RAY_ENV, haproxy_files, processes, ray_processes, stop_ray
 from tests.e2e.helpers import ROOT_ENV
 from tests.servers import free_port
 from warmserve.serve.model import build_model
@@ -79,6 +79,17 @@ class User:
     def ray_processes(self) -> list[int]:
         """Live Ray processes of this user's Ray temp dir (not `warmserve run` itself)."""
         return [p for p in ray_processes(str(self.raytmp)) if b"warmserve.deployments.cli" not in _cmdline(p)]
+
+    def torch_in(self, title: str) -> list[bool]:
+        """For each Ray worker process of this user's cluster named ``title`` (Ray names a worker after its
+        actor, e.g. ray::ServeController): whether it has torch's library loaded."""
+        marker = f"RAY_TMPDIR={self.raytmp}".encode()
+        found = []
+        for pid in processes(title.encode()):
+            with contextlib.suppress(OSError):
+                if marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    found.append("libtorch" in Path(f"/proc/{pid}/maps").read_text())
+        return found
 
 
 @dataclass
@@ -151,20 +162,26 @@ def user(tmp_path: Path) -> Iterator[User]:
         shutil.rmtree(raytmp, ignore_errors=True)
 
 
-def start(user: User, *args: str) -> Service:
+def start(user: User, *args: str, sigint_ignored: bool = False) -> Service:
+    """`warmserve run TINY ARGS` on the user's ports; ``sigint_ignored``: started as a script's background job is,
+    with SIGINT ignored (which exec keeps)."""
+    argv = [
+        "-m",
+        "warmserve.deployments.cli",
+        "run",
+        *TINY,
+        "--port",
+        str(user.port),
+        "--grpc-port",
+        str(user.grpc_port),
+    ]
+    if sigint_ignored:
+        exec_it = (
+            "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); os.execv(sys.argv[1], sys.argv[1:])"
+        )
+        argv = ["-c", exec_it, sys.executable, *argv]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "warmserve.deployments.cli",
-            "run",
-            *TINY,
-            "--port",
-            str(user.port),
-            "--grpc-port",
-            str(user.grpc_port),
-            *args,
-        ],
+        [sys.executable, *argv, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -185,7 +202,7 @@ def test_run_rollout_restart_as_the_readme_says(user: User, tmp_path: Path) -> N
     save_weights(bad, tmp_path / "bad.safetensors")
     cache = ["--cache-dir", str(tmp_path / "cache")]
 
-    service = start(user, *cache)
+    service = start(user, *cache, sigint_ignored=True)
     try:
         ready = service.wait_for("ready on")
         assert "weights v1" in ready
@@ -194,6 +211,8 @@ def test_run_rollout_restart_as_the_readme_says(user: User, tmp_path: Path) -> N
         x = np.zeros((1, 3, 16, 16), dtype=np.float32)
         body = {"inputs": [{"name": "x", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": x.flatten().tolist()}]}
         assert requests.post(f"{user.http}/v2/models/tiny_cnn/infer", json=body, timeout=30).status_code == 200
+        # On the CPU Ray's workers import nothing of warmserve's ahead: Serve's controller never loads torch.
+        assert user.torch_in("ray::ServeController") == [False]
 
         # The token comes from the file Ray wrote in this HOME: nothing else to set up.
         def rollout(weights: str, version: str) -> subprocess.CompletedProcess[str]:
@@ -210,7 +229,7 @@ def test_run_rollout_restart_as_the_readme_says(user: User, tmp_path: Path) -> N
         assert refused.returncode == 1, refused.stderr
         assert "NaN" in refused.stderr and "previous config (v2) is restored" in refused.stderr
         assert status(user)["weights_version"] == "v2"
-        assert service.stop() == 0
+        assert service.stop(signal.SIGINT) == 0  # `kill -INT`, though it began with SIGINT ignored
         service.wait_for("shutting down", timeout=10)
         deadline = time.monotonic() + 30
         while user.ray_processes() and time.monotonic() < deadline:
@@ -351,8 +370,8 @@ def test_the_default_run_scales_up_and_down_under_load_without_a_failed_request(
 
 
 def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User, tmp_path: Path) -> None:
-    """The GPU default's ingress, tried on the CPU: requests reach both replicas straight from HAProxy, a
-    rollout confirms each of them, and stopping leaves no HAProxy behind."""
+    """The GPU default's ingress and preloaded Ray workers, tried on the CPU: requests reach both replicas
+    straight from HAProxy, a rollout confirms each of them, and stopping leaves no HAProxy behind."""
     from warmserve.deployments.host import haproxy_binary
 
     if haproxy_binary() is None:
@@ -361,11 +380,17 @@ def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User,
             pytest.fail(message)
         pytest.skip(message)
     save_weights(demo_weights(build_model("tests.serve.models:tiny_cnn"), seed=2), tmp_path / "v2.safetensors")
+    # Ray's workers import torch and the app as they start, as on a GPU host whose replicas autoscale.
+    user.extra_env["WARMSERVE_PRELOAD"] = "1"
     service = start(user, "--cache-dir", str(tmp_path / "cache"), "--ingress", "haproxy", "--replicas", "2", "--json")
     try:
         layout = service.wait_for("HAProxy ingress")
         assert "2 replicas (replacing the config's autoscaling) on the CPU" in layout
+        service.wait_for("import torch and the app as they start")
         service.wait_for("ready on")
+        # Ray ran deployments/preload.py in its workers: even Serve's controller, which never imports torch
+        # itself, has it loaded (the README test's CPU run shows the opposite).
+        assert user.torch_in("ray::ServeController") == [True]
         deadline = time.monotonic() + 10
         while not service.out and time.monotonic() < deadline:
             time.sleep(0.1)
