@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib
 import inspect
@@ -31,8 +32,7 @@ def build_model(model: str, *, meta: bool = False) -> nn.Module:
             with ctx:
                 module = torchvision.models.get_model(name, weights=None)
         except ValueError as e:
-            known = ", ".join(sorted(torchvision.models.list_models(torchvision.models))[:12])
-            raise ModelSpecError(f"torchvision has no model {name!r} (some that exist: {known}, ...)") from e
+            raise ModelSpecError(f"torchvision has no model {name!r} ({_nearest(name, torchvision)})") from e
     else:
         try:
             factory = getattr(importlib.import_module(source), name)
@@ -45,6 +45,15 @@ def build_model(model: str, *, meta: bool = False) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise ModelSpecError(f"{model} returned {type(module).__name__}, not a torch.nn.Module")
     return module.eval()
+
+
+def _nearest(name: str, torchvision: Any) -> str:
+    """The torchvision models a mistyped ``name`` may have meant, or a few that exist."""
+    names = sorted(torchvision.models.list_models(torchvision.models))
+    close = difflib.get_close_matches(name.lower(), names, n=3)
+    if not close:
+        return f"some that exist: {', '.join(names[:12])}, ..."
+    return "did you mean " + (close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}") + "?"
 
 
 def class_names(model: str, num_outputs: int) -> list[str]:

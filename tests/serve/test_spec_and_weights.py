@@ -37,6 +37,10 @@ def test_model_specs() -> None:
     assert isinstance(build_model("torchvision:resnet18", meta=True), torch.nn.Module)
     with pytest.raises(ModelSpecError, match="no model 'resnet9000'"):
         build_model("torchvision:resnet9000")
+    with pytest.raises(ModelSpecError, match=r"no model 'resnet81' \(did you mean resnet18, "):
+        build_model("torchvision:resnet81")
+    with pytest.raises(ModelSpecError, match=r"no model 'bert' \(some that exist: alexnet, "):
+        build_model("torchvision:bert")
     with pytest.raises(ModelSpecError, match="cannot import"):
         build_model("no.such.module:factory")
     with pytest.raises(ModelSpecError, match=r"not a torch\.nn\.Module"):
