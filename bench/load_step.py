@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import multiprocessing as mp
 import os
 import re
@@ -232,8 +233,6 @@ def plot(r: dict[str, Any], out: Path) -> None:
 
 def replot(path: str) -> None:
     """The PNG again from a result's JSON: `python -c "from bench.load_step import replot; replot('X.json')"`."""
-    import json
-
     plot(json.loads(Path(path).read_text()), Path(path).with_suffix(".png"))
 
 
@@ -341,6 +340,8 @@ def main() -> int:
         "step_wall": t0 + args.step_at,
         "serve_timeline": serve_timeline(raytmp, t0 + args.step_at),
     }
+    # The engine cache is named CACHE: its path (a temp dir, or --cache-dir) is this machine's.
+    results = json.loads(json.dumps(results).replace(json.dumps(str(cache))[1:-1], "CACHE"))
     stem = f"load-step-{device}" + (f"-{args.tag}" if args.tag else "")
     out = ROOT / args.out
     write_results(out, stem, results, markdown(results))
