@@ -37,9 +37,8 @@ def admin_sockets() -> list[str]:
 
     found = []
     for h in serve_haproxies():
-        m = re.search(r"-f (\S+haproxy\.cfg)", h.command)
-        if m and Path(m.group(1)).exists():
-            for line in Path(m.group(1)).read_text().splitlines():
+        if h.config and h.config.exists():
+            for line in h.config.read_text().splitlines():
                 words = line.split()
                 if words[:2] == ["stats", "socket"] and words[2] not in found:
                     found.append(words[2])

@@ -15,7 +15,6 @@ Writes bench/results/latency-split-<device>[-tag].{json,md}.
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import sys
 import tempfile
@@ -38,11 +37,10 @@ def replica_ports() -> tuple[str | None, str | None]:
 
     http = grpc = None
     for h in serve_haproxies():
-        m = re.search(r"-f (\S+haproxy\.cfg)", h.command)
-        if not m or not Path(m.group(1)).exists():
+        if not h.config or not h.config.exists():
             continue
         backend = ""
-        for line in Path(m.group(1)).read_text().splitlines():
+        for line in h.config.read_text().splitlines():
             words = line.split()
             if words[:1] == ["backend"]:
                 backend = words[1]

@@ -27,10 +27,16 @@ class Holder:
         return bool(words) and os.path.basename(words[0]) == "haproxy" and "-f" in words and "haproxy" in self.command
 
     @property
+    def config(self) -> Path | None:
+        """The configuration file a Serve HAProxy was started with (`-f .../haproxy.cfg`)."""
+        m = re.search(r"-f (\S*haproxy\.cfg)", self.command)
+        return Path(m.group(1)) if m else None
+
+    @property
     def node_id(self) -> str | None:
         """The Ray node whose HAProxy this is: Serve keeps each node's config in a folder named after it."""
-        m = re.search(r"-f \S*/([0-9a-f]{16,})/haproxy\.cfg", self.command)
-        return m.group(1) if m else None
+        name = self.config.parent.name if self.config else ""
+        return name if re.fullmatch(r"[0-9a-f]{16,}", name) else None
 
     @property
     def orphaned(self) -> bool:
