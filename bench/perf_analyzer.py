@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def perf_analyzer(binary: str, model: str, target: str, protocol: str, clients: int, seconds: float) -> dict[str, Any]:
+def perf_analyzer(
+    binary: str, model: str, target: str, protocol: str, clients: int, seconds: float, timeout: float = 600
+) -> dict[str, Any]:
     """One perf_analyzer run at ``clients`` concurrent requests of batch 1: infer/s and latencies (ms)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "pa.csv"
@@ -53,7 +56,12 @@ def perf_analyzer(binary: str, model: str, target: str, protocol: str, clients: 
             str(report),
         ]
         t0 = time.monotonic()
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            tail = out.strip().splitlines()[-6:]
+            return {"ok": False, "exit_code": None, "output": [*tail, f"(stopped after {timeout:.0f} s)"]}
         wall = time.monotonic() - t0
         if p.returncode != 0 or not report.exists():
             tail = (p.stdout + p.stderr).strip().splitlines()[-6:]
@@ -106,6 +114,8 @@ def main() -> int:
     ap.add_argument("--protocols", default="http,grpc", help="perf_analyzer's protocols ('' for none)")
     ap.add_argument("--workloads", default="b1,grpc1,rows32,grpc32", help="of the HTTP-against-gRPC comparison")
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="for `warmserve run`")
+    ap.add_argument("--pa-timeout", type=float, default=600, help="seconds before a perf_analyzer run is stopped")
+    ap.add_argument("--watch", action="store_true", help="record HAProxy's server states every second")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -127,7 +137,22 @@ def main() -> int:
     def save() -> None:  # after every point: a run cut short keeps what it measured
         write_results(ROOT / args.out, stem, results, markdown(results))
 
-    with warmserve_run(run_args, home, timeout=1800, env=env) as service:
+    raytmp = tempfile.mkdtemp(prefix="wspa", dir="/tmp")  # short: Ray's socket paths live under it
+    results["ray_tmpdir"] = raytmp
+    now_at = {"label": "start"}
+    stop_watch = threading.Event()
+
+    def watch() -> None:  # each change of HAProxy's server states, with the point it came at
+        from bench.haproxy_watch import server_states
+
+        states, last, t0 = results.setdefault("states", []), None, time.monotonic()
+        while not stop_watch.wait(1.0):
+            now = server_states()
+            if now != last:
+                states.append({"t": round(time.monotonic() - t0, 1), "point": now_at["label"], "servers": now})
+                last = now
+
+    with warmserve_run(run_args, home, timeout=1800, env={**env, "RAY_TMPDIR": raytmp}) as service:
         ready = ready_line(service)
         results["ready_s"] = service.ready_s
         results["start"] = ready.get("start")
@@ -141,11 +166,16 @@ def main() -> int:
         shape = meta["inputs"][0]["shape"][1:]
         bodies = requests_for(base, name, shape, grpc_target)
         print(f"ready in {service.ready_s:.0f}s: {ready.get('model')} via {ready.get('backend')}", flush=True)
+        watcher = threading.Thread(target=watch, daemon=True)
+        if args.watch:
+            watcher.start()
         for protocol in filter(None, args.protocols.split(",")):
             target = host if protocol == "http" else grpc_target
             url, body, headers, _ = bodies["b1" if protocol == "http" else "grpc1"]
             for clients in (int(c) for c in args.concurrency.split(",")):
-                pa = perf_analyzer(args.perf_analyzer, name, target, protocol, clients, args.seconds)
+                now_at["label"] = f"perf_analyzer {protocol} c={clients}"
+                pa = perf_analyzer(args.perf_analyzer, name, target, protocol, clients, args.seconds, args.pa_timeout)
+                now_at["label"] = f"bench {protocol} c={clients}"
                 own = load(url, body, headers, clients, args.client_procs, args.seconds)
                 point = {"protocol": protocol, "clients": clients, "perf_analyzer": pa, "bench": own}
                 results["points"].append(point)
@@ -160,6 +190,7 @@ def main() -> int:
         for workload in filter(None, args.workloads.split(",")):
             url, body, headers, rows = bodies[workload]
             for clients in (int(c) for c in args.compare_clients.split(",")):
+                now_at["label"] = f"{workload} c={clients}"
                 own = load(url, body, headers, clients, args.client_procs, args.seconds)
                 own.update(workload=workload, clients=clients, items_per_s=own["requests_per_s"] * rows)
                 results["compare"].append(own)
@@ -169,6 +200,9 @@ def main() -> int:
                     f"p99 {own['p99_ms']:7.2f} ms failed {own['failed']}",
                     flush=True,
                 )
+        stop_watch.set()
+        if watcher.is_alive():
+            watcher.join()
     results["exit_code"] = service.exit_code
     if not args.run_args:  # the default model: its engine is in the cache the service used
         results["engine_b1"] = engine_ms("torchvision:resnet18", cache_dir, device)
@@ -210,6 +244,12 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {c['workload']} | {c['clients']} | {c['items_per_s']:.1f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | "
             f"{c['p99_ms'] / c['p50_ms']:.1f} | {c['failed']} |"
         )
+    if r.get("states"):
+        lines += ["", "HAProxy's servers by backend and state, at each change (seconds after ready):", ""]
+        lines += ["| second | during | servers |", "|---|---|---|"]
+        for s in r["states"]:
+            servers = ", ".join(f"{k} {v}" for k, v in sorted(s["servers"].items()))
+            lines.append(f"| {s['t']} | {s['point']} | {servers} |")
     e = r.get("engine_b1") or {}
     if e:
         lines += [
