@@ -30,6 +30,7 @@ from warmserve.cache.errors import CacheError
 from warmserve.deployments import ledger, pool, ports
 from warmserve.deployments.auth import sign_rollout
 from warmserve.deployments.errors import StartError
+from warmserve.deployments.host import host_cpus
 from warmserve.serve.errors import WarmserveError
 from warmserve.serve.settings import Settings
 
@@ -316,11 +317,21 @@ def serve(
     system_config = ray_system_config(config, local=local)
     for note in notes:
         say(note)
+    ray_cpus = None
     if system_config:
         say(
             "Ray's worker processes import torch and the app as they start, so a new replica does not "
             "(WARMSERVE_PRELOAD=0 turns this off)"
         )
+        cpus, wanted = host_cpus(), pool.ray_cpus(host_cpus(), pool.ceiling(app_entry(config)))
+        if wanted > cpus and os.environ.get("WARMSERVE_PRELOAD_POOL") != "0":
+            # Ray starts min(its CPUs, its start-up concurrency) workers with the cluster: raise both.
+            ray_cpus = wanted
+            system_config["worker_maximum_startup_concurrency"] = wanted
+            say(
+                f"Ray counts {wanted} CPUs instead of {cpus}, so that it starts a worker ahead for each replica "
+                "a scale-up may add; no replica is placed on the extra ones (WARMSERVE_PRELOAD_POOL=0: the host's)"
+            )
     out = _json_stream() if json_lines else sys.stdout
     # Read by every Ray Serve process when it starts, so set before Ray starts: they inherit it.
     os.environ.update(ingress_env(local, ingress, os.environ))
@@ -340,6 +351,7 @@ def serve(
             address=address or "local",
             namespace=SERVE_NAMESPACE,
             log_to_driver=verbose,
+            num_cpus=ray_cpus,
             _system_config=system_config,
         )
     except KeyboardInterrupt:
@@ -349,7 +361,6 @@ def serve(
         return failed(f"Ray did not start: {one_line(e)}")
     dashboard = f"http://{context.dashboard_url}" if getattr(context, "dashboard_url", None) else None
     node_id = ray.get_runtime_context().get_node_id() if local else None
-    stopping = threading.Event()
     # After ray.init, which installs a crash handler for SIGTERM: `kill` must shut down cleanly too.
     with _stop_on_signals():
         try:
@@ -376,10 +387,6 @@ def serve(
             if settings.model.weights is None and not _user_weights(app):
                 say("these are seeded demo weights, so labels are random; serve yours with --weights FILE")
             _remember(app, settings)
-            if system_config and pool.ceiling(app) > 1 and os.environ.get("WARMSERVE_PRELOAD_POOL") != "0":
-                threading.Thread(
-                    target=_keep_pool, args=(ray, ray_serve, name, pool.ceiling(app), stopping), daemon=True
-                ).start()
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
@@ -391,7 +398,6 @@ def serve(
             logger.debug("serving failed", exc_info=True)
             return failed(one_line(e))
         finally:
-            stopping.set()
             _shutdown(ray, ray_serve, name if not local else None, haproxy_node=node_id)
 
 
@@ -411,34 +417,6 @@ def preloads(config: dict[str, Any], *, local: bool, environ: Mapping[str, str] 
         return choice == "1"
     deployments = app_entry(config).get("deployments") or []
     return any(d.get("autoscaling_config") and (d.get("ray_actor_options") or {}).get("num_gpus") for d in deployments)
-
-
-POOL_CHECK_S = 15.0
-
-
-def _keep_pool(ray: Any, ray_serve: Any, app: str, ceiling: int, stopping: threading.Event) -> None:
-    """While the service runs: whenever its replica count has changed, top up Ray's idle preloaded workers to
-    the replicas a scale-up may still add (deployments/pool.py)."""
-    last: int | None = None
-    said = False
-    while not stopping.is_set():
-        try:
-            replicas = pool.running_replicas(ray_serve, app)
-            if replicas != last:
-                want = pool.wanted(ceiling, replicas, ray.available_resources().get("CPU", 0))
-                t0 = time.monotonic()
-                held = pool.top_up(ray, want)
-                last = replicas
-                logger.info("%d idle Ray worker(s) for a scale-up (%.1fs)", len(held), time.monotonic() - t0)
-                if held and not said:
-                    say(
-                        f"{len(held)} Ray worker(s) wait with torch and the app loaded, for the replicas a "
-                        "scale-up adds"
-                    )
-                    said = True
-        except Exception:  # Ray stopping, a slow node: the next round tries again
-            logger.debug("topping up the worker pool failed", exc_info=True)
-        stopping.wait(POOL_CHECK_S)
 
 
 def ray_system_config(config: dict[str, Any], *, local: bool) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""Idle Ray workers started ahead for a scale-up (deployments/pool.py), on a real local Ray."""
+"""Idle Ray workers started with the cluster for the replicas a scale-up adds (deployments/pool.py)."""
 
 from __future__ import annotations
 
@@ -12,40 +12,51 @@ from pathlib import Path
 
 from warmserve.deployments import pool
 
-# A driver of its own Ray (3 CPUs, so Ray starts 3 workers and keeps up to 3 idle). Two actors take two of the
-# started workers for good, as Serve's own actors do; then the pool is topped up to 3, twice.
+# A driver of its own Ray, counting 4 CPUs on this 2-core machine as `warmserve run` has Ray count more than the
+# host has: Ray starts 4 workers at once, and 4 actors
+# (as Serve's replicas are) then run on exactly those processes, not on new ones.
 DRIVER = """
 import json, os, sys, time
+from pathlib import Path
 import ray
-from warmserve.deployments import pool
 
-ray.init(num_cpus=3, include_dashboard=False, _temp_dir=sys.argv[1], log_to_driver=False)
+def idle(marker):
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            if Path(p, "cmdline").read_bytes().startswith(b"ray::IDLE") and marker in Path(p, "environ").read_bytes():
+                found.append(int(p.name))
+        except (OSError, ValueError):
+            pass
+    return sorted(found)
+
+ray.init(
+    num_cpus=4,
+    include_dashboard=False,
+    _temp_dir=sys.argv[1],
+    log_to_driver=False,
+    _system_config={"worker_maximum_startup_concurrency": 4},  # as `warmserve run` sets it (else: 2 cores, 2)
+)
+marker = f"WARMSERVE_POOL_TEST={sys.argv[1]}".encode()
+deadline = time.monotonic() + 120
+while len(idle(marker)) < 4 and time.monotonic() < deadline:
+    time.sleep(0.2)
+started = idle(marker)
 
 @ray.remote(num_cpus=0)
-class Holder:
+class Replica:
     def pid(self):
         return os.getpid()
 
-holders = [Holder.remote() for _ in range(2)]
-taken = ray.get([h.pid.remote() for h in holders])
-first = pool.top_up(ray, 3)
-time.sleep(3)  # Ray stops idle workers beyond what it keeps after a second
-alive = []
-for pid in first:
-    try:
-        os.kill(pid, 0)
-        alive.append(pid)
-    except ProcessLookupError:
-        pass
-second = pool.top_up(ray, 3)
-print(json.dumps({"taken": taken, "first": sorted(first), "alive": sorted(alive), "second": sorted(second)}))
+replicas = [Replica.remote() for _ in range(4)]
+print(json.dumps({"started": started, "replicas": sorted(ray.get([r.pid.remote() for r in replicas]))}))
 ray.shutdown()
 """
 
 
-def test_a_top_up_leaves_that_many_idle_workers_and_a_second_one_starts_none(tmp_path: Path) -> None:
+def test_ray_starts_a_worker_per_counted_cpu_and_actors_take_those(tmp_path: Path) -> None:
     raytmp = tempfile.mkdtemp(prefix="wsp", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0", "WARMSERVE_POOL_TEST": raytmp}
     try:
         done = subprocess.run(
             [sys.executable, "-c", DRIVER, raytmp], capture_output=True, text=True, timeout=300, env=env
@@ -54,16 +65,14 @@ def test_a_top_up_leaves_that_many_idle_workers_and_a_second_one_starts_none(tmp
         shutil.rmtree(raytmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.splitlines()[-1])
-    assert len(got["first"]) == 3 and not set(got["first"]) & set(got["taken"]), got
-    assert got["alive"] == got["first"], got  # kept idle
-    assert got["second"] == got["first"], got  # found idle: no new process
+    assert len(got["started"]) == 4, got
+    assert got["replicas"] == got["started"], got  # no new process for any of them
 
 
-def test_the_pool_holds_one_worker_per_replica_still_to_come_within_what_ray_keeps() -> None:
-    assert pool.wanted(12, 1, 15.0) == 11
-    assert pool.wanted(12, 1, 6.5) == 6  # Ray keeps one idle worker per unreserved CPU
-    assert pool.wanted(12, 12, 4.0) == 0
-    assert pool.wanted(2, 3, 4.0) == 0  # more than the ceiling while scaling down
+def test_ray_counts_a_worker_for_each_replica_beside_serves_own_actors() -> None:
+    assert pool.ray_cpus(16, 12) == 12 + pool.SERVE_ACTORS + pool.SPARE  # the 16-core GPU host: 19
+    assert pool.ray_cpus(64, 12) == 64  # enough already: the host's own count
+    assert pool.ray_cpus(2, 0) == 2 + pool.SERVE_ACTORS  # never fewer than the host has
     app = {"deployments": [{"name": "a", "autoscaling_config": {"max_replicas": 12}}, {"name": "b", "num_replicas": 2}]}
     assert pool.ceiling(app) == 12
     assert pool.ceiling({"deployments": [{"name": "b", "num_replicas": 2}]}) == 0
