@@ -15,7 +15,10 @@ beside its own actors. Nothing is placed on the extra CPUs: the replica ceiling 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+from warmserve.deployments.errors import StartError
 
 SERVE_ACTORS = 5  # workers Serve and warmserve hold for good besides the replicas (measured: 5 on a GPU host)
 SPARE = 2
@@ -33,4 +36,18 @@ def ray_cpus(cpus: int, replicas: int) -> int:
     return max(cpus, replicas + SERVE_ACTORS + SPARE)
 
 
-__all__ = ["SERVE_ACTORS", "ceiling", "ray_cpus"]
+def raised_cpus(config_app: dict[str, Any], cpus: int, environ: Mapping[str, str]) -> int | None:
+    """The CPUs a local Ray that preloads should count for ``config_app`` on a host of ``cpus``, where that is
+    more than the host has; None where nothing autoscales past one replica, the host has enough, or
+    ``WARMSERVE_PRELOAD_POOL=0``."""
+    choice = environ.get("WARMSERVE_PRELOAD_POOL", "")
+    if choice not in ("", "0", "1"):
+        raise StartError(f"WARMSERVE_PRELOAD_POOL must be 0 or 1, got {choice!r}")
+    replicas = ceiling(config_app)
+    wanted = ray_cpus(cpus, replicas)
+    if replicas < 2 or wanted <= cpus or choice == "0":
+        return None
+    return wanted
+
+
+__all__ = ["SERVE_ACTORS", "ceiling", "raised_cpus", "ray_cpus"]

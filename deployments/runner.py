@@ -317,19 +317,19 @@ def serve(
     system_config = ray_system_config(config, local=local)
     for note in notes:
         say(note)
-    ray_cpus = None
+    ray_cpus: int | None = None
     if system_config:
         say(
             "Ray's worker processes import torch and the app as they start, so a new replica does not "
             "(WARMSERVE_PRELOAD=0 turns this off)"
         )
-        cpus, wanted = host_cpus(), pool.ray_cpus(host_cpus(), pool.ceiling(app_entry(config)))
-        if wanted > cpus and os.environ.get("WARMSERVE_PRELOAD_POOL") != "0":
+        cpus = host_cpus()
+        ray_cpus = pool.raised_cpus(app_entry(config), cpus, os.environ)
+        if ray_cpus is not None:
             # Ray starts min(its CPUs, its start-up concurrency) workers with the cluster: raise both.
-            ray_cpus = wanted
-            system_config["worker_maximum_startup_concurrency"] = wanted
+            system_config["worker_maximum_startup_concurrency"] = ray_cpus
             say(
-                f"Ray counts {wanted} CPUs instead of {cpus}, so that it starts a worker ahead for each replica "
+                f"Ray counts {ray_cpus} CPUs instead of {cpus}, so that it starts a worker ahead for each replica "
                 "a scale-up may add; no replica is placed on the extra ones (WARMSERVE_PRELOAD_POOL=0: the host's)"
             )
     out = _json_stream() if json_lines else sys.stdout

@@ -10,7 +10,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from warmserve.deployments import pool
+from warmserve.deployments.errors import StartError
 
 # A driver of its own Ray, counting 4 CPUs on this 2-core machine as `warmserve run` has Ray count more than the
 # host has: Ray starts 4 workers at once, and 4 actors
@@ -76,3 +79,16 @@ def test_ray_counts_a_worker_for_each_replica_beside_serves_own_actors() -> None
     app = {"deployments": [{"name": "a", "autoscaling_config": {"max_replicas": 12}}, {"name": "b", "num_replicas": 2}]}
     assert pool.ceiling(app) == 12
     assert pool.ceiling({"deployments": [{"name": "b", "num_replicas": 2}]}) == 0
+
+
+def test_only_a_preloading_service_that_autoscales_past_the_hosts_workers_raises_rays_count() -> None:
+    autoscaled = {"deployments": [{"name": "a", "autoscaling_config": {"min_replicas": 1, "max_replicas": 12}}]}
+    assert pool.raised_cpus(autoscaled, 16, {}) == 19
+    assert pool.raised_cpus(autoscaled, 64, {}) is None  # the host's own count is enough
+    assert pool.raised_cpus(autoscaled, 16, {"WARMSERVE_PRELOAD_POOL": "0"}) is None
+    fixed = {"deployments": [{"name": "a", "num_replicas": 12}]}  # no replica starts later
+    assert pool.raised_cpus(fixed, 2, {}) is None
+    one = {"deployments": [{"name": "a", "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}]}
+    assert pool.raised_cpus(one, 2, {}) is None
+    with pytest.raises(StartError, match="WARMSERVE_PRELOAD_POOL must be 0 or 1, got 'no'"):
+        pool.raised_cpus(autoscaled, 16, {"WARMSERVE_PRELOAD_POOL": "no"})
