@@ -8,7 +8,8 @@ each protocol and concurrency: perf_analyzer (PyPI ``perf-analyzer``; it needs g
 bench/serve_throughput.py's own closed-loop load of the same one-row FP32 request, each for --seconds. Then, at
 --compare-clients, one-row and 32-row requests over HTTP and gRPC (is gRPC as fast as HTTP?), and at one client the
 end-to-end latency next to the engine's own at batch 1 (the same engine, a cache hit, called in this process).
-Writes bench/results/perf-analyzer-<device>[-tag].{json,md}.
+With --watch, HAProxy's server states and the host's memory during the run; with --logs, what Serve and Ray
+logged (without answered requests) in one archive. Writes bench/results/perf-analyzer-<device>[-tag].{json,md}.
 """
 
 from __future__ import annotations
@@ -77,6 +78,54 @@ def perf_analyzer(
     }
 
 
+def memory_facts() -> dict[str, Any]:
+    """The host's available memory and the largest resident sets among Ray's worker processes (MiB)."""
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    rss: list[tuple[int, str]] = []
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            if title.startswith("ray::") or "haproxy" in title:
+                pages = int((proc / "statm").read_text().split()[1])
+                rss.append((pages * os.sysconf("SC_PAGE_SIZE") >> 20, title[:40]))
+        except (OSError, ValueError, IndexError):
+            continue
+    rss.sort(reverse=True)
+    return {
+        "available_mib": int(info["MemAvailable"].split()[0]) >> 10,
+        "ray_rss_mib": sum(r for r, _ in rss),
+        "largest": [f"{name} {r}" for r, name in rss[:3]],
+    }
+
+
+def keep_logs(raytmp: str, archive: Path) -> None:
+    """Serve's logs of the run without the lines of answered requests, and what Ray's raylet, GCS and workers
+    said about processes that died or memory, in one archive."""
+    import tarfile
+
+    logs = Path(raytmp) / "ray" / "session_latest" / "logs"
+    answered = ("CALL warmserve OK", " 200 ")
+    telling = ("memory", "kill", "oom", "died", "exit", "sigsegv", "signal", "fatal", "unexpected")
+    with tarfile.open(archive, "w:gz") as tar:
+
+        def add(name: str, lines: list[str]) -> None:
+            data = "\n".join(lines[-2000:]).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        for path in sorted(logs.glob("serve/*.log")):
+            add(
+                f"serve/{path.name}",
+                [x for x in path.read_text(errors="replace").splitlines() if not any(a in x for a in answered)],
+            )
+        for path in [*logs.glob("raylet*.out"), *logs.glob("gcs_server*.out"), *logs.glob("worker-*.err")]:
+            lines = path.read_text(errors="replace").splitlines()
+            add(
+                f"ray/{path.name}", [x for x in lines if "state-dump" not in x and any(w in x.lower() for w in telling)]
+            )
+
+
 def engine_ms(model: str, cache_dir: Path, device: str, batch: int = 1, calls: int = 300) -> dict[str, Any]:
     """The served engine (a cache hit) called in this process at ``batch``: median and p99 ms per call, host in
     and host out, as a replica's call is."""
@@ -115,7 +164,8 @@ def main() -> int:
     ap.add_argument("--workloads", default="b1,grpc1,rows32,grpc32", help="of the HTTP-against-gRPC comparison")
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="for `warmserve run`")
     ap.add_argument("--pa-timeout", type=float, default=600, help="seconds before a perf_analyzer run is stopped")
-    ap.add_argument("--watch", action="store_true", help="record HAProxy's server states every second")
+    ap.add_argument("--watch", action="store_true", help="record HAProxy's server states and the host's memory")
+    ap.add_argument("--logs", help="after the run, keep what Serve and Ray logged (not answered requests) in this .tgz")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -142,15 +192,19 @@ def main() -> int:
     now_at = {"label": "start"}
     stop_watch = threading.Event()
 
-    def watch() -> None:  # each change of HAProxy's server states, with the point it came at
+    def watch() -> None:  # each change of HAProxy's server states, and the host's memory every 5 s
         from bench.haproxy_watch import server_states
 
         states, last, t0 = results.setdefault("states", []), None, time.monotonic()
+        memory = results.setdefault("memory", [])
         while not stop_watch.wait(1.0):
+            t = round(time.monotonic() - t0, 1)
             now = server_states()
             if now != last:
-                states.append({"t": round(time.monotonic() - t0, 1), "point": now_at["label"], "servers": now})
+                states.append({"t": t, "point": now_at["label"], "servers": now})
                 last = now
+            if not memory or t - memory[-1]["t"] >= 5:
+                memory.append({"t": t, "point": now_at["label"], **memory_facts()})
 
     with warmserve_run(run_args, home, timeout=1800, env={**env, "RAY_TMPDIR": raytmp}) as service:
         ready = ready_line(service)
@@ -204,6 +258,8 @@ def main() -> int:
         if watcher.is_alive():
             watcher.join()
     results["exit_code"] = service.exit_code
+    if args.logs:
+        keep_logs(raytmp, Path(args.logs))
     if not args.run_args:  # the default model: its engine is in the cache the service used
         results["engine_b1"] = engine_ms("torchvision:resnet18", cache_dir, device)
     save()
@@ -250,6 +306,13 @@ def markdown(r: dict[str, Any]) -> str:
         for s in r["states"]:
             servers = ", ".join(f"{k} {v}" for k, v in sorted(s["servers"].items()))
             lines.append(f"| {s['t']} | {s['point']} | {servers} |")
+    if r.get("memory"):
+        lines += ["", "The host's available memory and Ray's processes' resident sets (MiB), every 5 s:", ""]
+        lines += ["| second | during | available | Ray's RSS | largest |", "|---|---|---|---|---|"]
+        for m in r["memory"]:
+            lines.append(
+                f"| {m['t']} | {m['point']} | {m['available_mib']} | {m['ray_rss_mib']} | {', '.join(m['largest'])} |"
+            )
     e = r.get("engine_b1") or {}
     if e:
         lines += [
