@@ -315,16 +315,15 @@ def serve(
     local = address is None
     settings = preflight(config, local=local)
     system_config = ray_system_config(config, local=local)
+    cpus = host_cpus()
+    ray_cpus = pool.raised_cpus(app_entry(config), cpus, os.environ) if system_config else None
     for note in notes:
         say(note)
-    ray_cpus: int | None = None
     if system_config:
         say(
             "Ray's worker processes import torch and the app as they start, so a new replica does not "
             "(WARMSERVE_PRELOAD=0 turns this off)"
         )
-        cpus = host_cpus()
-        ray_cpus = pool.raised_cpus(app_entry(config), cpus, os.environ)
         if ray_cpus is not None:
             # Ray starts min(its CPUs, its start-up concurrency) workers with the cluster: raise both.
             system_config["worker_maximum_startup_concurrency"] = ray_cpus
