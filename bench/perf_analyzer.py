@@ -188,7 +188,6 @@ def main() -> int:
         write_results(ROOT / args.out, stem, results, markdown(results))
 
     raytmp = tempfile.mkdtemp(prefix="wspa", dir="/tmp")  # short: Ray's socket paths live under it
-    results["ray_tmpdir"] = raytmp
     now_at = {"label": "start"}
     stop_watch = threading.Event()
 
@@ -199,67 +198,77 @@ def main() -> int:
         memory = results.setdefault("memory", [])
         while not stop_watch.wait(1.0):
             t = round(time.monotonic() - t0, 1)
-            now = server_states()
+            try:
+                now = server_states()
+            except Exception as e:  # an admin socket that answered nothing, say: recorded, and watched on
+                now = {f"no states: {type(e).__name__}: {e}"[:120]: 1}
             if now != last:
                 states.append({"t": t, "point": now_at["label"], "servers": now})
                 last = now
             if not memory or t - memory[-1]["t"] >= 5:
                 memory.append({"t": t, "point": now_at["label"], **memory_facts()})
 
-    with warmserve_run(run_args, home, timeout=1800, env={**env, "RAY_TMPDIR": raytmp}) as service:
-        ready = ready_line(service)
-        results["ready_s"] = service.ready_s
-        results["start"] = ready.get("start")
-        base = ready["ready"]
-        host = base.removeprefix("http://")
-        grpc_target = f"{host.rsplit(':', 1)[0]}:{ready['grpc_port']}"
-        import requests
+    try:
+        with warmserve_run(run_args, home, timeout=1800, env={**env, "RAY_TMPDIR": raytmp}) as service:
+            ready = ready_line(service)
+            results["ready_s"] = service.ready_s
+            results["start"] = ready.get("start")
+            base = ready["ready"]
+            host = base.removeprefix("http://")
+            grpc_target = f"{host.rsplit(':', 1)[0]}:{ready['grpc_port']}"
+            import requests
 
-        name = str(ready.get("model", "resnet18")).rpartition(":")[2]
-        meta = requests.get(f"{base}/v2/models/{name}", timeout=10).json()
-        shape = meta["inputs"][0]["shape"][1:]
-        bodies = requests_for(base, name, shape, grpc_target)
-        print(f"ready in {service.ready_s:.0f}s: {ready.get('model')} via {ready.get('backend')}", flush=True)
-        watcher = threading.Thread(target=watch, daemon=True)
-        if args.watch:
-            watcher.start()
-        for protocol in filter(None, args.protocols.split(",")):
-            target = host if protocol == "http" else grpc_target
-            url, body, headers, _ = bodies["b1" if protocol == "http" else "grpc1"]
-            for clients in (int(c) for c in args.concurrency.split(",")):
-                now_at["label"] = f"perf_analyzer {protocol} c={clients}"
-                pa = perf_analyzer(args.perf_analyzer, name, target, protocol, clients, args.seconds, args.pa_timeout)
-                now_at["label"] = f"bench {protocol} c={clients}"
-                own = load(url, body, headers, clients, args.client_procs, args.seconds)
-                point = {"protocol": protocol, "clients": clients, "perf_analyzer": pa, "bench": own}
-                results["points"].append(point)
-                save()
-                ratio = pa["infer_per_s"] / own["requests_per_s"] if pa["ok"] and own["requests_per_s"] else None
-                pa_text = f"{pa['infer_per_s']:9.1f}/s p50 {pa['p50_ms']:6.2f} ms" if pa["ok"] else f"FAILED {pa}"
-                print(
-                    f"{protocol:4} c={clients:<3} perf_analyzer {pa_text} | bench {own['requests_per_s']:9.1f}/s "
-                    f"p50 {own['p50_ms']:6.2f} ms failed {own['failed']}" + (f" | ratio {ratio:.2f}" if ratio else ""),
-                    flush=True,
-                )
-        for workload in filter(None, args.workloads.split(",")):
-            url, body, headers, rows = bodies[workload]
-            for clients in (int(c) for c in args.compare_clients.split(",")):
-                now_at["label"] = f"{workload} c={clients}"
-                own = load(url, body, headers, clients, args.client_procs, args.seconds)
-                own.update(workload=workload, clients=clients, items_per_s=own["requests_per_s"] * rows)
-                results["compare"].append(own)
-                save()
-                print(
-                    f"{workload:6} c={clients:<3} {own['items_per_s']:9.1f} items/s p50 {own['p50_ms']:7.2f} ms "
-                    f"p99 {own['p99_ms']:7.2f} ms failed {own['failed']}",
-                    flush=True,
-                )
+            name = str(ready.get("model", "resnet18")).rpartition(":")[2]
+            meta = requests.get(f"{base}/v2/models/{name}", timeout=10).json()
+            shape = meta["inputs"][0]["shape"][1:]
+            bodies = requests_for(base, name, shape, grpc_target)
+            print(f"ready in {service.ready_s:.0f}s: {ready.get('model')} via {ready.get('backend')}", flush=True)
+            watcher = threading.Thread(target=watch, daemon=True)
+            if args.watch:
+                watcher.start()
+            for protocol in filter(None, args.protocols.split(",")):
+                target = host if protocol == "http" else grpc_target
+                url, body, headers, _ = bodies["b1" if protocol == "http" else "grpc1"]
+                for clients in (int(c) for c in args.concurrency.split(",")):
+                    now_at["label"] = f"perf_analyzer {protocol} c={clients}"
+                    pa = perf_analyzer(
+                        args.perf_analyzer, name, target, protocol, clients, args.seconds, args.pa_timeout
+                    )
+                    now_at["label"] = f"bench {protocol} c={clients}"
+                    own = load(url, body, headers, clients, args.client_procs, args.seconds)
+                    point = {"protocol": protocol, "clients": clients, "perf_analyzer": pa, "bench": own}
+                    results["points"].append(point)
+                    save()
+                    ratio = pa["infer_per_s"] / own["requests_per_s"] if pa["ok"] and own["requests_per_s"] else None
+                    pa_text = f"{pa['infer_per_s']:9.1f}/s p50 {pa['p50_ms']:6.2f} ms" if pa["ok"] else f"FAILED {pa}"
+                    print(
+                        f"{protocol:4} c={clients:<3} perf_analyzer {pa_text} | bench {own['requests_per_s']:9.1f}/s "
+                        f"p50 {own['p50_ms']:6.2f} ms failed {own['failed']}"
+                        + (f" | ratio {ratio:.2f}" if ratio else ""),
+                        flush=True,
+                    )
+            for workload in filter(None, args.workloads.split(",")):
+                url, body, headers, rows = bodies[workload]
+                for clients in (int(c) for c in args.compare_clients.split(",")):
+                    now_at["label"] = f"{workload} c={clients}"
+                    own = load(url, body, headers, clients, args.client_procs, args.seconds)
+                    own.update(workload=workload, clients=clients, items_per_s=own["requests_per_s"] * rows)
+                    results["compare"].append(own)
+                    save()
+                    print(
+                        f"{workload:6} c={clients:<3} {own['items_per_s']:9.1f} items/s p50 {own['p50_ms']:7.2f} ms "
+                        f"p99 {own['p99_ms']:7.2f} ms failed {own['failed']}",
+                        flush=True,
+                    )
+            stop_watch.set()
+            if watcher.is_alive():
+                watcher.join()
+    finally:
         stop_watch.set()
-        if watcher.is_alive():
-            watcher.join()
+        if args.logs:  # a run that failed is the one whose logs are wanted
+            keep_logs(raytmp, Path(args.logs))
+        shutil.rmtree(raytmp, ignore_errors=True)
     results["exit_code"] = service.exit_code
-    if args.logs:
-        keep_logs(raytmp, Path(args.logs))
     if not args.run_args:  # the default model: its engine is in the cache the service used
         results["engine_b1"] = engine_ms("torchvision:resnet18", cache_dir, device)
     save()
@@ -301,13 +310,22 @@ def markdown(r: dict[str, Any]) -> str:
             f"{c['p99_ms'] / c['p50_ms']:.1f} | {c['failed']} |"
         )
     if r.get("states"):
-        lines += ["", "HAProxy's servers by backend and state, at each change (seconds after ready):", ""]
+        lines += [
+            "",
+            "HAProxy's servers by backend and state, at each change (seconds from the watch's start, just after ready):",
+            "",
+        ]
         lines += ["| second | during | servers |", "|---|---|---|"]
         for s in r["states"]:
             servers = ", ".join(f"{k} {v}" for k, v in sorted(s["servers"].items()))
             lines.append(f"| {s['t']} | {s['point']} | {servers} |")
     if r.get("memory"):
-        lines += ["", "The host's available memory and Ray's processes' resident sets (MiB), every 5 s:", ""]
+        lines += [
+            "",
+            "The host's available memory, and the resident sets of Ray's worker processes and HAProxy added up (MiB; the "
+            "libraries they share count in each), every 5 s:",
+            "",
+        ]
         lines += ["| second | during | available | Ray's RSS | largest |", "|---|---|---|---|---|"]
         for m in r["memory"]:
             lines.append(

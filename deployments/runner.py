@@ -314,23 +314,21 @@ def serve(
     address, source = ray_address()
     local = address is None
     settings = preflight(config, local=local)
-    system_config = ray_system_config(config, local=local)
     cpus = host_cpus()
-    ray_cpus = pool.raised_cpus(app_entry(config), cpus, os.environ) if system_config else None
+    options = ray_options(config, local=local, cpus=cpus)
     for note in notes:
         say(note)
-    if system_config:
+    if options["_system_config"]:
         say(
             "Ray's worker processes import torch and the app as they start, so a new replica does not "
             "(WARMSERVE_PRELOAD=0 turns this off)"
         )
-        if ray_cpus is not None:
-            # Ray starts min(its CPUs, its start-up concurrency) workers with the cluster: raise both.
-            system_config["worker_maximum_startup_concurrency"] = ray_cpus
-            say(
-                f"Ray counts {ray_cpus} CPUs instead of {cpus}, so that it starts a worker ahead for each replica "
-                "a scale-up may add; no replica is placed on the extra ones (WARMSERVE_PRELOAD_POOL=0: the host's)"
-            )
+    if options["num_cpus"]:
+        say(
+            f"Ray counts {options['num_cpus']} CPUs instead of {cpus}, so that it starts such a worker ahead for "
+            "each replica a scale-up may add; no replica lands on the extra ones (WARMSERVE_PRELOAD_POOL=0 keeps "
+            "the host's count)"
+        )
     out = _json_stream() if json_lines else sys.stdout
     # Read by every Ray Serve process when it starts, so set before Ray starts: they inherit it.
     os.environ.update(ingress_env(local, ingress, os.environ))
@@ -350,8 +348,7 @@ def serve(
             address=address or "local",
             namespace=SERVE_NAMESPACE,
             log_to_driver=verbose,
-            num_cpus=ray_cpus,
-            _system_config=system_config,
+            **options,
         )
     except KeyboardInterrupt:
         return 0
@@ -418,11 +415,28 @@ def preloads(config: dict[str, Any], *, local: bool, environ: Mapping[str, str] 
     return any(d.get("autoscaling_config") and (d.get("ray_actor_options") or {}).get("num_gpus") for d in deployments)
 
 
-def ray_system_config(config: dict[str, Any], *, local: bool) -> dict[str, Any] | None:
+def ray_system_config(
+    config: dict[str, Any], *, local: bool, environ: Mapping[str, str] | None = None
+) -> dict[str, Any] | None:
     """Ray's ``_system_config`` for the local cluster `warmserve run` starts (None for one it joins)."""
-    if not preloads(config, local=local):
+    if not preloads(config, local=local, environ=environ):
         return None
     return {"preload_python_modules": ["warmserve.deployments.preload"]}
+
+
+def ray_options(
+    config: dict[str, Any], *, local: bool, cpus: int, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """``ray.init``'s ``num_cpus`` and ``_system_config`` (None: Ray's own) on a host of ``cpus`` cores: with
+    preloading, a CPU count raised so that Ray starts a worker for every replica a scale-up may add
+    (deployments/pool.py), and a start-up concurrency to match: Ray starts no more workers with the cluster
+    than that. Both variables are checked whether they apply or not."""
+    environ = os.environ if environ is None else environ
+    raised = pool.raised_cpus(app_entry(config), cpus, environ)
+    system_config = ray_system_config(config, local=local, environ=environ)
+    if system_config is None or raised is None:
+        return {"num_cpus": None, "_system_config": system_config}
+    return {"num_cpus": raised, "_system_config": {**system_config, "worker_maximum_startup_concurrency": raised}}
 
 
 def serve_schema(config: dict[str, Any]) -> Any:
