@@ -3,9 +3,8 @@
 With preloading (deployments/preload.py) a Ray worker imports torch and the app as it starts, so a replica that
 Serve hands to an idle worker skips those seconds. Ray starts one worker per CPU it counts when the first driver
 connects (no more at once than its start-up concurrency), and keeps up to one idle worker per unreserved CPU.
-Serve's own actors take some of those workers for good (its controller, the HAProxy manager, the fallback proxy,
-the peer tier's two): on a 16-core host 10 were left, so a scale-up from 1 to 12 replicas put the last ones on
-new processes, 6-7 s later than the others.
+Serve's own actors and the first replica take some of those workers for good: on a 16-core host 9 were left, so
+a scale-up from 1 to 11 or 12 replicas put the last ones on new processes, 6-7 s later than the others.
 
 A replica cannot be given a worker started ahead any other way: Ray hands an actor only a worker that has never
 run a task, and keeps a worker that ran work without a GPU share for such work. So a local cluster that preloads
@@ -23,11 +22,11 @@ from typing import Any
 
 from warmserve.deployments.errors import StartError
 
-# Workers Serve and warmserve hold for good besides the replicas: 5 with the HAProxy ingress (controller, HAProxy
-# manager, fallback proxy, the peer tier's index and node reader), 4 with Serve's own proxy. SPARE covers a
-# difference of that kind.
-SERVE_ACTORS = 5
-SPARE = 2
+# Workers that Serve and warmserve hold for good besides the replicas, as counted with the HAProxy ingress (16
+# workers started on the H100 host and 9 on the 2-core CPU; 9 and 2 idle once the first replica ran): Serve's
+# controller, HAProxy manager and proxy actors, the peer tier's index and node reader. SPARE: one more.
+SERVE_ACTORS = 6
+SPARE = 1
 
 
 def ceiling(config_app: dict[str, Any], cpus: int) -> int:
