@@ -187,13 +187,13 @@ def markdown(r: dict[str, Any]) -> str:
             "Its process's start, and its import of warmserve's app, are the replica's own (`/v1/status`): a "
             "process older than Serve's start of it was an idle Ray worker.",
             "",
-            "| replica | controller starts it | process started | app import begins "
+            "| replica | controller starts it | process started | app import begins | app imported "
             "| constructor begins | constructor ends | counted running | first request |",
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         own = {rep.get("replica"): rep.get("process") or {} for rep in r["replicas"].values()}
         step = r.get("step_wall")
-        cells = ("started", "process_started", "app_import_began", "init_begun", "init_done")
+        cells = ("started", "process_started", "app_import_began", "app_imported", "init_begun", "init_done")
         for rid, rep in sorted(timeline["replicas"].items(), key=lambda kv: kv[1].get("started", -1e9)):
             times = dict(rep)
             for key, wall in own.get(rid, {}).items():

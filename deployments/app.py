@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from warmserve.deployments import oip, oip_grpc, peers, triton
+from warmserve.deployments import IMPORTED, oip, oip_grpc, peers, triton
 from warmserve.deployments.auth import authorized, rollout_problem
 from warmserve.deployments.batcher import Batcher, BatchTimes
 from warmserve.deployments.errors import BodyTooLarge, ModelNotFound, ReplicaStartError, Unauthorized
@@ -225,7 +225,7 @@ class WarmModel:
     """One replica: warm-starts its engine in the constructor, so it takes traffic only once ready."""
 
     def __init__(self, args: dict[str, Any] | None = None) -> None:
-        from warmserve.deployments import IMPORT_BEGAN
+        from warmserve.deployments import IMPORT_BEGAN, IMPORTED
         from warmserve.deployments.ray_metrics import RaySink
 
         began = time.time()
@@ -241,8 +241,12 @@ class WarmModel:
         self.process_times = {
             "process_started": None if age is None else round(began - age, 3),
             "app_import_began": round(IMPORT_BEGAN, 3),
+            "app_imported": round(IMPORTED.get("app", began), 3),
             "constructor_began": round(began, 3),
         }
+        # The start report's `imports`: from the process's start to the end of the app's imports. A worker Ray
+        # started ahead and preloaded did them long before Serve handed it this replica: its age is idle time.
+        imports = None if age is None else max(0.0, min(age, IMPORTED.get("app", began) - (began - age)))
         logger.info("replica %s process: %s", os.getpid(), json.dumps(self.process_times))
         self.settings = Settings.load(args=args)  # the environment is read here, once
         cache = self.settings.cache
@@ -255,7 +259,7 @@ class WarmModel:
             metrics=Metrics(RaySink()),
             verify=self.settings.verify,
         )
-        self.start_report = self.worker.start()
+        self.start_report = self.worker.start(imports=imports)
         self.last_swap: SwapReport | None = None
         self.weights = self.start_report.weights
         # Until Serve's first health check (right after the start-up reconfigure, if there is a user_config),
@@ -780,3 +784,6 @@ def build_app(args: dict[str, Any]) -> Any:
     """Application builder for ``import_path: warmserve.deployments.app:build_app`` (config.yaml ``args``)."""
     Settings.load(args=args)  # fail at deploy time, with the offending key, not in every replica
     return WarmModel.bind(args)  # type: ignore[attr-defined]
+
+
+IMPORTED["app"] = time.time()  # last: this module and everything it imports are loaded

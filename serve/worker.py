@@ -402,9 +402,11 @@ class Worker:
     def _output_specs(self, model: nn.Module) -> list[OutputSpec]:
         return output_specs(self.spec, lambda xs: model(*(x.to(self.device) for x in xs)))
 
-    def start(self) -> StartReport:
-        """Model and weights, then the artifact from the cache (or built once), load, refit, verify: ready."""
-        imports = process_age()
+    def start(self, imports: float | None = None) -> StartReport:
+        """Model and weights, then the artifact from the cache (or built once), load, refit, verify: ready.
+        ``imports``: the seconds this process spent before the worker, where the caller knows them better than
+        the process's age does (a process started ahead that then waited idle)."""
+        imports = process_age() if imports is None else round(imports, 4)
         t0 = time.perf_counter()
         steps = Steps()
         with fence.expected():  # compiling is expected until the worker is ready

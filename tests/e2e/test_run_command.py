@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -410,7 +411,14 @@ def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User,
         pids: set[object] = set()
         deadline = time.monotonic() + 60  # until HAProxy's health checks have both replicas up
         while len(pids) < 2 and time.monotonic() < deadline:
-            pids.add(status(user)["replica_pid"])
+            seen = status(user)
+            pids.add(seen["replica_pid"])
+            # On a preloading worker the app was imported as the process started; the start report's imports
+            # end there, not at the constructor (a worker started ahead may have waited idle in between).
+            times: Any = seen["process"]
+            phases: Any = seen["start"]["phases"]  # type: ignore[index]
+            assert times["app_import_began"] <= times["app_imported"] <= times["constructor_began"], times
+            assert abs(phases["imports"] - (times["app_imported"] - times["process_started"])) < 0.01, (phases, times)
         assert len(pids) == 2, pids
         argv = ["--weights", str(tmp_path / "v2.safetensors"), "--version", "v2"]
         done = user.warmserve("rollout", *argv, "--json")
