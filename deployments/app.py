@@ -231,6 +231,7 @@ class WarmModel:
         began = time.time()
         logging.basicConfig(level=logging.INFO)
         age = process_age()
+        imported = IMPORTED.get("app", began)  # absent where Ray loaded the class without importing this module
         threads = os.environ.get("OMP_NUM_THREADS", "")
         if threads.isdigit() and int(threads) > 0 and torch.get_num_threads() != int(threads):
             # Ray sets the replica's OMP_NUM_THREADS (its num_cpus) when it takes the worker; a worker that
@@ -241,12 +242,12 @@ class WarmModel:
         self.process_times = {
             "process_started": None if age is None else round(began - age, 3),
             "app_import_began": round(IMPORT_BEGAN, 3),
-            "app_imported": round(IMPORTED.get("app", began), 3),
+            "app_imported": round(imported, 3),
             "constructor_began": round(began, 3),
         }
         # The start report's `imports`: from the process's start to the end of the app's imports. A worker Ray
         # started ahead and preloaded did them long before Serve handed it this replica: its age is idle time.
-        imports = None if age is None else max(0.0, min(age, IMPORTED.get("app", began) - (began - age)))
+        imports = None if age is None else max(0.0, min(age, imported - (began - age)))
         logger.info("replica %s process: %s", os.getpid(), json.dumps(self.process_times))
         self.settings = Settings.load(args=args)  # the environment is read here, once
         cache = self.settings.cache
