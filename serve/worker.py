@@ -54,6 +54,24 @@ def pick_device(device: str) -> torch.device:
     return d
 
 
+def open_device(device: torch.device) -> threading.Thread | None:
+    """Create ``device``'s context on a thread of its own, so that it overlaps reading the weights: the first copy
+    to the device waits for it there instead of creating it. Nothing to do for a CPU. A ``cuda`` without an index
+    is the thread's current device, 0, as it is for the worker (Ray makes a replica's GPU device 0)."""
+    if device.type != "cuda":
+        return None
+
+    def run() -> None:
+        try:
+            torch.zeros(1, device=device)
+        except Exception as e:  # the weights' copy to the device meets the same error and reports it
+            logger.debug("opening %s ahead of the weights: %s", device, e)
+
+    thread = threading.Thread(target=run, name="open-device", daemon=True)
+    thread.start()
+    return thread
+
+
 def process_age() -> float | None:
     """Seconds since this process started (Linux): interpreter start-up and imports, before the worker."""
     try:
@@ -409,6 +427,7 @@ class Worker:
         imports = process_age() if imports is None else round(imports, 4)
         t0 = time.perf_counter()
         steps = Steps()
+        open_device(self.device)
         with fence.expected():  # compiling is expected until the worker is ready
             with steps("model"):
                 # Facts a start recorded here before: no module is built (nor torchvision imported) for them.

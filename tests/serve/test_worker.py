@@ -210,3 +210,9 @@ def test_metrics_record_the_warm_start_path(aoti_cache: CacheConfig) -> None:
     assert 'warmserve_engine_cache_hits_total{backend="aoti",tier="local"} 1.0' in text
     assert 'warmserve_warm_start_seconds_count{outcome="local-hit"} 1.0' in text
     assert "warmserve_engine_load_seconds_bucket" in text
+
+
+def test_a_cpu_worker_opens_no_device_thread() -> None:
+    from warmserve.serve.worker import open_device
+
+    assert open_device(torch.device("cpu")) is None
