@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,6 +150,16 @@ def host_facts() -> dict[str, Any]:
     if torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name()
     return facts
+
+
+def cache_named(results: dict[str, Any], cache: str | Path) -> dict[str, Any]:
+    """``results`` with the engine cache's absolute path written CACHE wherever a whole path starts with it: the
+    path (a temp dir, or --cache-dir) is this machine's."""
+    text = json.dumps(results)
+    for path in {str(Path(cache).absolute()), str(Path(cache).resolve())}:
+        text = re.sub(re.escape(json.dumps(path)[1:-1]) + r'(?=[/"])', "CACHE", text)
+    named: dict[str, Any] = json.loads(text)
+    return named
 
 
 def write_results(out: Path, stem: str, results: dict[str, Any], markdown: str) -> None:

@@ -103,7 +103,7 @@ def measure(base: str, name: str, shape: list[int], grpc_target: str, seconds: f
 
 
 def main() -> int:
-    from bench.common import host_facts, ready_line, warmserve_run, write_results
+    from bench.common import cache_named, host_facts, ready_line, warmserve_run, write_results
     from bench.perf_analyzer import engine_ms
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,6 +143,7 @@ def main() -> int:
         results["engine_b1"] = engine_ms("torchvision:resnet18", cache_dir, device)
         print(f"engine in process at batch 1: p50 {results['engine_b1']['p50_ms']:.2f} ms", flush=True)
     results["host"] = host_facts()
+    results = cache_named(results, cache_dir)
     write_results(
         ROOT / args.out, f"latency-split-{device}" + (f"-{args.tag}" if args.tag else ""), results, markdown(results)
     )

@@ -254,7 +254,7 @@ def main() -> int:
     import requests
     import torch
 
-    from bench.common import host_facts, ready_line, warmserve_run, write_results
+    from bench.common import cache_named, host_facts, ready_line, warmserve_run, write_results
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     many = args.many or (64 if device == "cuda" else 8)
@@ -340,8 +340,7 @@ def main() -> int:
         "step_wall": t0 + args.step_at,
         "serve_timeline": serve_timeline(raytmp, t0 + args.step_at),
     }
-    # The engine cache is named CACHE: its path (a temp dir, or --cache-dir) is this machine's.
-    results = json.loads(json.dumps(results).replace(json.dumps(str(cache))[1:-1], "CACHE"))
+    results = cache_named(results, cache)
     stem = f"load-step-{device}" + (f"-{args.tag}" if args.tag else "")
     out = ROOT / args.out
     write_results(out, stem, results, markdown(results))

@@ -33,10 +33,45 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def rss_mib(pid: int) -> int:
+    """A process's resident set (MiB); 0 once it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def available_mib() -> int:
+    """The host's available memory (MiB)."""
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return int(info["MemAvailable"].split()[0]) >> 10
+
+
+def gib(text: str) -> float:
+    """A positive number of GiB, for --pa-memory."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, got {text!r}")
+    return value
+
+
 def perf_analyzer(
-    binary: str, model: str, target: str, protocol: str, clients: int, seconds: float, timeout: float = 600
+    binary: str,
+    model: str,
+    target: str,
+    protocol: str,
+    clients: int,
+    seconds: float,
+    timeout: float = 600,
+    memory_mib: int | None = None,
 ) -> dict[str, Any]:
-    """One perf_analyzer run at ``clients`` concurrent requests of batch 1: infer/s and latencies (ms)."""
+    """One perf_analyzer run at ``clients`` concurrent requests of batch 1: infer/s and latencies (ms), and its
+    own peak resident set. perf_analyzer 2.60 grows by about one request's input for every request it sends
+    (602 KB for resnet18's FP32 row: 129 GB in 55 s at 64 clients on an H100), until the kernel and Ray's memory
+    monitor kill the server's processes; a run past ``memory_mib`` is stopped and reported instead."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "pa.csv"
         cmd = [
@@ -56,52 +91,72 @@ def perf_analyzer(
             "-f",
             str(report),
         ]
-        t0 = time.monotonic()
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-            tail = out.strip().splitlines()[-6:]
-            return {"ok": False, "exit_code": None, "output": [*tail, f"(stopped after {timeout:.0f} s)"]}
+        limit = memory_mib if memory_mib is not None else available_mib() // 2
+        log = Path(tmp) / "pa.log"
+        t0, peak, stopped = time.monotonic(), 0, ""
+        with log.open("w") as out:
+            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+            while p.poll() is None:
+                peak = max(peak, rss_mib(p.pid))
+                if peak > limit:
+                    stopped = f"(stopped: its own memory reached {peak} MiB, past {limit} MiB)"
+                elif time.monotonic() - t0 > timeout:
+                    stopped = f"(stopped after {timeout:.0f} s)"
+                if stopped:
+                    p.kill()
+                    break
+                time.sleep(0.25)
+            p.wait()
         wall = time.monotonic() - t0
-        if p.returncode != 0 or not report.exists():
-            tail = (p.stdout + p.stderr).strip().splitlines()[-6:]
-            return {"ok": False, "exit_code": p.returncode, "output": tail, "wall_s": wall}
+        if stopped or p.returncode != 0 or not report.exists():
+            tail = log.read_text(errors="replace").strip().splitlines()[-6:]
+            output = [*tail, stopped] if stopped else tail
+            return {"ok": False, "exit_code": p.returncode, "output": output, "wall_s": wall, "peak_rss_mib": peak}
         (row,) = list(csv.DictReader(io.StringIO(report.read_text())))
     return {
         "ok": True,
+        "peak_rss_mib": peak,
         "infer_per_s": float(row["Inferences/Second"]),
         "p50_ms": float(row["p50 latency"]) / 1e3,
         "p99_ms": float(row["p99 latency"]) / 1e3,
         "wall_s": wall,
-        "command": shlex.join(cmd[:-2]),
+        "command": shlex.join([Path(binary).name, *cmd[1:-2]]),
     }
 
 
 def memory_facts() -> dict[str, Any]:
     """The host's available memory and the largest resident sets among Ray's worker processes (MiB)."""
-    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     rss: list[tuple[int, str]] = []
     for proc in Path("/proc").iterdir():
         try:
             title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             if title.startswith("ray::") or "haproxy" in title:
-                pages = int((proc / "statm").read_text().split()[1])
-                rss.append((pages * os.sysconf("SC_PAGE_SIZE") >> 20, title[:40]))
+                rss.append((rss_mib(int(proc.name)), title[:40]))
         except (OSError, ValueError, IndexError):
             continue
     rss.sort(reverse=True)
     return {
-        "available_mib": int(info["MemAvailable"].split()[0]) >> 10,
+        "available_mib": available_mib(),
         "ray_rss_mib": sum(r for r, _ in rss),
         "largest": [f"{name} {r}" for r, name in rss[:3]],
     }
 
 
-def keep_logs(raytmp: str, archive: Path) -> None:
+def keep_logs(raytmp: str, archive: Path, cache_dir: Path) -> None:
     """Serve's logs of the run without the lines of answered requests, and what Ray's raylet, GCS and workers
-    said about processes that died or memory, in one archive."""
+    said about processes that died or memory, in one archive; this machine's paths (Ray's temp dir, the engine
+    cache, the checkout, Python's packages) are written RAYTMP, CACHE, . and SITE."""
+    import site
     import tarfile
+
+    paths = [(raytmp, "RAYTMP"), (str(cache_dir.absolute()), "CACHE"), (str(ROOT), ".")]
+    paths += [(d, "SITE") for d in [*site.getsitepackages(), *sys.path] if d.startswith("/") and "-packages" in d]
+    paths += [(d, "SITE") for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d.startswith("/")]
+
+    def scrub(line: str) -> str:
+        for path, name in sorted(paths, key=lambda p: -len(p[0])):
+            line = line.replace(path, name)
+        return line
 
     logs = Path(raytmp) / "ray" / "session_latest" / "logs"
     answered = ("CALL warmserve OK", " 200 ")
@@ -109,7 +164,7 @@ def keep_logs(raytmp: str, archive: Path) -> None:
     with tarfile.open(archive, "w:gz") as tar:
 
         def add(name: str, lines: list[str]) -> None:
-            data = "\n".join(lines[-2000:]).encode()
+            data = "\n".join(scrub(x) for x in lines[-2000:]).encode()
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -149,7 +204,7 @@ def engine_ms(model: str, cache_dir: Path, device: str, batch: int = 1, calls: i
 
 
 def main() -> int:
-    from bench.common import host_facts, ready_line, warmserve_run, write_results
+    from bench.common import cache_named, host_facts, ready_line, warmserve_run, write_results
     from bench.serve_throughput import load, requests_for
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,6 +219,12 @@ def main() -> int:
     ap.add_argument("--workloads", default="b1,grpc1,rows32,grpc32", help="of the HTTP-against-gRPC comparison")
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="for `warmserve run`")
     ap.add_argument("--pa-timeout", type=float, default=600, help="seconds before a perf_analyzer run is stopped")
+    ap.add_argument(
+        "--pa-memory",
+        type=gib,
+        help="GiB of its own memory at which a perf_analyzer run is stopped (default: half the memory available "
+        "at the start of each run; it keeps about one input per request sent)",
+    )
     ap.add_argument("--watch", action="store_true", help="record HAProxy's server states and the host's memory")
     ap.add_argument("--logs", help="after the run, keep what Serve and Ray logged (not answered requests) in this .tgz")
     ap.add_argument("--out", default="bench/results")
@@ -185,7 +246,8 @@ def main() -> int:
     stem = f"perf-analyzer-{device}" + (f"-{args.tag}" if args.tag else "")
 
     def save() -> None:  # after every point: a run cut short keeps what it measured
-        write_results(ROOT / args.out, stem, results, markdown(results))
+        named = cache_named(results, cache_dir)
+        write_results(ROOT / args.out, stem, named, markdown(named))
 
     raytmp = tempfile.mkdtemp(prefix="wspa", dir="/tmp")  # short: Ray's socket paths live under it
     now_at = {"label": "start"}
@@ -232,7 +294,14 @@ def main() -> int:
                 for clients in (int(c) for c in args.concurrency.split(",")):
                     now_at["label"] = f"perf_analyzer {protocol} c={clients}"
                     pa = perf_analyzer(
-                        args.perf_analyzer, name, target, protocol, clients, args.seconds, args.pa_timeout
+                        args.perf_analyzer,
+                        name,
+                        target,
+                        protocol,
+                        clients,
+                        args.seconds,
+                        args.pa_timeout,
+                        None if args.pa_memory is None else int(args.pa_memory * 1024),
                     )
                     now_at["label"] = f"bench {protocol} c={clients}"
                     own = load(url, body, headers, clients, args.client_procs, args.seconds)
@@ -266,7 +335,7 @@ def main() -> int:
     finally:
         stop_watch.set()
         if args.logs:  # a run that failed is the one whose logs are wanted
-            keep_logs(raytmp, Path(args.logs))
+            keep_logs(raytmp, Path(args.logs), cache_dir)
         shutil.rmtree(raytmp, ignore_errors=True)
     results["exit_code"] = service.exit_code
     if not args.run_args:  # the default model: its engine is in the cache the service used
@@ -284,8 +353,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"Ready in {r.get('ready_s', 0):.0f} s. Batch 1, FP32, one window of each point; bench = bench/'s own "
         "closed-loop load generator at the same point.",
         "",
-        "| protocol | clients | perf_analyzer infer/s | p50 ms | p99 ms | bench req/s | p50 ms | p99 ms | ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| protocol | clients | perf_analyzer infer/s | p50 ms | p99 ms | its peak RSS MiB | bench req/s | p50 ms | "
+        "p99 ms | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in r["points"]:
         pa, own = p["perf_analyzer"], p["bench"]
@@ -295,7 +365,8 @@ def markdown(r: dict[str, Any]) -> str:
         else:
             ratio, head = float("nan"), f"failed: {' '.join(pa['output'])[:120]} | | "
         lines.append(
-            f"| {p['protocol']} | {p['clients']} | {head} | {own['requests_per_s']:.1f} | "
+            f"| {p['protocol']} | {p['clients']} | {head} | {pa.get('peak_rss_mib', '')} | "
+            f"{own['requests_per_s']:.1f} | "
             f"{own['p50_ms']:.2f} | {own['p99_ms']:.2f} | {ratio:.2f} |"
             + (f" bench: {own['failed']} failed" if own["failed"] else "")
         )

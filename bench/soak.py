@@ -318,6 +318,8 @@ def main() -> None:
             )
         finally:
             cluster.stop()
+        # The weights files live in this temp dir, a path of this machine's: written WEIGHTS in the results.
+        result = json.loads(json.dumps(result).replace(json.dumps(tmp)[1:-1] + "/", "WEIGHTS/"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"soak-{args.device.split(':')[0]}" + (f"-{args.tag}" if args.tag else "")
