@@ -188,6 +188,16 @@ def busy_port(host: str, port: int, flag: str) -> str:
     return f"port {port} on {host} is already in use (another warmserve or server?); pick a free one with {flag}"
 
 
+# Ray Serve's replica settings for a local cluster (the operator's own values win).
+SERVE_TUNING = {
+    # User code runs on the replica's own event loop, not on a second loop in a thread of its own: every request
+    # crossed between the two. One client's 1-row request took 2.63 ms instead of 3.95 over HTTP and 3.33 instead
+    # of 4.54 over gRPC, 32 rows over gRPC 50 ms instead of 90 (H200, bench/results/latency-split-*); 64 clients
+    # got 3,544 answers/s instead of 3,218 (H100, bench/results/haproxy-watch-*). The replicas it once appeared
+    # to kill were killed for perf_analyzer's own memory (bench/results/perf-analyzer-cuda-h100-same-thread-*).
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+}
+
 # Ray Serve's HAProxy settings for a local cluster (the operator's own values win).
 HAPROXY_TUNING = {
     # A replica that stops stays reachable this long, so that HAProxy has dropped it before it goes. Serve's
@@ -210,15 +220,17 @@ HAPROXY_PORTS = {
 
 
 def ingress_env(local: bool, ingress: str, environ: Mapping[str, str]) -> dict[str, str]:
-    """What the Ray processes of a local cluster need in their environment for ``ingress``; nothing for a
-    cluster we join (its nodes chose when they started). HAProxy's metrics and stats listeners stay on Ray's
-    default ports when those are free, else move to free ones: a second service on this host, or an HAProxy
-    left behind by a killed Ray, would otherwise make HAProxy exit at start with 'Address already in use'."""
+    """What the Ray processes of a local cluster need in their environment for ``ingress`` (with HAProxy,
+    Serve's replica settings `SERVE_TUNING` too); nothing for a cluster we join (its nodes chose when they
+    started). HAProxy's metrics and stats listeners stay on Ray's default ports when those are free, else move
+    to free ones: a second service on this host, or an HAProxy left behind by a killed Ray, would otherwise make
+    HAProxy exit at start with 'Address already in use'."""
     if not local:
         return {}
     if ingress != "haproxy":
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    env = {name: environ.get(name, value) for name, value in SERVE_TUNING.items()}  # measured behind HAProxy
+    env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     for name, value in HAPROXY_TUNING.items():
         env[name] = environ.get(name, value)
     for name, (what, default) in HAPROXY_PORTS.items():

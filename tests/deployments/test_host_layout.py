@@ -149,15 +149,19 @@ def test_the_haproxy_ray_serve_would_run_is_found(monkeypatch: pytest.MonkeyPatc
 
 def test_the_environment_a_local_ray_gets_for_each_ingress(capsys: pytest.CaptureFixture[str]) -> None:
     assert runner.ingress_env(False, "haproxy", {}) == {}  # a joined cluster chose at its start
+    # Serve's own proxy keeps Serve's replica defaults; behind HAProxy user code runs on each replica's own loop
     assert runner.ingress_env(True, "serve", {}) == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    assert runner.ingress_env(True, "haproxy", {})["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     mine = {
         "RAY_SERVE_HAPROXY_STATS_PORT": "7000",
         "RAY_SERVE_HAPROXY_METRICS_PORT": "7001",
         "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": "32768",
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
     }
     # HAProxy's tuning for one host (a short drain, HTTP/2 windows for large gRPC requests); the operator's
-    # own values win
+    # own values win, Serve's thread for user code among them
     assert runner.ingress_env(True, "haproxy", mine) == {
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         **runner.HAPROXY_TUNING,
         "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": "32768",

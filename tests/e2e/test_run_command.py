@@ -420,6 +420,9 @@ def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User,
             assert times["app_import_began"] <= times["app_imported"] <= times["constructor_began"], times
             assert abs(phases["imports"] - (times["app_imported"] - times["process_started"])) < 0.01, (phases, times)
         assert len(pids) == 2, pids
+        for pid in pids:  # Serve runs warmserve's handlers on each replica's own event loop (runner.SERVE_TUNING)
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert b"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0" in environ, pid
         argv = ["--weights", str(tmp_path / "v2.safetensors"), "--version", "v2"]
         done = user.warmserve("rollout", *argv, "--json")
         assert done.returncode == 0, done.stderr

@@ -190,6 +190,13 @@ def test_grpc_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
     http_inp.set_data_from_numpy(x)
     over_http = th.InferenceServerClient(cluster.http.removeprefix("http://")).infer("tiny_cnn", [http_inp])
     np.testing.assert_allclose(answer.as_numpy("output__0"), over_http.as_numpy("output__0"), rtol=1e-5, atol=1e-5)
+    # Eight rows as JSON values (about 120 KB: the replica parses them on a thread): the answers of raw bytes.
+    rows = np.random.default_rng(2).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    as_json, _ = infer(cluster, rows)
+    raw = th.InferInput("input__0", list(rows.shape), "FP32")
+    raw.set_data_from_numpy(rows)
+    as_bytes = th.InferenceServerClient(cluster.http.removeprefix("http://")).infer("tiny_cnn", [raw])
+    np.testing.assert_allclose(as_json, as_bytes.as_numpy("output__0"), rtol=1e-5, atol=1e-5)
 
     # UINT8 pixels, and values in the typed contents field instead of raw bytes: the same answers.
     pixels = np.random.default_rng(1).integers(0, 256, (2, 3, 16, 16), dtype=np.uint8)
