@@ -64,8 +64,8 @@ def open_device(device: torch.device) -> threading.Thread | None:
     def run() -> None:
         try:
             torch.zeros(1, device=device)
-        except Exception as e:  # the weights' copy to the device meets the same error and reports it
-            logger.debug("opening %s ahead of the weights: %s", device, e)
+        except Exception as e:  # said, not raised: the weights' copy to the device opens it again, and raises
+            logger.warning("could not open %s ahead of the weights (the start tries again): %s", device, e)
 
     thread = threading.Thread(target=run, name="open-device", daemon=True)
     thread.start()
