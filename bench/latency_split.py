@@ -5,7 +5,7 @@ python bench/latency_split.py --variant same-thread:RAY_SERVE_RUN_USER_CODE_IN_S
 
 For each variant (a set of environment variables for `warmserve run`): one client's closed loop of 1-row FP32
 requests, over HTTP and gRPC, once through the ingress (HAProxy) and once straight to the replica's own port (the
-one HAProxy forwards to), each for --seconds; and from the replica's statistics over the same requests, its time
+one HAProxy forwards to), each for --seconds (``--spy``: py-spy samples the replica meanwhile, see bench/serve_throughput.py); and from the replica's statistics over the same requests, its time
 from a request's arrival in the batcher to its answer, and the engine call's own part of that. Then the engine
 in this process at batch 1 (a cache hit of the same engine). So: ingress = through HAProxy - straight; replica
 (Serve, uvicorn or gRPC, parsing, encoding) = straight - batcher; batcher = its wait and thread hop; engine.
@@ -24,6 +24,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+PATHS = ("http", "http-straight", "grpc", "grpc-straight")
 VARIANTS = [
     "default:",
     "same-thread:RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0",
@@ -65,8 +66,10 @@ def stats(base: str, name: str) -> dict[str, int]:
     }
 
 
-def measure(base: str, name: str, shape: list[int], grpc_target: str, seconds: float, rows: int = 1) -> dict[str, Any]:
-    from bench.serve_throughput import load, requests_for
+def measure(
+    base: str, name: str, shape: list[int], grpc_target: str, seconds: float, rows: int = 1, spy: bool = False
+) -> dict[str, Any]:
+    from bench.serve_throughput import Spy, load, requests_for
 
     http_direct, grpc_direct = replica_ports()
     host = base.removeprefix("http://")
@@ -86,8 +89,11 @@ def measure(base: str, name: str, shape: list[int], grpc_target: str, seconds: f
         if label.startswith("http"):
             url = f"http://{target}/v2/models/{name}/infer"
         before = stats(base, name)
-        point = load(url, body, headers, 1, 1, seconds)
+        with Spy(seconds, enabled=spy) as spied:
+            point = load(url, body, headers, 1, 1, seconds)
         after = stats(base, name)
+        if spied.profile:
+            point["profile"] = spied.profile
         n = after["n"] - before["n"]
         if n:  # the one replica answered them all, the load's ramp included
             point["batcher_ms"] = (after["success_ns"] - before["success_ns"]) / n / 1e6
@@ -99,6 +105,8 @@ def measure(base: str, name: str, shape: list[int], grpc_target: str, seconds: f
             + (f" | in the batcher {point['batcher_ms']:.2f} ms, engine call {point['call_ms']:.2f}" if n else ""),
             flush=True,
         )
+        if spied.profile:
+            print(spied.summary(), flush=True)
     return out
 
 
@@ -114,6 +122,7 @@ def main() -> int:
     ap.add_argument("--cache-dir", help="engine cache (default: a temp dir, so the first variant builds)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--spy", action="store_true", help="py-spy on the replica while it holds the GIL, per path")
     args = ap.parse_args()
 
     import requests
@@ -137,7 +146,7 @@ def main() -> int:
             name = str(ready.get("model", "resnet18")).rpartition(":")[2]
             shape = requests.get(f"{base}/v2/models/{name}", timeout=10).json()["inputs"][0]["shape"][1:]
             for rows in args.rows:
-                point = measure(base, name, shape, grpc_target, args.seconds, rows)
+                point = measure(base, name, shape, grpc_target, args.seconds, rows, args.spy)
                 results["variants"].append({"label": label, "env": env, "ready_s": service.ready_s, **point})
     if "--model" not in args.run_args:  # the default model: its engine is in the cache the service used
         results["engine_b1"] = engine_ms("torchvision:resnet18", cache_dir, device)
@@ -163,8 +172,8 @@ def markdown(r: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for v in r["variants"]:
-        env = " ".join(f"{k}={val}" for k, val in v["env"].items()) or "Serve's defaults"
-        for path in ("http", "http-straight", "grpc", "grpc-straight"):
+        env = " ".join(f"{k}={val}" for k, val in v["env"].items()) or "warmserve run's defaults"
+        for path in PATHS:
             p = v.get(path, {})
             if "p50_ms" not in p:
                 lines.append(f"| {v['label']} ({env}) | {v['rows']} | {path} | {p.get('error', '-')} | | | |")
@@ -173,6 +182,18 @@ def markdown(r: dict[str, Any]) -> str:
                 f"| {v['label']} ({env}) | {v['rows']} | {path} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | "
                 f"{p.get('batcher_ms', float('nan')):.2f} | {p.get('call_ms', float('nan')):.2f} |"
             )
+    spied = [(v, path) for v in r["variants"] for path in PATHS if "gil_busy" in v.get(path, {}).get("profile", {})]
+    if spied:
+        lines += [
+            "",
+            "py-spy on the replica while a thread held the GIL (`--spy`): the frames most samples were in.",
+            "",
+        ]
+    for v, path in spied:
+        p = v[path]["profile"]
+        cores = " ".join(f"{c:.2f}" for c in p["replica_cores"])
+        lines.append(f"- {v['label']}, {v['rows']} row(s), {path}: replica {cores} cores, GIL busy {p['gil_busy']:.0%}")
+        lines += [f"  - `{line.strip()}`" for line in p["own"][:6]]
     if "engine_b1" in r:
         e = r["engine_b1"]
         lines += ["", f"The engine in process at batch 1: p50 {e['p50_ms']:.2f} ms, p99 {e['p99_ms']:.2f} ms."]
