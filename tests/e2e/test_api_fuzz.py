@@ -33,8 +33,8 @@ def replica_usage(pid: int) -> tuple[int, int]:
     return rss, len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
-def test_generated_requests_get_no_server_error(cluster: RayCluster, tmp_path: Path) -> None:
-    cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
+def test_generated_requests_get_no_server_error(cluster: RayCluster, warm_cache: Path) -> None:
+    cluster.deploy(cluster.config({**TINY, "cache_dir": str(warm_cache)}, {"num_replicas": 1}))
     pid = requests.get(f"{cluster.http}/v1/status", timeout=30).json()["replica_pid"]
     schema = schemathesis.openapi.from_url(f"{cluster.http}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]

@@ -97,9 +97,9 @@ def test_replica_killed_during_a_build_another_takes_over_the_lease(
     assert len(entries) == 1 and maintenance.verify(shared.store, entries[0].key_id, shared.signing_key) is None
 
 
-def test_replica_killed_during_a_rollout(cluster: RayCluster, tmp_path: Path) -> None:
+def test_replica_killed_during_a_rollout(cluster: RayCluster, tmp_path: Path, warm_cache: Path) -> None:
     x = np.random.default_rng(4).standard_normal((2, 3, 16, 16), dtype=np.float32)
-    _, want, before = deploy_versions(cluster, tmp_path, (31, 32), x)
+    _, want, before = deploy_versions(cluster, tmp_path, (31, 32), x, app={"cache_dir": str(warm_cache)})
     stop = threading.Event()
     results: list[tuple[float, np.ndarray, str]] = []
     errors: list[tuple[float, str]] = []  # first attempts that failed
@@ -187,12 +187,14 @@ def kill_and_replace(cluster: RayCluster, victim: int) -> dict[int, dict[str, An
     raise AssertionError("Serve did not replace the killed replica")
 
 
-def test_refused_rollout_then_replica_killed_serves_the_last_good_weights(cluster: RayCluster, tmp_path: Path) -> None:
+def test_refused_rollout_then_replica_killed_serves_the_last_good_weights(
+    cluster: RayCluster, tmp_path: Path, warm_cache: Path
+) -> None:
     """v2 (good), v8 (refused by every replica), then a replica dies: its replacement serves v2, never the
     refused weights and never the base weights. A label reused for other content is refused up front. A
     weights file changed behind the rollout's back keeps a replacement unready, saying why."""
     x = np.random.default_rng(5).standard_normal((2, 3, 16, 16), dtype=np.float32)
-    (_, v2), want, before = deploy_versions(cluster, tmp_path, (41, 42), x)
+    (_, v2), want, before = deploy_versions(cluster, tmp_path, (41, 42), x, app={"cache_dir": str(warm_cache)})
     nan = dict(v2)
     nan["head.bias"] = torch.full_like(v2["head.bias"], float("nan"))
     save_weights(nan, tmp_path / "nan.safetensors")

@@ -40,9 +40,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.skipif(PERF_ANALYZE
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_perf_analyzer_runs_to_completion(cluster: RayCluster, tmp_path: Path, protocol: str) -> None:
+def test_perf_analyzer_runs_to_completion(cluster: RayCluster, tmp_path: Path, warm_cache: Path, protocol: str) -> None:
     assert PERF_ANALYZER is not None
-    cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
+    cluster.deploy(cluster.config({**TINY, "cache_dir": str(warm_cache)}, {"num_replicas": 1}))
     port = cluster.http.rsplit(":", 1)[1] if protocol == "http" else str(cluster.grpc_port)
     report = tmp_path / "pa.csv"
     cmd = [PERF_ANALYZER, "-m", "tiny_cnn", "-u", f"127.0.0.1:{port}", "-i", protocol]

@@ -195,13 +195,13 @@ def status(user: User) -> dict[str, object]:
     return dict(requests.get(f"{user.http}/v1/status", timeout=30).json())
 
 
-def test_run_rollout_restart_as_the_readme_says(user: User, tmp_path: Path) -> None:
+def test_run_rollout_restart_as_the_readme_says(user: User, tmp_path: Path, warm_cache: Path) -> None:
     model = build_model("tests.serve.models:tiny_cnn")
     v2, bad = demo_weights(model, seed=2), demo_weights(model, seed=3)
     bad["head.bias"] = torch.full_like(bad["head.bias"], float("nan"))
     save_weights(v2, tmp_path / "v2.safetensors")
     save_weights(bad, tmp_path / "bad.safetensors")
-    cache = ["--cache-dir", str(tmp_path / "cache")]
+    cache = ["--cache-dir", str(warm_cache)]  # test_the_default_run_scales_... starts from an empty one
 
     service = start(user, *cache, sigint_ignored=True)
     try:
@@ -370,7 +370,9 @@ def test_the_default_run_scales_up_and_down_under_load_without_a_failed_request(
     assert code == 0
 
 
-def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User, tmp_path: Path) -> None:
+def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(
+    user: User, tmp_path: Path, warm_cache: Path
+) -> None:
     """The GPU default's ingress and preloaded Ray workers, tried on the CPU: requests reach both replicas
     straight from HAProxy, a rollout confirms each of them, and stopping leaves no HAProxy behind."""
     from warmserve.deployments.host import haproxy_binary
@@ -383,7 +385,7 @@ def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User,
     save_weights(demo_weights(build_model("tests.serve.models:tiny_cnn"), seed=2), tmp_path / "v2.safetensors")
     # Ray's workers import torch and the app as they start, as on a GPU host whose replicas autoscale.
     user.extra_env["WARMSERVE_PRELOAD"] = "1"
-    service = start(user, "--cache-dir", str(tmp_path / "cache"), "--ingress", "haproxy", "--replicas", "2", "--json")
+    service = start(user, "--cache-dir", str(warm_cache), "--ingress", "haproxy", "--replicas", "2", "--json")
     try:
         layout = service.wait_for("HAProxy ingress")
         assert "2 replicas (replacing the config's autoscaling) on the CPU" in layout
@@ -397,8 +399,7 @@ def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User,
             time.sleep(0.1)
         ready = json.loads(service.out[0])  # --json: one line once ready
         assert ready["ready"] == user.http and ready["backend"] == "aoti" and ready["weights_version"] == "v1"
-        # one of the two replicas builds on the empty cache, the other waits for it; either may answer
-        assert ready["grpc_port"] == user.grpc_port and ready["start"]["outcome"] in ("built", "waited", "local-hit")
+        assert ready["grpc_port"] == user.grpc_port and ready["start"]["outcome"] == "local-hit"
         import tritonclient.grpc as tg
 
         # At once: the ready line comes once both ports answer through HAProxy. A subchannel of its own, since
@@ -456,7 +457,7 @@ def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(user: User,
         said = service.rest()
         assert not any("failed to shut down" in line for line in said), said
         assert user.ray_processes() == [], "warmserve run left Ray or HAProxy processes behind"
-        service = start(user, "--cache-dir", str(tmp_path / "cache"), "--ingress", "haproxy", "--replicas", "1")
+        service = start(user, "--cache-dir", str(warm_cache), "--ingress", "haproxy", "--replicas", "1")
         assert "weights v2" in service.wait_for("ready on")  # the rollout's weights, resumed
         # a new client: the old one's connection is still backing off from the stopped service
         client = tg.InferenceServerClient(f"127.0.0.1:{user.grpc_port}", channel_args=[LOCAL_SUBCHANNELS])

@@ -23,11 +23,13 @@ from warmserve.serve.weights import demo_weights, save_weights
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_http_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
+def test_http_protocol_and_errors(cluster: RayCluster, tmp_path: Path, warm_cache: Path) -> None:
     import tritonclient.http as th
     from PIL import Image
 
-    cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
+    cluster.deploy(cluster.config({**TINY, "cache_dir": str(warm_cache)}, {"num_replicas": 1}))
+    # The engine `warmserve build` compiled is the one the replica looks for: it starts without a build.
+    assert requests.get(f"{cluster.http}/v1/status", timeout=30).json()["start"]["outcome"] == "local-hit"
     client = th.InferenceServerClient(cluster.http.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny_cnn")
     meta = client.get_model_metadata("tiny_cnn")
@@ -157,7 +159,7 @@ def _form(files: list[tuple[str, tuple[str, bytes]]]) -> tuple[bytes, str]:
     return bytes(prepared.body or b""), prepared.headers["content-type"]
 
 
-def test_grpc_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
+def test_grpc_protocol_and_errors(cluster: RayCluster, tmp_path: Path, warm_cache: Path) -> None:
     """The Open Inference Protocol over gRPC through Serve's gRPC proxy, as tritonclient.grpc and a client
     generated from Triton's proto (tritonclient's own stub) speak it: the same answers as HTTP."""
     import grpc
@@ -168,7 +170,7 @@ def test_grpc_protocol_and_errors(cluster: RayCluster, tmp_path: Path) -> None:
     from tritonclient.grpc import service_pb2_grpc as pb_grpc
     from tritonclient.utils import InferenceServerException
 
-    cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
+    cluster.deploy(cluster.config({**TINY, "cache_dir": str(warm_cache)}, {"num_replicas": 1}))
     address = f"127.0.0.1:{cluster.grpc_port}"
     client = tg.InferenceServerClient(address)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny_cnn")
@@ -265,9 +267,9 @@ def test_second_replica_starts_warm(cluster: RayCluster, tmp_path: Path) -> None
     assert second[0]["start"]["seconds"] < next(iter(first.values()))["start"]["seconds"] / 5
 
 
-def test_rollout_under_load(cluster: RayCluster, tmp_path: Path) -> None:
+def test_rollout_under_load(cluster: RayCluster, tmp_path: Path, warm_cache: Path) -> None:
     x = np.random.default_rng(2).standard_normal((2, 3, 16, 16), dtype=np.float32)
-    (_, v2), want, before = deploy_versions(cluster, tmp_path, (11, 22), x)
+    (_, v2), want, before = deploy_versions(cluster, tmp_path, (11, 22), x, app={"cache_dir": str(warm_cache)})
     bad = dict(v2)
     bad["head.weight"] = torch.zeros(3, 3)
     save_weights(bad, tmp_path / "bad.safetensors")
@@ -345,7 +347,7 @@ def test_metrics_on_rays_endpoint(cluster: RayCluster, tmp_path: Path) -> None:
     assert last and last[0].value == pytest.approx(start["total_seconds"], rel=1e-3)
 
 
-def test_prometheus_reads_warmserve_metrics(cluster: RayCluster, tmp_path: Path) -> None:
+def test_prometheus_reads_warmserve_metrics(cluster: RayCluster, tmp_path: Path, warm_cache: Path) -> None:
     """A real Prometheus scrapes Ray's metrics endpoint; warmserve's series come back through its query API."""
     from tests.servers import Prometheus, require
 
@@ -354,29 +356,29 @@ def test_prometheus_reads_warmserve_metrics(cluster: RayCluster, tmp_path: Path)
     (tmp_path / "prom").mkdir()
     prom.start()
     try:
-        cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
+        cluster.deploy(cluster.config({**TINY, "cache_dir": str(warm_cache)}, {"num_replicas": 1}))
         infer(cluster, np.zeros((2, 3, 16, 16), dtype=np.float32))
         # Earlier tests' replicas reported to the same agent: look for this one's series among them.
         deadline = time.monotonic() + 120
         paths: set[str] = set()
         versions: set[str] = set()
-        while time.monotonic() < deadline and not ("built" in paths and "v1" in versions):
+        while time.monotonic() < deadline and not ("local-hit" in paths and "v1" in versions):
             paths = {r["metric"]["outcome"] for r in prom.query("ray_warmserve_warm_start_seconds_count")}
             versions = {r["metric"]["version"] for r in prom.query("ray_warmserve_weights_version_info == 1")}
             time.sleep(2)
-        assert "built" in paths and "v1" in versions, (paths, versions)
+        assert "local-hit" in paths and "v1" in versions, (paths, versions)
     finally:
         prom.stop()
 
 
-def test_admin_token_guards_rollout_and_status(cluster: RayCluster, tmp_path: Path) -> None:
+def test_admin_token_guards_rollout_and_status(cluster: RayCluster, tmp_path: Path, warm_cache: Path) -> None:
     model = build_model("tests.serve.models:tiny_cnn")
     save_weights(demo_weights(model, seed=31), tmp_path / "v2.safetensors")
     token = "s3cret-admin-token"
     options = {"num_cpus": 0.5, "runtime_env": {"env_vars": {"WARMSERVE_ADMIN_TOKEN": token}}}
     cluster.deploy(
         cluster.config(
-            {**TINY, "cache_dir": str(tmp_path / "c")},
+            {**TINY, "cache_dir": str(warm_cache)},
             {
                 "num_replicas": 1,
                 "ray_actor_options": options,
@@ -398,7 +400,9 @@ def test_admin_token_guards_rollout_and_status(cluster: RayCluster, tmp_path: Pa
     assert requests.get(f"{cluster.http}/v1/status", headers=headers, timeout=30).json()["weights_version"] == "v2"
 
 
-def test_a_label_served_from_other_weights_is_never_reported_as_rolled_out(cluster: RayCluster, tmp_path: Path) -> None:
+def test_a_label_served_from_other_weights_is_never_reported_as_rolled_out(
+    cluster: RayCluster, tmp_path: Path, warm_cache: Path
+) -> None:
     """A config edited by hand (no digest recorded) serves file b as v2; rolling file a out as v2 must not
     exit 0: the replica refuses it (a label names one content), and the rollout says so and restores."""
     model = build_model("tests.serve.models:tiny_cnn")
@@ -406,7 +410,7 @@ def test_a_label_served_from_other_weights_is_never_reported_as_rolled_out(clust
         save_weights(demo_weights(model, seed=seed), tmp_path / f"{name}.safetensors")
     user_config = {"weights": str(tmp_path / "b.safetensors"), "weights_version": "v2"}
     cluster.deploy(
-        cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1, "user_config": user_config})
+        cluster.config({**TINY, "cache_dir": str(warm_cache)}, {"num_replicas": 1, "user_config": user_config})
     )
     assert next(iter(cluster.replica_statuses(1).values()))["weights_version"] == "v2"
     out = rollout(cluster, tmp_path / "a.safetensors", "v2")
@@ -416,7 +420,7 @@ def test_a_label_served_from_other_weights_is_never_reported_as_rolled_out(clust
     assert status["weights"] == str(tmp_path / "b.safetensors")
 
 
-def test_a_live_replica_never_dies_for_refused_weights(cluster: RayCluster, tmp_path: Path) -> None:
+def test_a_live_replica_never_dies_for_refused_weights(cluster: RayCluster, tmp_path: Path, warm_cache: Path) -> None:
     """Deployed without a user_config, Serve never calls reconfigure at start-up: the first rollout reaches a
     replica that serves traffic already, and refused weights must leave it serving, not crash-loop it."""
     model = build_model("tests.serve.models:tiny_cnn")
@@ -424,7 +428,7 @@ def test_a_live_replica_never_dies_for_refused_weights(cluster: RayCluster, tmp_
     bad["head.bias"] = torch.full_like(bad["head.bias"], float("nan"))
     save_weights(bad, tmp_path / "bad.safetensors")
     save_weights(demo_weights(model, seed=62), tmp_path / "good.safetensors")
-    cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
+    cluster.deploy(cluster.config({**TINY, "cache_dir": str(warm_cache)}, {"num_replicas": 1}))
     (pid,) = cluster.replica_statuses(1)
     refused = rollout(cluster, tmp_path / "bad.safetensors", "v2")
     assert refused.returncode == 1 and "NaN" in refused.stderr, refused.stderr
@@ -433,7 +437,7 @@ def test_a_live_replica_never_dies_for_refused_weights(cluster: RayCluster, tmp_
     assert list(after) == [pid] and after[pid]["weights_version"] == "v3"  # the same process throughout
 
 
-def test_a_slow_weights_read_never_stops_serving(cluster: RayCluster, tmp_path: Path) -> None:
+def test_a_slow_weights_read_never_stops_serving(cluster: RayCluster, tmp_path: Path, warm_cache: Path) -> None:
     """A replica reading new weights from a slow store keeps answering (the swap runs off the event loop);
     the label it started with cannot be rolled out again with other content."""
     import hashlib
@@ -446,7 +450,7 @@ def test_a_slow_weights_read_never_stops_serving(cluster: RayCluster, tmp_path: 
     save_weights(demo_weights(model, seed=72), tmp_path / "other.safetensors")
     payload = (tmp_path / "v2.safetensors").read_bytes()
     os.mkfifo(tmp_path / "slow.safetensors")  # a read that blocks until someone writes: the slowest store
-    cluster.deploy(cluster.config({**TINY, "cache_dir": str(tmp_path / "c")}, {"num_replicas": 1}))
+    cluster.deploy(cluster.config({**TINY, "cache_dir": str(warm_cache)}, {"num_replicas": 1}))
     slow = str(tmp_path / "slow.safetensors")
     cmd = [sys.executable, "-m", "warmserve.deployments.cli", "rollout", "--weights", slow]
     cmd += ["--version", "v2", "--sha256", hashlib.sha256(payload).hexdigest(), "--address", cluster.dashboard]
