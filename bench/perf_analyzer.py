@@ -352,11 +352,14 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"Ready in {r.get('ready_s', 0):.0f} s. Batch 1, FP32, one window of each point; bench = bench/'s own "
         "closed-loop load generator at the same point.",
-        "",
-        "| protocol | clients | perf_analyzer infer/s | p50 ms | p99 ms | its peak RSS MiB | bench req/s | p50 ms | "
-        "p99 ms | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if r["points"]:
+        lines += [
+            "",
+            "| protocol | clients | perf_analyzer infer/s | p50 ms | p99 ms | its peak RSS MiB | bench req/s | "
+            "p50 ms | p99 ms | ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for p in r["points"]:
         pa, own = p["perf_analyzer"], p["bench"]
         if pa["ok"]:

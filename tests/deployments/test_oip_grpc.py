@@ -76,6 +76,57 @@ def test_a_tritonclient_request_decodes_to_its_tensor(datatype: str) -> None:
     assert pickle.loads(pickle.dumps(request)) == request
 
 
+def _two_inputs() -> bytes:
+    """A request of two raw inputs with every other kind of top-level field set, as tritonclient sends it."""
+    from tritonclient.grpc import service_pb2
+
+    theirs = service_pb2.ModelInferRequest(model_name="m", model_version="2", id="7")
+    theirs.parameters["priority"].int64_param = 3
+    theirs.inputs.add(name="input_ids", datatype="INT64", shape=[2, 3])
+    theirs.inputs.add(name="attention_mask", datatype="INT64", shape=[2, 3])
+    theirs.outputs.add(name="last_hidden_state")
+    theirs.raw_input_contents.extend([np.arange(6, dtype=np.int64).tobytes(), np.ones(6, np.int64).tobytes()])
+    return bytes(theirs.SerializeToString())
+
+
+def test_the_infer_reader_hands_over_views_of_the_received_bytes() -> None:
+    data = _two_inputs()
+    request = oip_grpc.read_infer_request(data)
+    parsed = oip_grpc.ModelInferRequest.FromString(data)
+    assert [bytes(r) for r in request.raw_input_contents] == list(parsed.raw_input_contents)
+    assert all(r.obj is data for r in request.raw_input_contents), "tensor bytes copied out of the request"
+    for field in ("model_name", "model_version", "id", "inputs", "outputs", "parameters"):
+        assert getattr(request, field) == getattr(parsed, field), field
+    ids, mask = oip_grpc.parse_infer(request, limit=2**20)
+    assert ids.tolist() == [[0, 1, 2], [3, 4, 5]] and mask.tolist() == [[1] * 3] * 2
+    # Serve's proxy pickles the request on its way to a replica: the replica reads the same bytes again.
+    again = pickle.loads(pickle.dumps(request))
+    assert [bytes(r) for r in again.raw_input_contents] == list(parsed.raw_input_contents)
+    assert again.inputs == parsed.inputs
+    # The reader is what the gRPC server decodes ModelInfer with.
+    server = type("Server", (), {"add_generic_rpc_handlers": lambda self, h: setattr(self, "h", h)})()
+    oip_grpc.add_inference_service(object.__new__(type("S", (), dict.fromkeys(oip_grpc.METHODS))), server)
+    handlers = server.h[0]._method_handlers  # type: ignore[attr-defined]
+    assert handlers[f"/{oip_grpc.SERVICE}/ModelInfer"].request_deserializer is oip_grpc.read_infer_request
+
+
+def test_the_infer_reader_leaves_damaged_bytes_to_protobufs_errors() -> None:
+    from google.protobuf.message import DecodeError
+
+    data = _two_inputs()
+    for damaged in (data[:-5], data[:2], b"\x3a\xff\xff\xff\xff\x0f", b"\xff"):
+        with pytest.raises(DecodeError):
+            oip_grpc.ModelInferRequest.FromString(damaged)
+        with pytest.raises(DecodeError):
+            oip_grpc.read_infer_request(damaged)
+    # An unknown field is kept, as protobuf keeps it; a group is protobuf's to read.
+    unknown = data + b"\xa0\x06\x01"  # field 100, varint 1
+    assert oip_grpc.read_infer_request(unknown).model_name == "m"
+    group = b"\x0a\x01m" + b"\xa3\x06\xa4\x06"  # model_name, then an empty group 100
+    assert oip_grpc.read_infer_request(group).model_name == "m"
+    assert oip_grpc.read_infer_request(b"").raw_input_contents == []
+
+
 def test_the_response_is_what_tritonclient_reads() -> None:
     import tritonclient.grpc as tg
     from tritonclient.grpc import service_pb2
