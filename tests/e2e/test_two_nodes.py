@@ -76,10 +76,12 @@ def counted(cluster: RayCluster, name: str, timeout: float = 60, **labels: str) 
     return total
 
 
-def test_a_replica_on_another_node_starts_from_its_peer(nodes: RayCluster) -> None:
+def test_a_replica_on_another_node_starts_from_its_peer(nodes: RayCluster, tiny_engines: Path) -> None:
+    # node1's directory holds the engine `warmserve build` compiled (the tests below build their own keys).
+    shutil.copytree(tiny_engines, l1(nodes, "node1"), dirs_exist_ok=True)
     nodes.deploy(nodes.config(TINY, on("node1")))
-    assert outcomes(nodes, 1) == ["built"]
-    # The replica that built it is gone; its node's cache server still serves the node's directory.
+    assert outcomes(nodes, 1) == ["local-hit"]
+    # The replica that found it is gone; its node's cache server still serves the node's directory.
     nodes.delete_all()
     nodes.deploy(nodes.config(TINY, on("node2")))
     assert outcomes(nodes, 1) == ["peer-hit"]
