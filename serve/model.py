@@ -23,7 +23,7 @@ def build_model(model: str, *, meta: bool = False) -> nn.Module:
     """
     source, _, name = model.partition(":")
     if not source or not name:
-        raise ModelSpecError(f"model must be torchvision:<name> or package.module:factory, got {model!r}")
+        raise ModelSpecError(unqualified(model))
     ctx = torch.device("meta") if meta else contextlib.nullcontext()
     if source == "torchvision":
         import torchvision
@@ -47,13 +47,35 @@ def build_model(model: str, *, meta: bool = False) -> nn.Module:
     return module.eval()
 
 
+def unqualified(model: str) -> str:
+    """What to say of a model named without its source (``resnet18`` for ``torchvision:resnet18``): the rule,
+    and the torchvision models it may have meant, named in full."""
+    said = f"model must be torchvision:<name> or package.module:factory, got {model!r}"
+    name = model.strip(":")
+    if not name or "." in name or ":" in name:
+        return said
+    import torchvision
+
+    names = sorted(torchvision.models.list_models(torchvision.models))
+    exact = [n for n in names if n == name.lower()]
+    close = [f"torchvision:{n}" for n in exact or difflib.get_close_matches(name.lower(), names, n=3)]
+    if not close:
+        return said
+    return f"{said} (did you mean {_either(close)}?)"
+
+
 def _nearest(name: str, torchvision: Any) -> str:
     """The torchvision models a mistyped ``name`` may have meant, or a few that exist."""
     names = sorted(torchvision.models.list_models(torchvision.models))
     close = difflib.get_close_matches(name.lower(), names, n=3)
     if not close:
         return f"some that exist: {', '.join(names[:12])}, ..."
-    return "did you mean " + (close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}") + "?"
+    return f"did you mean {_either(close)}?"
+
+
+def _either(names: list[str]) -> str:
+    """``a``, ``a or b``, ``a, b or c``."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def class_names(model: str, num_outputs: int) -> list[str]:

@@ -331,7 +331,9 @@ class ModelSpec:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if ":" not in self.model:
-            raise ValueError(f"model must be torchvision:<name> or package.module:factory, got {self.model!r}")
+            from warmserve.serve.model import unqualified  # imports torchvision, for the names it may have meant
+
+            raise ValueError(unqualified(self.model))
         if not self.name:
             object.__setattr__(self, "name", self.model.rpartition(":")[2].replace(".", "-"))
         if len(set(self.outputs)) != len(self.outputs):

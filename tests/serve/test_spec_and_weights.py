@@ -43,6 +43,13 @@ def test_model_specs() -> None:
         build_model("torchvision:bert")
     with pytest.raises(ModelSpecError, match="cannot import"):
         build_model("no.such.module:factory")
+    # A torchvision name without its source: the full names it may have meant
+    with pytest.raises(ValueError, match=r"got 'ResNet18' \(did you mean torchvision:resnet18\?\)$"):
+        ModelSpec(model="ResNet18")
+    with pytest.raises(ModelSpecError, match=r"got 'resnet19' \(did you mean torchvision:resnet18, "):
+        build_model("resnet19")
+    with pytest.raises(ValueError, match=r"package\.module:factory, got 'bert'$"):
+        ModelSpec(model="bert")
     with pytest.raises(ModelSpecError, match=r"not a torch\.nn\.Module"):
         build_model("tests.serve.models:not_a_module")
     labels = class_names("torchvision:resnet18", 1000)
