@@ -44,7 +44,8 @@ class Holder:
         return "HAProxyManager" not in self.parent and self.node_id not in live_nodes()
 
     def describe(self) -> str:
-        return f"pid {self.pid}: {' '.join(self.command.split())[:160]}"
+        command = " ".join(self.command.split())
+        return f"pid {self.pid}: {command if len(command) <= 400 else command[:400] + ' ...'}"
 
 
 def listening_inodes(port: int, proc: Path = Path("/proc")) -> set[str]:
