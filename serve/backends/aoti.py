@@ -12,8 +12,11 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import shutil
+import stat
 import tempfile
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -135,6 +138,90 @@ class AOTIEngine(Engine):
         self._graphs = {k: dict(sorted(v.items())) for k, v in recorded.items()}
 
 
+EXTRACTED_PREFIX = "aotinductor_"  # the directories torch's package loader extracts a package into
+STALE_AFTER_S = 600.0
+
+
+def mapped_paths(prefix: str, proc: str = "/proc") -> set[str]:
+    """The files under ``prefix`` that some process this user can see has mapped (its loaded libraries)."""
+    needle, mapped = prefix.encode(), set()
+    for pid in os.listdir(proc):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(os.path.join(proc, pid, "maps"), "rb") as f:
+                maps = f.read()
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        at = maps.find(needle)
+        while at >= 0:
+            end = maps.find(b"\n", at)
+            end = len(maps) if end < 0 else end
+            mapped.add(maps[at:end].decode(errors="replace").removesuffix(" (deleted)"))
+            at = maps.find(needle, end)
+    return mapped
+
+
+def sweep_extracted(tmp: str | None = None, stale_after_s: float = STALE_AFTER_S) -> list[str]:
+    """Remove the package directories that processes which are gone left in the temp directory.
+
+    torch's loader extracts each package into ``$TMPDIR/aotinductor_*`` and removes it when the loader is
+    destroyed; a process that ends without running destructors (Ray's workers leave with ``os._exit``, a
+    replica can be killed) leaves it behind, a few MB per engine per replica process. A directory is removed
+    when this user owns it, it is older than ``stale_after_s`` and no live process has a file of it mapped:
+    a loaded engine keeps its library mapped for as long as it lives. Processes in other PID namespaces that
+    share the temp directory are not seen. Returns the directories removed."""
+    tmp = tmp or tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith(EXTRACTED_PREFIX)]
+    except OSError:
+        return []
+    now, old = time.time(), []
+    for name in names:
+        path = os.path.join(tmp, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid == os.getuid() and stat.S_ISDIR(st.st_mode) and now - st.st_mtime >= stale_after_s:
+            old.append(path)
+    if not old:  # the common case: nothing to read every process's maps for
+        return []
+    # The directory of each mapped file, as the kernel names it: the real path, whatever link TMPDIR goes through
+    real = os.path.realpath(tmp)
+    live = {os.path.relpath(p, real).split(os.sep)[0] for p in mapped_paths(os.path.join(real, EXTRACTED_PREFIX))}
+    removed = []
+    for path in old:
+        if os.path.basename(path) not in live:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+_swept = threading.Event()
+
+
+def sweep_in_background() -> None:
+    """`sweep_extracted` once per process, on a thread of its own (reading every process's maps takes a
+    moment on a busy host); a failure is logged, never raised."""
+    if _swept.is_set():
+        return
+    _swept.set()
+
+    def run() -> None:
+        try:
+            removed = sweep_extracted()
+        except Exception as e:  # best effort: a leftover costs disk, not correctness
+            logger.warning("could not sweep AOTInductor's leftover package directories: %s", e)
+            return
+        if removed:
+            logger.info(
+                "removed %d package directories that ended processes left in %s", len(removed), tempfile.gettempdir()
+            )
+
+    threading.Thread(target=run, name="aoti-sweep", daemon=True).start()
+
+
 class AOTIBackend(Backend):
     name = "aoti"
     needs_model = False  # the package runs alone; its constants come from the weights
@@ -176,4 +263,5 @@ class AOTIBackend(Backend):
             f.flush()
             index = self.device.index if self.device.index is not None else -1
             runner = torch._C._aoti.AOTIModelPackageLoader(f.name, "model", self.graphs, 1, index)
+        sweep_in_background()
         return AOTIEngine(runner, self.device, spec, graphs=self.graphs)

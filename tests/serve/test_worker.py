@@ -216,3 +216,64 @@ def test_a_cpu_worker_opens_no_device_thread() -> None:
     from warmserve.serve.worker import open_device
 
     assert open_device(torch.device("cpu")) is None
+
+
+# A replica-like process: loads the cached engine, says so, then waits for a line on stdin and leaves as Ray's
+# workers do (os._exit: no destructors, so torch's loader leaves its package directory behind).
+LOAD_AND_LEAVE = """
+import os, sys, threading
+from tests.serve.conftest import tiny_spec
+from warmserve.cache import CacheConfig
+from warmserve.serve.worker import Worker
+worker = Worker(tiny_spec(), backend="aoti", cache_config=CacheConfig.load(environ={}, cache_dir=sys.argv[1]))
+worker.start()
+for thread in threading.enumerate():  # its own sweep, done before the test ages the directories
+    if thread.name == "aoti-sweep":
+        thread.join()
+print("loaded", flush=True)
+sys.stdin.readline()
+os._exit(0)
+"""
+
+
+def test_package_directories_that_ended_processes_left_are_swept(aoti_cache: CacheConfig, tmp_path: Path) -> None:
+    import os
+    import time
+
+    from warmserve.serve.backends.aoti import sweep_extracted
+
+    tmp = tmp_path / "t"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    cmd = [sys.executable, "-c", LOAD_AND_LEAVE, str(aoti_cache.cache_dir)]
+
+    def started() -> subprocess.Popen[str]:
+        p = subprocess.Popen(cmd, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert p.stdout is not None and p.stdout.readline().strip() == "loaded"
+        return p
+
+    def extracted() -> set[Path]:
+        return set(tmp.glob("aotinductor_*"))
+
+    gone = started()
+    (left,) = extracted()
+    gone.communicate("\n", timeout=60)  # exits without destructors
+    assert left.is_dir(), "the loader removed its directory after all: nothing to sweep"
+    live = started()
+    try:
+        (in_use,) = extracted() - {left}
+        young = tmp / "aotinductor_young"  # as if a process were extracting right now
+        young.mkdir()
+        old = time.time() - 3600
+        for d in (left, in_use):
+            os.utime(d, (old, old))
+        link = tmp_path / "link"  # TMPDIR through a link: the maps name the real path
+        link.symlink_to(tmp)
+        assert sweep_extracted(str(link)) == [str(link / left.name)]
+        assert extracted() == {in_use, young}, "a live engine's directory or a fresh one was removed"
+        live.communicate("\n", timeout=60)
+    finally:
+        live.kill()
+        live.communicate()
+    assert sweep_extracted(str(tmp)) == [str(in_use)]
+    assert extracted() == {young}
