@@ -172,10 +172,7 @@ def sweep_extracted(tmp: str | None = None, stale_after_s: float = STALE_AFTER_S
     a loaded engine keeps its library mapped for as long as it lives. Processes in other PID namespaces that
     share the temp directory are not seen. Returns the directories removed."""
     tmp = tmp or tempfile.gettempdir()
-    try:
-        names = [n for n in os.listdir(tmp) if n.startswith(EXTRACTED_PREFIX)]
-    except OSError:
-        return []
+    names = [n for n in os.listdir(tmp) if n.startswith(EXTRACTED_PREFIX)]
     now, old = time.time(), []
     for name in names:
         path = os.path.join(tmp, name)
@@ -192,9 +189,16 @@ def sweep_extracted(tmp: str | None = None, stale_after_s: float = STALE_AFTER_S
     live = {os.path.relpath(p, real).split(os.sep)[0] for p in mapped_paths(os.path.join(real, EXTRACTED_PREFIX))}
     removed = []
     for path in old:
-        if os.path.basename(path) not in live:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        if os.path.basename(path) in live:
+            continue
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:  # another process's sweep removed it meanwhile
+            continue
+        except OSError as e:  # said, and the others are still swept
+            logger.warning("could not remove %s: %s", path, e)
+            continue
+        removed.append(path)
     return removed
 
 
