@@ -50,8 +50,9 @@ def test_serve_config_is_valid() -> None:
 
     config = yaml.safe_load((ROOT / "deployments" / "config.yaml").read_text())
     scaling = serve_schema(config).applications[0].deployments[0].autoscaling_config
-    # Replicas report their load every second (Serve's own 10 s put a load step's decision 20 s after it).
-    assert (scaling["metrics_interval_s"], scaling["look_back_period_s"]) == (1, 5)
+    # Replicas report their load every second, averaged over 2 s (Serve's own 10 s and 30 s put a load step's
+    # decision 20 s after it; 1 s and 5 s, 12 s).
+    assert (scaling["metrics_interval_s"], scaling["look_back_period_s"]) == (1, 2)
     app = config["applications"][0]
     Settings.load(args=app["args"], environ={})
     assert app["deployments"][0]["user_config"]["weights_version"] == app["args"]["weights_version"]
