@@ -130,7 +130,6 @@ class RayCluster:
         if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
             env = {**haproxy_files(self.tempdir), **env}
         env["WARMSERVE_CACHE_DIR"] = str(self.workdir / node / "cache")
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(self.workdir / node / "inductor")
         return env
 
     def start(self, num_cpus: int = 4) -> RayCluster:

@@ -77,7 +77,7 @@ def counted(cluster: RayCluster, name: str, timeout: float = 60, **labels: str) 
 
 
 def test_a_replica_on_another_node_starts_from_its_peer(nodes: RayCluster, tiny_engines: Path) -> None:
-    # node1's directory holds the engine `warmserve build` compiled (the tests below build their own keys).
+    # node1's directory holds the engine `warmserve build` compiled.
     shutil.copytree(tiny_engines, l1(nodes, "node1"), dirs_exist_ok=True)
     nodes.deploy(nodes.config(TINY, on("node1")))
     assert outcomes(nodes, 1) == ["local-hit"]
@@ -96,14 +96,6 @@ def test_a_replica_on_another_node_starts_from_its_peer(nodes: RayCluster, tiny_
     assert listed.returncode == 0, listed.stderr
     (entry,) = json.loads(listed.stdout)
     assert entry["tier"] == "peer" and entry["backend"] == "aoti" and entry["problem"] is None
-
-
-def test_four_replicas_over_two_nodes_build_once(nodes: RayCluster) -> None:
-    args = {**TINY, "batch": "1:4"}  # another key than the other tests'
-    deployment = {"num_replicas": 4, "max_replicas_per_node": 2}
-    nodes.deploy(nodes.config(args, deployment), timeout=300)
-    got = outcomes(nodes, 4)
-    assert got.count("built") == 1, got
 
 
 # Run as a driver of the cluster: waits for the index to name a builder, SIGKILLs it 1 s into its build, and
@@ -129,9 +121,12 @@ print(json.dumps({"pid": int(first.rpartition(":")[2]), "handed_s": handed}))
 """
 
 
-def test_a_killed_builder_is_replaced_at_once(nodes: RayCluster) -> None:
+def test_four_replicas_over_two_nodes_build_once_though_the_builder_is_killed(nodes: RayCluster) -> None:
+    """Four replicas, two a node, start together: one builds while the other three wait (one beside it, two on
+    the other node). The builder is killed 1 s into its build: another takes the build over at once, and the
+    replicas that finally serve built it once in all."""
     args = {**TINY, "batch": "1:2"}  # another key than the other tests'
-    nodes.deploy(nodes.config(args, {"num_replicas": 2, "max_replicas_per_node": 1}), wait=False)
+    nodes.deploy(nodes.config(args, {"num_replicas": 4, "max_replicas_per_node": 2}), wait=False)
     env = {**os.environ, **nodes.auth_env}
     address = f"127.0.0.1:{nodes.gcs_port}"
     watch = subprocess.run(
@@ -139,23 +134,26 @@ def test_a_killed_builder_is_replaced_at_once(nodes: RayCluster) -> None:
     )
     assert watch.returncode == 0, watch.stderr[-3000:]
     killed = json.loads(watch.stdout.splitlines()[-1])
-    # Handed on at once (not after a lease's TTL, 30 s by default)
-    assert killed["handed_s"] is not None and killed["handed_s"] < 5, killed
-    statuses = nodes.replica_statuses(2) if nodes.wait_running("warmserve", replicas=2) else {}
-    assert killed["pid"] not in statuses
+    # Handed on as soon as Ray reports the builder's death, not after a lease's TTL (30 s by default): 5.6 s at
+    # most seen on two cores busy with four replicas starting.
+    assert killed["handed_s"] is not None and killed["handed_s"] < 10, killed
+    statuses = nodes.replica_statuses(4) if nodes.wait_running("warmserve", replicas=4) else {}
+    assert len(statuses) == 4 and killed["pid"] not in statuses, statuses
     got = sorted(s["start"]["outcome"] for s in statuses.values())
     assert got.count("built") == 1, got
     assert counted(nodes, "ray_warmserve_cache_lease_takeovers") >= 1
 
 
-def test_a_peer_copy_that_fails_its_check_is_refused(nodes: RayCluster) -> None:
+def test_a_peer_copy_that_fails_its_check_is_refused(nodes: RayCluster, tiny_engines: Path) -> None:
     """An unsigned copy where replicas hold a signing key, then damaged bytes: each is refused and counted,
     and the replica builds; nothing unverified is ever loaded."""
-    args = {**TINY, "batch": "2:8"}  # another key than the other tests'
-    nodes.deploy(nodes.config(args, on("node1")))  # no signing key: node1 holds an unsigned entry
+    args = TINY  # the engine `warmserve build` compiled with no signing key: an unsigned entry
+    shutil.copytree(tiny_engines, l1(nodes, "node1"), dirs_exist_ok=True)
+    nodes.deploy(nodes.config(args, on("node1")))  # its replica finds it and tells the index node1 holds it
     (first,) = starts(nodes, 1)
-    assert first["outcome"] == "built"
+    assert first["outcome"] == "local-hit"
     nodes.delete_all()
+    shutil.rmtree(l1(nodes, "node2") / "entries" / first["key"], ignore_errors=True)  # a copy the first test kept
     signed = {"WARMSERVE_SIGNING_KEY": "peer-key"}
     nodes.deploy(nodes.config(args, on("node2", **signed)))
     assert outcomes(nodes, 1) == ["built"]
