@@ -61,6 +61,17 @@ def tree_rss_mib(pid: int) -> int:
     return total
 
 
+def _exit_on_hangup_or_term() -> dict[int, Any]:
+    """Make SIGTERM and SIGHUP raise SystemExit (so `finally` blocks run) in the main thread; the handlers replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def leave(sig: int, frame: Any) -> None:
+        raise SystemExit(128 + sig)
+
+    return {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+
 def available_mib() -> int:
     """The host's available memory (MiB)."""
     info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
@@ -115,13 +126,16 @@ def perf_analyzer(
         log = Path(tmp) / "pa.log"
         t0, peak, stopped = time.monotonic(), 0, ""
         with log.open("w") as out:
-            # A session of its own: stopping it stops the binary too, not only pip's script in front of it.
+            # A session of its own: stopping it stops the binary too, not only pip's script in front of it. Out of
+            # this script's process group, a SIGTERM or SIGHUP meant for the group no longer reaches it: while it
+            # runs, those end this script through the `finally` below, which stops it.
             p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            previous = _exit_on_hangup_or_term()
             try:
                 while p.poll() is None:
                     peak = max(peak, tree_rss_mib(p.pid))
                     if peak > limit:
-                        stopped = f"(stopped: its own memory reached {peak} MiB, past {limit} MiB)"
+                        stopped = f"(stopped: the binary and its script held {peak} MiB, past {limit} MiB)"
                     elif time.monotonic() - t0 > timeout:
                         stopped = f"(stopped after {timeout:.0f} s)"
                     if stopped:
@@ -132,6 +146,8 @@ def perf_analyzer(
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         wall = time.monotonic() - t0
         if stopped or p.returncode != 0 or not report.exists():
             tail = log.read_text(errors="replace").strip().splitlines()[-6:]
@@ -247,8 +263,8 @@ def main() -> int:
     ap.add_argument(
         "--pa-memory",
         type=gib,
-        help="GiB of its own memory at which a perf_analyzer run is stopped (default: half the memory available "
-        "at the start of each run; it keeps about one input per request sent)",
+        help="GiB of memory (the binary's and its script's) at which a perf_analyzer run is stopped (default: half "
+        "the memory available at the start of each run; it keeps about one input per request sent)",
     )
     ap.add_argument("--watch", action="store_true", help="record HAProxy's server states and the host's memory")
     ap.add_argument("--logs", help="after the run, keep what Serve and Ray logged (not answered requests) in this .tgz")
