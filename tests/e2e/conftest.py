@@ -36,7 +36,9 @@ def tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An engine cache holding TINY's engine, compiled once per session by `warmserve build` (a real
     AOTInductor build on this machine): the same key a replica of TINY computes, so it starts from it."""
     cache = tmp_path_factory.mktemp("tiny-engines")
-    env = dict(os.environ)
+    # No WARMSERVE_* of the developer's shell (this runs before each test's environment is cleaned): the engine
+    # stays unsigned, as the tests that start from it expect.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WARMSERVE_")}
     cmd = [sys.executable, "-m", "warmserve.deployments.cli", "build", TINY["model"], "--input-shape"]
     cmd += [TINY["input_shape"], "--batch", TINY["batch"], "--backend", TINY["backend"], "--device", "cpu"]
     cmd += ["--cache-dir", str(cache), "--json"]

@@ -137,7 +137,7 @@ def test_four_replicas_over_two_nodes_build_once_though_the_builder_is_killed(no
     # Handed on as soon as Ray reports the builder's death, not after a lease's TTL (30 s by default): 5.6 s at
     # most seen on two cores busy with four replicas starting.
     assert killed["handed_s"] is not None and killed["handed_s"] < 10, killed
-    statuses = nodes.replica_statuses(4) if nodes.wait_running("warmserve", replicas=4) else {}
+    statuses = nodes.replica_statuses(4) if nodes.wait_running("warmserve", replicas=4, timeout=300) else {}
     assert len(statuses) == 4 and killed["pid"] not in statuses, statuses
     got = sorted(s["start"]["outcome"] for s in statuses.values())
     assert got.count("built") == 1, got
