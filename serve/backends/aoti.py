@@ -178,7 +178,7 @@ def sweep_extracted(tmp: str | None = None, stale_after_s: float = STALE_AFTER_S
         path = os.path.join(tmp, name)
         try:
             st = os.lstat(path)
-        except OSError:
+        except FileNotFoundError:  # removed since the listing
             continue
         if st.st_uid == os.getuid() and stat.S_ISDIR(st.st_mode) and now - st.st_mtime >= stale_after_s:
             old.append(path)
@@ -215,8 +215,8 @@ def sweep_in_background() -> None:
     def run() -> None:
         try:
             removed = sweep_extracted()
-        except Exception as e:  # best effort: a leftover costs disk, not correctness
-            logger.warning("could not sweep AOTInductor's leftover package directories: %s", e)
+        except Exception as e:  # best effort: a leftover costs disk, not correctness; the traceback is logged
+            logger.warning("could not sweep AOTInductor's leftover package directories: %s", e, exc_info=True)
             return
         if removed:
             logger.info(
