@@ -95,6 +95,9 @@ class RayCluster:
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     # Ray's socket paths must stay short: its temp dir lives directly under the system temp dir.
     tempdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="wsray-")))
+    # The deployments' graceful_shutdown_wait_loop_s, when set. Serve's default, 2 s, is the least an idle
+    # replica waits before it stops; the tests send nothing while they replace or delete one, and make dozens.
+    stop_wait_s: float | None = None
 
     @property
     def auth_env(self) -> dict[str, str]:
@@ -206,7 +209,14 @@ class RayCluster:
                     "route_prefix": "/",
                     "import_path": "warmserve.deployments.app:build_app",
                     "args": args,
-                    "deployments": [{"name": "WarmModel", "ray_actor_options": {"num_cpus": 0.5}, **deployment}],
+                    "deployments": [
+                        {
+                            "name": "WarmModel",
+                            "ray_actor_options": {"num_cpus": 0.5},
+                            **({"graceful_shutdown_wait_loop_s": self.stop_wait_s} if self.stop_wait_s else {}),
+                            **deployment,
+                        }
+                    ],
                 }
             ],
         }
@@ -245,7 +255,7 @@ class RayCluster:
                 return last
             if last.get("status") == "DEPLOY_FAILED":
                 raise AssertionError(f"deploy failed: {last.get('message')}")
-            time.sleep(1)
+            time.sleep(0.25)
         raise TimeoutError(f"{app} not RUNNING with {replicas} replicas: {json.dumps(last)[:2000]}")
 
     def delete_all(self) -> None:
@@ -255,7 +265,7 @@ class RayCluster:
             details = self.api("GET").json()
             if not details.get("applications"):
                 return
-            time.sleep(1)
+            time.sleep(0.25)
 
     def replica_statuses(self, expect: int, timeout: float = 60) -> dict[int, dict[str, Any]]:
         """``/v1/status`` of every replica (requests land on random replicas; sample until all seen)."""

@@ -17,7 +17,7 @@ from tests.e2e.helpers import TINY
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     """One local Ray cluster for every module that asks for it (its start and stop cost 10-15 s each on two
     cores); each test leaves it with no application (``cluster``)."""
-    cluster = RayCluster(tmp_path_factory.mktemp("ray")).start()
+    cluster = RayCluster(tmp_path_factory.mktemp("ray"), stop_wait_s=0.5).start()
     try:
         yield cluster
     finally:

@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 RSS_GROWTH_KIB = 6 * 1024
 
 
-def test_rollouts_under_steady_load(cluster: RayCluster, tmp_path: Path) -> None:
-    r = soak(cluster, tmp_path, seconds=60, rollout_every=8, clients=3, sample_every=4)
+def test_rollouts_under_steady_load(cluster: RayCluster, tmp_path: Path, warm_cache: Path) -> None:
+    app = {"cache_dir": str(warm_cache)}  # its replicas start from TINY's engine: the soak is about rollouts
+    r = soak(cluster, tmp_path, seconds=60, rollout_every=8, clients=3, sample_every=4, app=app)
     summary = markdown({"date": "CI", "machine": "CI", "model": "tiny_cnn", "backend": "aoti", "device": "cpu", **r})
     assert r["failed"] == 0 and r["not_live"] == 0, summary
     assert r["rollouts"]["refused"] == 0 and r["rollouts"]["done"] >= 6, summary

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    cluster = RayCluster(tmp_path_factory.mktemp("ray2"))
+    cluster = RayCluster(tmp_path_factory.mktemp("ray2"), stop_wait_s=0.5)
     cluster.start(num_cpus=2)
     try:
         cluster.add_node("node2", num_cpus=2)
