@@ -407,7 +407,8 @@ def markdown(r: dict[str, Any]) -> str:
             ratio = pa["infer_per_s"] / own["requests_per_s"] if own["requests_per_s"] else float("nan")
             head = f"{pa['infer_per_s']:.1f} | {pa['p50_ms']:.2f} | {pa['p99_ms']:.2f}"
         else:
-            ratio, head = float("nan"), f"failed: {' '.join(pa['output'])[:120]} | | "
+            said = [line.strip() for line in pa["output"] if line.strip()]  # its error, or why bench stopped it
+            ratio, head = float("nan"), f"failed: {(said or ['no output'])[-1][:160].replace('|', '/')} | | "
         lines.append(
             f"| {p['protocol']} | {p['clients']} | {head} | {pa.get('peak_rss_mib', '')} | "
             f"{own['requests_per_s']:.1f} | "
