@@ -145,6 +145,14 @@ def output_specs(spec: ModelSpec, real: Callable[[Sequence[torch.Tensor]], Any] 
                         f"{spec.model} does not take the inputs declared ({sig.text()}): {e}; declare the inputs its "
                         "forward takes, in its order, with --inputs"
                     ) from e
+                except (RuntimeError, ValueError, IndexError) as e:
+                    if device == "meta":
+                        raise  # the meta run's failures are the real run's to judge
+                    at = ", ".join([f"batch {b}", *(f"{d} {n}" for d, n in sizes.items())])
+                    raise ModelSpecError(
+                        f"{spec.model} fails on inputs the declaration allows ({sig.text()}; at {at}): "
+                        f"{type(e).__name__}: {' '.join(str(e).split())[:300]}; declare the sizes its forward takes"
+                    ) from e
             runs[k] = [(n, t.to("meta")) for n, t in flatten(out)]
         return runs
 

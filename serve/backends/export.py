@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from warmserve.serve.errors import ModelSpecError
 from warmserve.serve.spec import InputSpec
 
 
@@ -30,4 +31,23 @@ def export(model: nn.Module, spec: InputSpec, device: torch.device) -> torch.exp
     sizes = {name: lo for name, (lo, hi) in spec.dims.items() if lo == hi}
     examples = spec.examples(batch=batch, sizes=sizes, device=device)
     with torch.inference_mode(False), torch.no_grad():
-        return torch.export.export(model, examples, dynamic_shapes=dynamic_shapes(spec))
+        try:
+            return torch.export.export(model, examples, dynamic_shapes=dynamic_shapes(spec))
+        except RuntimeError as e:  # torch's UserError for a constraint violation is one
+            fixes = suggested_fixes(e)
+            if fixes is None:
+                raise
+            raise ModelSpecError(
+                f"the model does not export for every size declared ({spec.text()}): torch.export suggests "
+                f"{fixes}; declare ranges it allows, or a fixed size"
+            ) from e
+
+
+def suggested_fixes(e: BaseException) -> str | None:
+    """torch.export's "Suggested fixes" of a constraint violation, on one line; None for any other error."""
+    if "CONSTRAINT_VIOLATION" not in str(getattr(e, "error_type", "")):
+        return None
+    text = str(e)
+    _, found, fixes = text.partition("Suggested fixes:")
+    lines = [line.strip() for line in fixes.strip().split("\n\n")[0].splitlines() if line.strip()]
+    return "; ".join(lines) if found and lines else " ".join(text.splitlines()[0].split())

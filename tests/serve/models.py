@@ -72,3 +72,38 @@ class Frames(nn.Module):
 
 def frames() -> nn.Module:
     return Frames()
+
+
+class Chunks(nn.Module):
+    """Tokens summed in chunks of 8 where the length allows: it runs at any length, but export's guard on the
+    length's remainder holds only for multiples of 8 (as transformers' BERT with SDPA specialises its length)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        if ids.shape[1] % 8 == 0:
+            return x.view(ids.shape[0], ids.shape[1] // 8, 8, 4).sum(2).sum(1)
+        return x.sum(1)
+
+
+def chunks() -> nn.Module:
+    return Chunks()
+
+
+def odd_lengths_only() -> nn.Module:
+    """A forward that fails at some lengths of its declared range (even ones)."""
+    return OddLengths()
+
+
+class OddLengths(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] % 2 == 0:
+            raise RuntimeError(f"no even lengths here ({ids.shape[1]})")
+        return self.embed(ids).sum(1)

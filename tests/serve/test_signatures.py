@@ -3,6 +3,8 @@ cutting back, outputs by name, precision in the key, and a text encoder through 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -252,3 +254,23 @@ def test_narrow_ranges_and_fixed_lengths() -> None:
     tensors, dims = parse_inputs("ids:int64[seq=1:2] attention_mask:int64[seq]")
     with pytest.raises(ValueError, match="no size to trace with"):
         InputSpec(min_batch=1, max_batch=32, tensors=tensors, dims=dims).example_sizes()
+
+
+def test_a_model_that_fails_on_sizes_it_was_declared_for_says_so_in_one_line(cache_config: CacheConfig) -> None:
+    """A forward that fails at a size the declaration allows, or a length export cannot keep dynamic (transformers'
+    BERT with SDPA takes multiples of 8 only): a `ModelSpecError` naming the sizes, or torch.export's own
+    suggestion, and `warmserve build` says it in one line with exit 2 instead of a traceback."""
+    tensors, dims = parse_inputs("ids:int64[seq=1:64]<16")
+    sig = InputSpec(min_batch=1, max_batch=4, tensors=tensors, dims=dims)
+    odd = ModelSpec(model="tests.serve.models:odd_lengths_only", input=sig)
+    said = r"fails on inputs the declaration allows \(ids:int64\[seq=1:64\]<16; at batch \d, seq \d+\): RuntimeError"
+    with pytest.raises(ModelSpecError, match=said + ": no even lengths here"):
+        output_specs(odd, lambda xs: build_model(odd.model)(*xs))
+    chunks = ModelSpec(model="tests.serve.models:chunks", input=sig)
+    with pytest.raises(ModelSpecError, match=r"does not export for every size declared .* suggests .*seq = 8\*_seq"):
+        Worker(chunks, backend="aoti", cache_config=cache_config).start()
+    argv = [sys.executable, "-m", "warmserve.deployments.cli", "build", chunks.model, "--inputs", sig.text()]
+    argv += ["--batch", "1:4", "--backend", "aoti", "--device", "cpu", "--cache-dir", str(cache_config.cache_dir)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.splitlines()[-1].startswith("error: the model does not export for every size declared")
