@@ -50,4 +50,6 @@ def suggested_fixes(e: BaseException) -> str | None:
     text = str(e)
     _, found, fixes = text.partition("Suggested fixes:")
     lines = [line.strip() for line in fixes.strip().split("\n\n")[0].splitlines() if line.strip()]
-    return "; ".join(lines) if found and lines else " ".join(text.splitlines()[0].split())
+    if found and lines:
+        return "; ".join(lines)
+    return f"no fix (it says: {' '.join(text.splitlines()[0].split())})"

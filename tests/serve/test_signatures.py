@@ -274,3 +274,16 @@ def test_a_model_that_fails_on_sizes_it_was_declared_for_says_so_in_one_line(cac
     out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.splitlines()[-1].startswith("error: the model does not export for every size declared")
+
+
+def test_exports_suggested_fixes_on_one_line() -> None:
+    from warmserve.serve.backends.export import suggested_fixes
+
+    class Violation(RuntimeError):
+        error_type = "UserErrorType.CONSTRAINT_VIOLATION"
+
+    head = "Constraints violated (seq)!\n  - not all values...\n"
+    said = head + "Suggested fixes:\n  _seq = Dim('_seq')\n  seq = 8*_seq\n\nMore."
+    assert suggested_fixes(Violation(said)) == "_seq = Dim('_seq'); seq = 8*_seq"
+    assert suggested_fixes(Violation(head)) == "no fix (it says: Constraints violated (seq)!)"
+    assert suggested_fixes(RuntimeError("another export error")) is None  # raised as it is
