@@ -146,8 +146,8 @@ def output_specs(spec: ModelSpec, real: Callable[[Sequence[torch.Tensor]], Any] 
                         "forward takes, in its order, with --inputs"
                     ) from e
                 except (RuntimeError, ValueError, IndexError) as e:
-                    if device == "meta":
-                        raise  # the meta run's failures are the real run's to judge
+                    if device == "meta" or isinstance(e, torch.OutOfMemoryError):
+                        raise  # the meta run's failures are the real run's to judge; memory is not the declaration's
                     at = ", ".join([f"batch {b}", *(f"{d} {n}" for d, n in sizes.items())])
                     raise ModelSpecError(
                         f"{spec.model} fails on inputs the declaration allows ({sig.text()}; at {at}): "

@@ -26,8 +26,6 @@ from warmserve.serve.model import build_model
 from warmserve.serve.weights import demo_weights, expected_tensors, save_weights
 from warmserve.serve.worker import Worker
 
-pytestmark = pytest.mark.usefixtures("inductor_cache")
-
 
 @pytest.fixture
 def identified(monkeypatch: pytest.MonkeyPatch) -> None:

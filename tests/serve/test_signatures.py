@@ -159,7 +159,6 @@ def test_precision_and_signature_are_in_the_key(cache_config: CacheConfig) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("inductor_cache")
 def test_text_encoder_builds_warm_starts_serves_mixed_lengths_and_swaps(tmp_path: Path) -> None:
     config = CacheConfig.load(environ={}, cache_dir=tmp_path)
     spec = text_spec()
@@ -266,6 +265,12 @@ def test_a_model_that_fails_on_sizes_it_was_declared_for_says_so_in_one_line(cac
     said = r"fails on inputs the declaration allows \(ids:int64\[seq=1:64\]<16; at batch \d, seq \d+\): RuntimeError"
     with pytest.raises(ModelSpecError, match=said + ": no even lengths here"):
         output_specs(odd, lambda xs: build_model(odd.model)(*xs))
+
+    def out_of_memory(xs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):  # the device's trouble, not the declaration's: raised as it is
+        output_specs(odd, out_of_memory)
     chunks = ModelSpec(model="tests.serve.models:chunks", input=sig)
     with pytest.raises(ModelSpecError, match=r"does not export for every size declared .* suggests .*seq = 8\*_seq"):
         Worker(chunks, backend="aoti", cache_config=cache_config).start()

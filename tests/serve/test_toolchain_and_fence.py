@@ -19,8 +19,6 @@ from warmserve.serve.model import build_model
 from warmserve.serve.weights import demo_weights
 from warmserve.serve.worker import Worker
 
-pytestmark = pytest.mark.usefixtures("inductor_cache")
-
 
 def wrapper(path: Path, body: str) -> str:
     """An executable that stands in for g++ (answering --version like it, as the broken ones do)."""

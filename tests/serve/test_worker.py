@@ -20,8 +20,6 @@ from warmserve.serve.spec import InputSpec
 from warmserve.serve.weights import demo_weights, save_weights
 from warmserve.serve.worker import Worker
 
-pytestmark = pytest.mark.usefixtures("inductor_cache")
-
 
 def eager_output(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     model = build_model("tests.serve.models:tiny_cnn")
