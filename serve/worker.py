@@ -119,6 +119,13 @@ def materialise(model_name: str, state: Mapping[str, torch.Tensor]) -> nn.Module
     return model.eval()
 
 
+def fixed_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's non-persistent buffers: tensors its constructor makes (transformers' BERT has
+    ``position_ids`` and ``token_type_ids``) that its state dict, and so no weights file, holds."""
+    persistent = set(model.state_dict())
+    return {name: b for name, b in model.named_buffers() if name not in persistent}
+
+
 def output_specs(spec: ModelSpec, real: Callable[[Sequence[torch.Tensor]], Any] | None = None) -> list[OutputSpec]:
     """Each output's name, dtype and shape, found by running the model on the meta device (nothing is computed)
     at sizes that differ in one dimension at a time: an output dimension equal to an input dimension's size at
@@ -322,6 +329,7 @@ class Worker:
         self._model: nn.Module | None = None  # built when something needs it (`model`)
         self._model_lock = threading.Lock()
         self._state: StateDict | None = None  # the live weights, on the device
+        self._buffers: StateDict = {}  # the module's non-persistent buffers, for a backend that refits them
         self.facts = FactsStore(
             Path(self.cache_config.cache_dir) / "facts",
             {
@@ -453,6 +461,7 @@ class Worker:
                     model = self._require_model()
                     self.outputs = self._output_specs(model)
                     architecture = architecture_doc(model)
+                    self._buffers = fixed_buffers(model)
                 else:
                     self.outputs, architecture = list(facts.outputs), facts.architecture
             t_key = time.perf_counter()
@@ -463,7 +472,8 @@ class Worker:
             self.labels = facts.labels
         else:  # no facts, or ones whose labels do not fit the engine's outputs: recorded (again)
             self.labels = class_names(self.spec.model, num_outputs)
-            self.facts.save(ModelFacts(architecture, self._expected, self.outputs, self.labels))
+            if not self._buffers:  # facts hold no tensor values: a module with buffers of its own is built
+                self.facts.save(ModelFacts(architecture, self._expected, self.outputs, self.labels))
         if self.backend.swap == "in-place":
             self._state = None  # the engine's module holds the live weights, and refits them in place
         self._artifact = artifact
@@ -556,11 +566,16 @@ class Worker:
         self.metrics.observe("warmserve_engine_load_seconds", steps.seconds["load"], backend=name)
         if self.backend.cacheable:
             with steps("refit"):
-                engine.refit(state)
+                engine.refit(self._refit_state(state))
             self.metrics.observe("warmserve_refit_seconds", steps.seconds["refit"], backend=name)
         with steps("prepare"):
             engine.prepare()
         return engine
+
+    def _refit_state(self, state: StateDict) -> StateDict:
+        """``state`` as the backend's refit takes it: with the module's non-persistent buffers where it
+        refits them too (their values come from the module's constructor, never from the weights)."""
+        return {**self._buffers, **state} if self.backend.refits_buffers and self._buffers else state
 
     def _first_answer(self, engine: Engine, state: StateDict, sha256: str, steps: Steps) -> tuple[float | None, int]:
         """Run the engine once (its first output's width names the labels) and, with ``verify``, compare it
@@ -729,7 +744,7 @@ class Worker:
                     engine = self._load(self._artifact)
             try:
                 with steps("refit"):
-                    engine.refit(state)
+                    engine.refit(self._refit_state(state))
                 if engine.exclusive_prepare:  # recording CUDA graphs: no other call on the device meanwhile
                     with steps("prepare"), self._rw.write():
                         engine.prepare()

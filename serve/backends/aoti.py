@@ -229,6 +229,7 @@ def sweep_in_background() -> None:
 class AOTIBackend(Backend):
     name = "aoti"
     needs_model = False  # the package runs alone; its constants come from the weights
+    refits_buffers = True  # and from the module's non-persistent buffers, which the package keeps out too
 
     def __init__(self, device: torch.device, **kw: Any) -> None:
         super().__init__(device, **kw)

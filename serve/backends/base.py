@@ -74,6 +74,9 @@ class Backend(ABC):
     cacheable: ClassVar[bool] = True
     #: False when ``load`` runs the artifact alone: the worker then builds no eager module to start it.
     needs_model: ClassVar[bool] = True
+    #: True when the engine's refit takes the module's non-persistent buffers too (tensors its constructor
+    #: makes, such as BERT's position ids, that no weights file holds): the worker adds them to every refit.
+    refits_buffers: ClassVar[bool] = False
 
     def __init__(self, device: torch.device, *, cache: EngineCache | None = None, workdir: Path | None = None) -> None:
         """Every backend is built the same way: the device, the engine cache (for backends that cache

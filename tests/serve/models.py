@@ -107,3 +107,23 @@ class OddLengths(nn.Module):
         if ids.shape[1] % 2 == 0:
             raise RuntimeError(f"no even lengths here ({ids.shape[1]})")
         return self.embed(ids).sum(1)
+
+
+class Positions(nn.Module):
+    """Token ids plus their positions, read from non-persistent buffers as transformers' ``BertEmbeddings``
+    reads ``position_ids`` and ``token_type_ids``: tensors of the module that no weights file holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 4)
+        self.position = nn.Embedding(32, 4)
+        self.register_buffer("position_ids", torch.arange(32)[None], persistent=False)
+        self.register_buffer("offset", torch.full((4,), 0.5), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = self.position_ids[:, : ids.shape[1]]
+        return (self.embed(ids) + self.position(positions) + self.offset).sum(1)
+
+
+def positions() -> nn.Module:
+    return Positions()

@@ -292,3 +292,23 @@ def test_exports_suggested_fixes_on_one_line() -> None:
     assert suggested_fixes(Violation(said)) == "_seq = Dim('_seq'); seq = 8*_seq"
     assert suggested_fixes(Violation(head)) == "no fix (it says: Constraints violated (seq)!)"
     assert suggested_fixes(RuntimeError("another export error")) is None  # raised as it is
+
+
+def test_non_persistent_buffers_reach_an_aoti_engine_at_start_and_at_each_swap(cache_config: CacheConfig) -> None:
+    """transformers' BERT keeps ``position_ids`` and ``token_type_ids`` out of its state dict; an AOTInductor
+    package keeps every constant out. The refit takes them from the module, so a start and a swap both serve."""
+    tensors, dims = parse_inputs("ids:int64[seq=1:16]<16")
+    spec = ModelSpec(
+        model="tests.serve.models:positions", input=InputSpec(min_batch=1, max_batch=4, tensors=tensors, dims=dims)
+    )
+    worker = Worker(spec, backend="aoti", cache_config=cache_config)
+    report = worker.start()  # verified against eager: it failed with "weights lack 2 constant(s)" before
+    assert report.outcome == "built" and report.probe_error is not None and report.probe_error < 1e-5
+    eager = build_model(spec.model)
+    new = demo_weights(eager, seed=3)
+    assert worker.swap_weights(new, "v2").ok
+    eager.load_state_dict(new)
+    ids = torch.randint(0, 16, (3, 9))
+    (got,), version = worker.run(worker.check_inputs([ids]))
+    with torch.inference_mode():
+        assert version == "v2" and torch.allclose(got, eager(ids), atol=1e-5)
