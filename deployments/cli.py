@@ -83,7 +83,11 @@ def add_run_parser(sub: Any) -> None:
         "8001; 0 turns gRPC off)",
     )
     p.add_argument("--no-resume", action="store_true", help="serve the config's weights, not the last rollout's")
-    p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="check the model, weights and signature, print the effective config and exit",
+    )
     p.add_argument(
         "--json",
         action="store_true",
@@ -168,6 +172,9 @@ def run_service(args: argparse.Namespace) -> int:
 
     config, notes, ingress = effective_config(args)
     if args.print_config:
+        # What a replica would fail on and this machine cannot change (model, weights, signature): checked
+        # here, so that a config printed to deploy elsewhere is one that starts. Ports and devices are not.
+        runner.preflight(config, local=False)
         for note in notes:
             print(f"# {note}")
         print(yaml.safe_dump(config, sort_keys=False))

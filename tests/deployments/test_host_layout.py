@@ -210,3 +210,7 @@ def test_print_config_shows_the_layout_it_chose(
     with pytest.raises(SystemExit) as e:
         cli.main(["run", "--print-config", "--replicas", "0"])
     assert e.value.code == 2 and "must be a whole number of at least 1" in capsys.readouterr().err
+    # A model that does not exist is said, not printed into a config that would fail in every replica.
+    assert cli.main([*argv, "--model", "torchvision:resnet81"]) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and "torchvision has no model 'resnet81'" in said.err and "resnet18" in said.err
