@@ -127,3 +127,20 @@ class Positions(nn.Module):
 
 def positions() -> nn.Module:
     return Positions()
+
+
+def tiny_hf_bert() -> nn.Module:
+    """transformers' ``BertModel`` (SDPA attention) at a tiny config, where transformers is installed: its
+    ``position_ids`` and ``token_type_ids`` are non-persistent buffers."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
+    return BertModel(config, add_pooling_layer=True)
