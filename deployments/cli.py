@@ -172,8 +172,8 @@ def run_service(args: argparse.Namespace) -> int:
 
     config, notes, ingress = effective_config(args)
     if args.print_config:
-        # What a replica would fail on and this machine cannot change (model, weights, signature): checked
-        # here, so that a config printed to deploy elsewhere is one that starts. Ports and devices are not.
+        # What a replica would fail on wherever it runs (model, weights, signature), checked as `run` checks it;
+        # not this machine's ports and devices: a config printed here may be deployed elsewhere.
         runner.preflight(config, local=False)
         for note in notes:
             print(f"# {note}")
