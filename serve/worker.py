@@ -111,11 +111,13 @@ def materialise(model_name: str, state: Mapping[str, torch.Tensor]) -> nn.Module
     model = build_model(model_name, meta=True)
     model.load_state_dict(state, assign=True)
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        # Built on the host for the tensors its constructor makes; the weights are then ``state``'s own, so
+        # the device holds no second copy of them, and only those tensors move to it.
         floats = [t for t in state.values() if t.is_floating_point()]
         like = floats[0] if floats else next(iter(state.values()), torch.empty(0))
-        model = build_model(model_name).to(device=like.device, dtype=like.dtype if floats else None)
-        with torch.no_grad():
-            model.load_state_dict(state)
+        model = build_model(model_name)
+        model.load_state_dict(state, assign=True)
+        model.to(device=like.device, dtype=like.dtype if floats else None)
     return model.eval()
 
 

@@ -304,6 +304,9 @@ def test_non_persistent_buffers_reach_an_aoti_engine_at_start_and_at_each_swap(c
     worker = Worker(spec, backend="aoti", cache_config=cache_config)
     report = worker.start()  # verified against eager: it failed with "weights lack 2 constant(s)" before
     assert report.outcome == "built" and report.probe_error is not None and report.probe_error < 1e-5
+    module, live = worker.model, worker._state
+    assert module is not None and live is not None  # the module built for its buffers shares the weights
+    assert all(p.data_ptr() == live[name].data_ptr() for name, p in module.named_parameters())
     eager = build_model(spec.model)
     new = demo_weights(eager, seed=3)
     assert worker.swap_weights(new, "v2").ok
