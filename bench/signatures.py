@@ -194,9 +194,9 @@ def encoder(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from warmserve.serve.spec import InputSpec, ModelSpec, parse_batch, parse_inputs
 
     dev = args.device
-    tensors, dims = parse_inputs(args.inputs)
+    tensors, dims, steps = parse_inputs(args.inputs)
     lo, hi = parse_batch(args.batch)
-    sig = InputSpec(min_batch=lo, max_batch=hi, tensors=tensors, dims=dims)
+    sig = InputSpec(min_batch=lo, max_batch=hi, tensors=tensors, dims=dims, steps=steps)
     spec = ModelSpec(model=args.model, input=sig, precision=args.precision)
     vocab = tensors[0].bound or 1000
     worker, row = build_and_warm(spec, args.backend, dev, tmp)

@@ -82,6 +82,9 @@ def check_request(spec: InputSpec, xs: Sequence[object], pixels: bool = False) -
             low = 1 if d in spec.padded_dims else lo  # shorter ones are padded
             if not low <= n <= hi:
                 raise InputError(f"{t.name}: {d} is {n}; this model takes {d} from {low} to {hi}")
+            step = spec.step(d)
+            if n % step and d not in spec.padded_dims:  # a padded one is padded to a multiple
+                raise InputError(f"{t.name}: {d} is {n}; this model takes {d} in multiples of {step} only")
             if sizes.setdefault(d, n) != n:
                 raise InputError(f"{t.name}: {d} is {n}, but another input has {d} {sizes[d]}")
         if not (accepts(t, x.dtype) or (pixels and x.dtype == torch.uint8 and len(out) == 0)):

@@ -121,11 +121,12 @@ class TensorSpec:
         """An attention mask: padding is masked out (zeros) and the model ignores it."""
         return self.name.endswith("mask") and not self.torch_dtype.is_floating_point
 
-    def text(self, ranges: Mapping[str, tuple[int, int]]) -> str:
+    def text(self, ranges: Mapping[str, tuple[int, int]], steps: Mapping[str, int] | None = None) -> str:
         dims, seen = [], set()
         for d in self.shape:
             if isinstance(d, str) and d not in seen and d in ranges:
-                dims.append(f"{d}={ranges[d][0]}:{ranges[d][1]}")
+                step = (steps or {}).get(d)
+                dims.append(f"{d}={ranges[d][0]}:{ranges[d][1]}" + (f"/{step}" if step else ""))
             else:
                 dims.append(str(d))
             seen.add(d)
@@ -135,12 +136,17 @@ class TensorSpec:
 _ENTRY = re.compile(r"([A-Za-z_][\w.]*)\s*:\s*(\w+)\s*\[([^\]]*)\]\s*(?:<\s*(\d+))?")
 
 
-def parse_inputs(text: str) -> tuple[tuple[TensorSpec, ...], dict[str, tuple[int, int]]]:
-    """``"input_ids:int64[seq=16:128] attention_mask:int64[seq]"`` -> the inputs and the dynamic dimensions'
-    ranges; a ValueError that shows the form for anything else."""
+Inputs = tuple[tuple[TensorSpec, ...], dict[str, tuple[int, int]], dict[str, int]]
+
+
+def parse_inputs(text: str) -> Inputs:
+    """``"input_ids:int64[seq=16:128] attention_mask:int64[seq]"`` -> the inputs, the dynamic dimensions'
+    ranges and their steps (``seq=8:128/8``: multiples of 8 only; dimensions without one are left out); a
+    ValueError that shows the form for anything else."""
     form = "NAME:DTYPE[DIM,...] per input, e.g. input_ids:int64[seq=16:128] attention_mask:int64[seq]"
     tensors: list[TensorSpec] = []
     ranges: dict[str, tuple[int, int]] = {}
+    steps: dict[str, int] = {}
     pos = 0
     for m in _ENTRY.finditer(text):
         if text[pos : m.start()].strip(" \t\n;,"):
@@ -156,26 +162,42 @@ def parse_inputs(text: str) -> tuple[tuple[TensorSpec, ...], dict[str, tuple[int
             if not re.fullmatch(r"[A-Za-z_]\w*", dim):
                 raise ValueError(f"{name}: dimension {d!r} is neither a size nor a name like seq=16:128; write {form}")
             if rng:
-                lo, hi = parse_range(dim, rng)
-                if ranges.get(dim, (lo, hi)) != (lo, hi):
-                    raise ValueError(f"dimension {dim} is given two ranges, {ranges[dim]} and {(lo, hi)}")
+                lo, hi, step = parse_range(dim, rng)
+                if ranges.get(dim, (lo, hi)) != (lo, hi) or steps.get(dim, step) != step:
+                    raise ValueError(f"dimension {dim} is given two ranges, {dim}={rng} and another")
                 ranges[dim] = (lo, hi)
+                if step > 1:
+                    steps[dim] = step
             dims.append(dim)
         tensors.append(TensorSpec(name, dtype, tuple(dims), int(bound) if bound else None))
     if text[pos:].strip(" \t\n;,") or not tensors:
         raise ValueError(f"cannot read {text[pos:].strip() or text!r} as inputs; write {form}")
-    return tuple(tensors), ranges
+    return tuple(tensors), ranges, steps
 
 
-def parse_range(dim: str, text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
+def parse_range(dim: str, text: str) -> tuple[int, int, int]:
+    """``16:128`` -> (16, 128, 1); ``8:128/8`` -> (8, 128, 8): the sizes from MIN to MAX that are multiples of
+    STEP (a model that takes only those, such as an attention kernel that wants a length in multiples of 8)."""
+    rng, _, step_text = text.partition("/")
+    lo, _, hi = rng.partition(":")
     try:
-        low, high = int(lo), int(hi)
+        low, high, step = int(lo), int(hi), int(step_text or 1)
     except ValueError as e:
-        raise ValueError(f"dimension {dim}'s range must look like {dim}=16:128, got {dim}={text}") from e
+        raise ValueError(
+            f"dimension {dim}'s range must look like {dim}=16:128 (or {dim}=8:128/8 for multiples of 8), "
+            f"got {dim}={text}"
+        ) from e
     if not 1 <= low <= high:
         raise ValueError(f"dimension {dim}'s range needs 1 <= MIN <= MAX, got {dim}={text}")
-    return low, high
+    if step < 1:
+        raise ValueError(f"dimension {dim}'s step must be 1 or more, got {dim}={text}")
+    if low % step or high % step:
+        raise ValueError(
+            f"dimension {dim}'s step needs MIN and MAX that are multiples of it, got {dim}={text}; a padded "
+            f"dimension still takes shorter requests (write {dim}={max(step, low + -low % step)}:"
+            f"{max(step, high - high % step)}/{step})"
+        )
+    return low, high, step
 
 
 @dataclass(frozen=True)
@@ -189,6 +211,7 @@ class InputSpec:
     max_batch: int = 32
     tensors: tuple[TensorSpec, ...] = ()
     dims: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    steps: Mapping[str, int] = field(default_factory=dict)  # a dynamic dimension's sizes are multiples of its step
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.max_batch:
@@ -201,6 +224,12 @@ class InputSpec:
         object.__setattr__(self, "dtype", first.dtype)
         object.__setattr__(self, "shape", tuple(wire_shape(first.shape)[1:]))
         object.__setattr__(self, "dims", dict(self.dims))
+        object.__setattr__(self, "steps", {d: n for d, n in self.steps.items() if n != 1})
+        for d, n in self.steps.items():
+            if d not in self.dims:
+                raise ValueError(f"dimension {d} has a step but no range")
+            if n < 1 or self.dims[d][0] % n or self.dims[d][1] % n:
+                raise ValueError(f"dimension {d}'s step {n} needs a range of multiples of it, got {self.dims[d]}")
         names = [t.name for t in self.tensors]
         if len(set(names)) != len(names):
             raise ValueError(f"input names must differ, got {names}")
@@ -242,9 +271,11 @@ class InputSpec:
         taken = {self.export_batch}
         sizes = {}
         for name, (lo, hi) in self.dims.items():
+            step = self.step(name)
             size = min(max(lo, 2, (lo + hi) // 2), hi)
+            size = min(size + -size % step, hi)
             while size in taken and size < hi:
-                size += 1
+                size += step
             if size in taken and lo != hi:
                 raise ValueError(
                     f"dimension {name}={lo}:{hi} has no size to trace with that differs from the batch's and the "
@@ -254,9 +285,14 @@ class InputSpec:
             sizes[name] = size
         return sizes
 
+    def step(self, dim: str) -> int:
+        """The multiple a dynamic dimension's sizes are (1: any size)."""
+        return self.steps.get(dim, 1)
+
     def buckets(self, dim: str) -> list[int]:
-        """The lengths a padded dimension is padded to (and a CUDA graph is recorded for)."""
-        return powers_of_two(*self.dims[dim])
+        """The lengths a padded dimension is padded to (and a CUDA graph is recorded for): multiples of its step."""
+        step = self.step(dim)
+        return sorted({n + -n % step for n in powers_of_two(*self.dims[dim])})
 
     def batch_buckets(self) -> list[int]:
         return powers_of_two(self.min_batch, self.max_batch)
@@ -292,7 +328,7 @@ class InputSpec:
         return self.examples(batch, device=device, seed=seed)[0]
 
     def text(self) -> str:
-        return " ".join(t.text(self.dims) for t in self.tensors)
+        return " ".join(t.text(self.dims, self.steps) for t in self.tensors)
 
     def cast(self, dtype: torch.dtype) -> InputSpec:
         """This signature as the engine takes it: float inputs in ``dtype`` (the serving precision)."""
@@ -300,18 +336,23 @@ class InputSpec:
         tensors = tuple(
             TensorSpec(t.name, name, t.shape, t.bound) if t.torch_dtype.is_floating_point else t for t in self.tensors
         )
-        return InputSpec(min_batch=self.min_batch, max_batch=self.max_batch, tensors=tensors, dims=self.dims)
+        return InputSpec(
+            min_batch=self.min_batch, max_batch=self.max_batch, tensors=tensors, dims=self.dims, steps=self.steps
+        )
 
     def doc(self) -> dict[str, Any]:
         """What the compiled engine depends on: part of the cache key."""
         if len(self.tensors) == 1 and not self.dims and self.tensors[0].name == DEFAULT_INPUT:
             return {"shape": list(self.shape), "dtype": self.dtype, "batch": [self.min_batch, self.max_batch]}
-        return {
+        doc: dict[str, Any] = {
             "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.tensors],
             "dims": {k: list(v) for k, v in sorted(self.dims.items())},
             "batch": [self.min_batch, self.max_batch],
             "padded": self.padded,
         }
+        if self.steps:  # only then: the keys of engines built before steps existed stay as they were
+            doc["steps"] = dict(sorted(self.steps.items()))
+        return doc
 
 
 @dataclass(frozen=True)
@@ -354,8 +395,8 @@ class ModelSpec:
         if values["inputs"] is not None:
             if values["input_shape"] != InputSpec.shape or values["dtype"] != InputSpec.dtype:
                 raise ValueError("inputs: give either inputs or input_shape and dtype (one input), not both")
-            tensors, dims = values["inputs"]
-            spec = InputSpec(min_batch=lo, max_batch=hi, tensors=tensors, dims=dims)
+            tensors, dims, steps = values["inputs"]
+            spec = InputSpec(min_batch=lo, max_batch=hi, tensors=tensors, dims=dims, steps=steps)
         else:
             spec = InputSpec(shape=values["input_shape"], dtype=values["dtype"], min_batch=lo, max_batch=hi)
         return cls(
@@ -382,11 +423,11 @@ def _batch(value: str | Sequence[int]) -> tuple[int, int]:
     return parse_batch(value) if isinstance(value, str) else parse_batch(":".join(str(int(d)) for d in value))
 
 
-def _inputs(value: str | Sequence[str]) -> tuple[tuple[TensorSpec, ...], dict[str, tuple[int, int]]]:
+def _inputs(value: str | Sequence[str]) -> Inputs:
     """The form of `parse_inputs`, or (in config.yaml) a list of such entries, one input each."""
-    tensors, dims = parse_inputs(value if isinstance(value, str) else " ".join(str(v) for v in value))
-    InputSpec(tensors=tensors, dims=dims)  # every name has a range, and every range a name: said here, by option
-    return tensors, dims
+    tensors, dims, steps = parse_inputs(value if isinstance(value, str) else " ".join(str(v) for v in value))
+    InputSpec(tensors=tensors, dims=dims, steps=steps)  # every name has a range, every range a name: said here
+    return tensors, dims, steps
 
 
 def _outputs(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -422,7 +463,8 @@ MODEL_SETTINGS: tuple[Setting, ...] = (
         "inputs",
         None,
         "the model's inputs, in the order its forward takes them: NAME:DTYPE[DIM,...] each, a dimension an integer "
-        "or a dynamic one named with its range (seq=16:128), <N bounding an integer input's values, e.g. "
+        "or a dynamic one named with its range (seq=16:128; seq=8:128/8 for multiples of 8 only), <N bounding an "
+        "integer input's values, e.g. "
         "'input_ids:int64[seq=16:128]<30522 attention_mask:int64[seq]'",
         _inputs,
         metavar="SIGNATURE",

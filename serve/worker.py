@@ -140,7 +140,8 @@ def output_specs(spec: ModelSpec, real: Callable[[Sequence[torch.Tensor]], Any] 
     b1 = b0 + 1 if b0 < sig.max_batch else max(sig.min_batch, b0 - 1)
     probes: dict[str, tuple[int, dict[str, int]]] = {"": (b0, base), "batch": (b1, base)}
     for d, (_, hi) in sig.dims.items():
-        probes[d] = (b0, {**base, d: base[d] + 1 if base[d] < hi or base[d] == 1 else base[d] - 1})
+        step = sig.step(d)
+        probes[d] = (b0, {**base, d: base[d] + step if base[d] < hi or base[d] == 1 else base[d] - step})
 
     def answers(forward: Callable[..., Any], device: str) -> dict[str, list[tuple[str, torch.Tensor]]]:
         runs = {}

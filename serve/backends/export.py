@@ -3,6 +3,7 @@ compile an exported program."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from warmserve.serve.spec import InputSpec
 def dynamic_shapes(spec: InputSpec) -> tuple[dict[int, Any], ...] | None:
     """One ``{axis: Dim}`` per input: the batch (when its range is one) and every named dimension, the same
     ``Dim`` wherever a name appears, so export knows two inputs share a sequence length."""
-    dims = {name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, hi) in spec.dims.items() if lo != hi}
+    dims = {name: dim(name, lo, hi, spec.step(name)) for name, (lo, hi) in spec.dims.items() if lo != hi}
     batch = torch.export.Dim("batch", min=spec.min_batch, max=spec.max_batch)
     shapes = []
     for t in spec.tensors:
@@ -23,6 +24,14 @@ def dynamic_shapes(spec: InputSpec) -> tuple[dict[int, Any], ...] | None:
         axes.update({i + 1: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str) and d in dims})
         shapes.append(axes)
     return tuple(shapes) if any(shapes) else None
+
+
+def dim(name: str, lo: int, hi: int, step: int) -> Any:
+    """export's dimension of sizes ``lo``..``hi`` in multiples of ``step``: ``step * Dim`` (a derived dimension)
+    where the step is more than 1."""
+    if step == 1:
+        return torch.export.Dim(name, min=lo, max=hi)
+    return step * torch.export.Dim(f"{name}_{step}", min=lo // step, max=hi // step)
 
 
 def export(model: nn.Module, spec: InputSpec, device: torch.device) -> torch.export.ExportedProgram:
@@ -39,8 +48,19 @@ def export(model: nn.Module, spec: InputSpec, device: torch.device) -> torch.exp
                 raise
             raise ModelSpecError(
                 f"the model does not export for every size declared ({spec.text()}): torch.export suggests "
-                f"{fixes}; declare ranges it allows, or a fixed size"
+                f"{fixes}; declare ranges it allows{step_hint(spec, fixes)}, or a fixed size"
             ) from e
+
+
+def step_hint(spec: InputSpec, fixes: str) -> str:
+    """For export's ``seq = 8*_seq`` (a length it keeps dynamic only in multiples of 8): the declaration that
+    says so, `` (seq=8:128/8)``; empty for any other fix."""
+    hints = []
+    for name, step in re.findall(r"\b(\w+) = (\d+)\*_\1\b", fixes):
+        if name in spec.dims and int(step) > 1:
+            n, (lo, hi) = int(step), spec.dims[name]
+            hints.append(f"{name}={max(n, lo + -lo % n)}:{max(n, hi - hi % n)}/{n}")
+    return f" ({', '.join(hints)})" if hints else ""
 
 
 def suggested_fixes(e: BaseException) -> str | None:

@@ -181,7 +181,7 @@ def test_the_model_configuration_reads_as_tritonclients() -> None:
     from warmserve.serve.batching import OutputSpec
     from warmserve.serve.spec import InputSpec, parse_inputs
 
-    tensors, dims = parse_inputs("input_ids:int64[seq=16:128]<30522 attention_mask:int64[seq]")
+    tensors, dims, _ = parse_inputs("input_ids:int64[seq=16:128]<30522 attention_mask:int64[seq]")
     spec = InputSpec(min_batch=1, max_batch=32, tensors=tensors, dims=dims)
     doc = triton.model_config(
         "enc",

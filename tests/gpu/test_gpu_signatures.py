@@ -46,7 +46,7 @@ def test_half_precisions_build_warm_start_swap_and_serve(backend: str, precision
 
 
 def test_encoder_mixed_lengths_on_cuda_graphs(tmp_path: Path) -> None:
-    tensors, dims = parse_inputs(signature(TINY, 64))
+    tensors, dims, _ = parse_inputs(signature(TINY, 64))
     spec = ModelSpec(
         model="warmserve.serve.text:tiny_encoder",
         input=InputSpec(min_batch=1, max_batch=8, tensors=tensors, dims=dims),
@@ -73,19 +73,26 @@ def test_encoder_mixed_lengths_on_cuda_graphs(tmp_path: Path) -> None:
     assert worker.fence is not None and worker.fence.unexpected == 0
 
 
-def test_transformers_bert_at_a_fixed_padded_length(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("seq", "lengths"),
+    [("seq=32:32", (5, 32)), ("seq=8:64/8", (5, 13, 64))],
+    ids=["fixed", "multiples-of-8"],
+)
+def test_transformers_bert_at_a_padded_length(seq: str, lengths: tuple[int, ...], tmp_path: Path) -> None:
     """transformers' own BERT through AOTInductor: its non-persistent buffers reach every refit, and requests
-    shorter than the declared length are padded to it and cut back."""
+    are padded to the declared length (or the bucket of multiples of 8 that holds them: SDPA on CUDA exports a
+    dynamic length only as 8 * n) and cut back."""
     pytest.importorskip("transformers")
-    tensors, dims = parse_inputs("input_ids:int64[seq=32:32]<100 attention_mask:int64[seq]")
+    tensors, dims, steps = parse_inputs(f"input_ids:int64[{seq}]<100 attention_mask:int64[seq]")
     spec = ModelSpec(
-        model="tests.serve.models:tiny_hf_bert", input=InputSpec(min_batch=1, max_batch=4, tensors=tensors, dims=dims)
+        model="tests.serve.models:tiny_hf_bert",
+        input=InputSpec(min_batch=1, max_batch=4, tensors=tensors, dims=dims, steps=steps),
     )
     worker = cycle(spec, "aoti", tmp_path)
     eager = build_model(spec.model).cuda()
     eager.load_state_dict(demo_weights(build_model(spec.model, meta=True), seed=3))
     g = torch.Generator().manual_seed(0)
-    for n in (5, 32):
+    for n in lengths:
         ids, mask = torch.randint(0, 100, (2, n), generator=g), torch.ones(2, n, dtype=torch.int64)
         (answer,), version = worker.run_requests([worker.check_inputs([ids, mask])])
         with torch.inference_mode():

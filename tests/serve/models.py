@@ -129,6 +129,26 @@ def positions() -> nn.Module:
     return Positions()
 
 
+class Eights(nn.Module):
+    """Reads its tokens in groups of 8, so it takes a length in multiples of 8 only, as CUDA's attention kernels
+    do for transformers' BERT: export keeps such a length dynamic only as ``8 * n``. Each token's answer is its
+    own embedding plus its group's sum (padding, masked to zeros, adds nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 4)
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        b, n = ids.shape
+        x = self.embed(ids) * attention_mask.unsqueeze(-1).to(torch.float32)
+        groups = x.reshape(b, n // 8, 8, 4).sum(2)
+        return x + groups.repeat_interleave(8, dim=1)
+
+
+def eights() -> nn.Module:
+    return Eights()
+
+
 def tiny_hf_bert() -> nn.Module:
     """transformers' ``BertModel`` (SDPA attention) at a tiny config, where transformers is installed: its
     ``position_ids`` and ``token_type_ids`` are non-persistent buffers."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.serve.conftest import tiny_spec
 from warmserve.cache import CacheConfig
@@ -26,13 +27,13 @@ TEXT = signature(TINY, 64)
 
 
 def text_spec(**kw: object) -> ModelSpec:
-    tensors, dims = parse_inputs(TEXT)
+    tensors, dims, _ = parse_inputs(TEXT)
     sig = InputSpec(min_batch=1, max_batch=8, tensors=tensors, dims=dims)
     return ModelSpec(**{"model": "warmserve.serve.text:tiny_encoder", "input": sig, **kw})  # type: ignore[arg-type]
 
 
 def test_the_inputs_form() -> None:
-    tensors, dims = parse_inputs("input_ids:INT64[seq=16:128]<30522; attention_mask:long[seq] pixel:fp16[3,8,8]")
+    tensors, dims, _ = parse_inputs("input_ids:INT64[seq=16:128]<30522; attention_mask:long[seq] pixel:fp16[3,8,8]")
     assert [(t.name, t.dtype, t.shape, t.bound) for t in tensors] == [
         ("input_ids", "int64", ("seq",), 30522),
         ("attention_mask", "int64", ("seq",), None),
@@ -41,7 +42,7 @@ def test_the_inputs_form() -> None:
     assert dims == {"seq": (16, 128)}
     sig = InputSpec(tensors=tensors, dims=dims)
     assert sig.padded and sig.buckets("seq") == [16, 32, 64, 128] and sig.text().startswith("input_ids:int64[seq=16:")
-    assert parse_inputs(sig.text()) == (tensors, dims)  # the form reads back
+    assert parse_inputs(sig.text()) == (tensors, dims, {})  # the form reads back
     for bad, said in [
         ("input_ids", "cannot read"),
         ("x:int8[4]", "dtype must be one of"),
@@ -52,9 +53,12 @@ def test_the_inputs_form() -> None:
         ("x:float32[4]<10", "integer inputs only"),
         ("x:int64[4] junk", "cannot read 'junk'"),
         ("x:int64[4?]", "neither a size nor a name"),
+        ("x:int64[seq=1:128/8]", r"multiples of it, got seq=1:128/8; .* \(write seq=8:128/8\)"),
+        ("x:int64[seq=8:128/0]", "step must be 1 or more"),
+        ("x:int64[seq=8:128/eight]", "seq=8:128/8 for multiples of 8"),
     ]:
         with pytest.raises(ValueError, match=said):
-            tensors, dims = parse_inputs(bad)
+            tensors, dims, _ = parse_inputs(bad)
             InputSpec(tensors=tensors, dims=dims)
 
 
@@ -115,7 +119,7 @@ def test_padding_to_a_bucket_and_cutting_back() -> None:
     assert cut([torch.zeros(3, 8, 4)], specs[:1], 2, {"seq": 5})[0].shape == (2, 5, 4)
 
     # Without a mask, padding would change answers: requests of one length share a call, each at its length.
-    tensors, dims = parse_inputs("ids:int64[seq=1:64]")
+    tensors, dims, _ = parse_inputs("ids:int64[seq=1:64]")
     plain = InputSpec(min_batch=1, max_batch=8, tensors=tensors, dims=dims)
     calls.clear()
     answers = run_requests(plain, specs, [[r[0]] for r in reqs + reqs[:1]], lambda xs: run([xs[0], xs[0] * 0 + 1]))
@@ -134,7 +138,7 @@ def test_outputs_are_named_and_shaped_from_a_meta_run() -> None:
     ):
         output_specs(text_spec(outputs=("h",)))
     with pytest.raises(ModelSpecError, match="does not take the inputs declared"):
-        tensors, dims = parse_inputs("a:float32[3,16,16] b:float32[3,16,16] c:float32[4]")
+        tensors, dims, _ = parse_inputs("a:float32[3,16,16] b:float32[3,16,16] c:float32[4]")
         output_specs(tiny_spec(input=InputSpec(tensors=tensors, dims=dims)))
     nested = flatten({"a": torch.zeros(1), "b": (torch.zeros(1), {"c": torch.zeros(1)}), "d": None})
     assert [n for n, _ in nested] == ["a", "b.0", "b.1.c"]
@@ -148,7 +152,7 @@ def test_precision_and_signature_are_in_the_key(cache_config: CacheConfig) -> No
     }
     assert len(keys) == 3
     one = Worker(text_spec(), backend="aoti", cache_config=cache_config)
-    tensors, dims = parse_inputs(signature(TINY, 32))
+    tensors, dims, _ = parse_inputs(signature(TINY, 32))
     other = Worker(
         text_spec(input=InputSpec(min_batch=1, max_batch=8, tensors=tensors, dims=dims)),
         backend="aoti",
@@ -213,7 +217,7 @@ def test_a_tuple_of_outputs_from_one_input(cache_config: CacheConfig) -> None:
 
 
 def test_only_a_masked_dimension_is_padded(cache_config: CacheConfig) -> None:
-    tensors, dims = parse_inputs("feats:float32[frames=4:32,8] ids:int64[seq=4:32]<16 attention_mask:int64[seq]")
+    tensors, dims, _ = parse_inputs("feats:float32[frames=4:32,8] ids:int64[seq=4:32]<16 attention_mask:int64[seq]")
     spec = ModelSpec(
         model="tests.serve.models:frames", input=InputSpec(min_batch=1, max_batch=8, tensors=tensors, dims=dims)
     )
@@ -246,11 +250,11 @@ def test_only_a_masked_dimension_is_padded(cache_config: CacheConfig) -> None:
 
 
 def test_narrow_ranges_and_fixed_lengths() -> None:
-    tensors, dims = parse_inputs("ids:int64[seq=8:8]<1000 attention_mask:int64[seq]")
+    tensors, dims, _ = parse_inputs("ids:int64[seq=8:8]<1000 attention_mask:int64[seq]")
     fixed = text_spec(input=InputSpec(min_batch=1, max_batch=8, tensors=tensors, dims=dims))
     # a fixed padded length: outputs still follow seq, so a shorter request is cut back to its own length
     assert output_specs(fixed)[0] == OutputSpec("last_hidden_state", "float32", ("seq", 128))
-    tensors, dims = parse_inputs("ids:int64[seq=1:2] attention_mask:int64[seq]")
+    tensors, dims, _ = parse_inputs("ids:int64[seq=1:2] attention_mask:int64[seq]")
     with pytest.raises(ValueError, match="no size to trace with"):
         InputSpec(min_batch=1, max_batch=32, tensors=tensors, dims=dims).example_sizes()
 
@@ -259,7 +263,7 @@ def test_a_model_that_fails_on_sizes_it_was_declared_for_says_so_in_one_line(cac
     """A forward that fails at a size the declaration allows, or a length export cannot keep dynamic (transformers'
     BERT with SDPA takes multiples of 8 only): a `ModelSpecError` naming the sizes, or torch.export's own
     suggestion, and `warmserve build` says it in one line with exit 2 instead of a traceback."""
-    tensors, dims = parse_inputs("ids:int64[seq=1:64]<16")
+    tensors, dims, _ = parse_inputs("ids:int64[seq=1:64]<16")
     sig = InputSpec(min_batch=1, max_batch=4, tensors=tensors, dims=dims)
     odd = ModelSpec(model="tests.serve.models:odd_lengths_only", input=sig)
     said = r"fails on inputs the declaration allows \(ids:int64\[seq=1:64\]<16; at batch \d, seq \d+\): RuntimeError"
@@ -292,12 +296,55 @@ def test_exports_suggested_fixes_on_one_line() -> None:
     assert suggested_fixes(Violation(said)) == "_seq = Dim('_seq'); seq = 8*_seq"
     assert suggested_fixes(Violation(head)) == "no fix (it says: Constraints violated (seq)!)"
     assert suggested_fixes(RuntimeError("another export error")) is None  # raised as it is
+    from warmserve.serve.backends.export import step_hint
+
+    tensors, dims, _ = parse_inputs("ids:int64[seq=1:100] attention_mask:int64[seq]")
+    sig = InputSpec(tensors=tensors, dims=dims)
+    assert step_hint(sig, "_seq = Dim('_seq'); seq = 8*_seq") == " (seq=8:96/8)"  # the declaration that says it
+    assert step_hint(sig, "seq = 77") == "" and step_hint(sig, "other = 8*_other") == ""
+
+
+def test_a_step_declares_a_length_in_multiples(cache_config: CacheConfig) -> None:
+    """``seq=8:64/8``: what export asks of transformers' BERT on CUDA (SDPA takes a length in multiples of 8).
+    The tests' model here takes only multiples of 8 on any device: without the step it is refused in one line;
+    with it, it builds through aoti, and requests of any length up to 64 are padded to a bucket of multiples of 8
+    and answered as eager answers at that bucket."""
+    tensors, dims, steps = parse_inputs("ids:int64[seq=8:64/8]<16 attention_mask:int64[seq]")
+    assert steps == {"seq": 8} and dims == {"seq": (8, 64)}
+    sig = InputSpec(min_batch=1, max_batch=4, tensors=tensors, dims=dims, steps=steps)
+    assert sig.buckets("seq") == [8, 16, 32, 64] and sig.example_sizes()["seq"] % 8 == 0
+    assert parse_inputs(sig.text()) == (tensors, dims, steps) and "seq=8:64/8" in sig.text()
+    assert sig.doc()["steps"] == {"seq": 8} and "steps" not in InputSpec(tensors=tensors, dims=dims).doc()
+    narrow = InputSpec(tensors=tensors, dims={"seq": (8, 24)}, steps=steps)
+    assert narrow.buckets("seq") == [8, 16, 24]  # powers of two and the ends, each a multiple of the step
+
+    unstepped = ModelSpec(model="tests.serve.models:eights", input=InputSpec(tensors=tensors, dims=dims))
+    with pytest.raises(ModelSpecError, match="fails on inputs the declaration allows"):
+        Worker(unstepped, backend="aoti", cache_config=cache_config).start()
+    spec = ModelSpec(model="tests.serve.models:eights", input=sig)
+    worker = Worker(spec, backend="aoti", cache_config=cache_config)
+    report = worker.start()
+    assert report.outcome == "built" and report.probe_error is not None and report.probe_error < 1e-5
+    eager = build_model(spec.model)
+    eager.load_state_dict(worker._state)
+    for n in (5, 13, 64):
+        ids, mask = torch.randint(0, 16, (2, n)), torch.ones(2, n, dtype=torch.int64)
+        (got,), _ = worker.run(worker.check_inputs([ids, mask]))
+        bucket = n + -n % 8
+        with torch.inference_mode():
+            want = eager(F.pad(ids, (0, bucket - n)), F.pad(mask, (0, bucket - n)))[:, :n]
+        assert got.shape == (2, n, 4) and torch.allclose(got, want, atol=1e-5)
+
+    no_mask = InputSpec(tensors=tensors[:1], dims=dims, steps=steps)  # not padded: a length must be a multiple
+    assert check_request(no_mask, [torch.zeros(1, 16, dtype=torch.int64)])[0].shape == (1, 16)
+    with pytest.raises(InputError, match="ids: seq is 13; this model takes seq in multiples of 8 only"):
+        check_request(no_mask, [torch.zeros(1, 13, dtype=torch.int64)])
 
 
 def test_non_persistent_buffers_reach_an_aoti_engine_at_start_and_at_each_swap(cache_config: CacheConfig) -> None:
     """transformers' BERT keeps ``position_ids`` and ``token_type_ids`` out of its state dict; an AOTInductor
     package keeps every constant out. The refit takes them from the module, so a start and a swap both serve."""
-    tensors, dims = parse_inputs("ids:int64[seq=1:16]<16")
+    tensors, dims, _ = parse_inputs("ids:int64[seq=1:16]<16")
     spec = ModelSpec(
         model="tests.serve.models:positions", input=InputSpec(min_batch=1, max_batch=4, tensors=tensors, dims=dims)
     )
