@@ -88,6 +88,17 @@ def powers_of_two(low: int, high: int) -> list[int]:
     return sorted(sizes)
 
 
+def round_up(n: int, step: int) -> int:
+    """The smallest multiple of ``step`` that is at least ``n``."""
+    return n + -n % step
+
+
+def stepped_range(lo: int, hi: int, step: int) -> str:
+    """``lo:hi/step`` narrowed to the multiples of ``step`` inside it (at least one step): what to declare for a
+    range whose ends are not multiples."""
+    return f"{max(step, round_up(lo, step))}:{max(step, hi - hi % step)}/{step}"
+
+
 def wire_shape(dims: Sequence[int | str]) -> list[int]:
     """A shape as the protocol's metadata writes it: -1 for the batch and for every dynamic dimension."""
     return [-1, *(d if isinstance(d, int) else -1 for d in dims)]
@@ -163,8 +174,9 @@ def parse_inputs(text: str) -> Inputs:
                 raise ValueError(f"{name}: dimension {d!r} is neither a size nor a name like seq=16:128; write {form}")
             if rng:
                 lo, hi, step = parse_range(dim, rng)
-                if ranges.get(dim, (lo, hi)) != (lo, hi) or steps.get(dim, step) != step:
-                    raise ValueError(f"dimension {dim} is given two ranges, {dim}={rng} and another")
+                if dim in ranges and (ranges[dim] != (lo, hi) or steps.get(dim, 1) != step):
+                    before = f"{dim}={ranges[dim][0]}:{ranges[dim][1]}" + (f"/{steps[dim]}" if dim in steps else "")
+                    raise ValueError(f"dimension {dim} is given two ranges, {before} and {dim}={rng}")
                 ranges[dim] = (lo, hi)
                 if step > 1:
                     steps[dim] = step
@@ -194,8 +206,7 @@ def parse_range(dim: str, text: str) -> tuple[int, int, int]:
     if low % step or high % step:
         raise ValueError(
             f"dimension {dim}'s step needs MIN and MAX that are multiples of it, got {dim}={text}; a padded "
-            f"dimension still takes shorter requests (write {dim}={max(step, low + -low % step)}:"
-            f"{max(step, high - high % step)}/{step})"
+            f"dimension still takes shorter requests (write {dim}={stepped_range(low, high, step)})"
         )
     return low, high, step
 
@@ -273,7 +284,7 @@ class InputSpec:
         for name, (lo, hi) in self.dims.items():
             step = self.step(name)
             size = min(max(lo, 2, (lo + hi) // 2), hi)
-            size = min(size + -size % step, hi)
+            size = min(round_up(size, step), hi)
             while size in taken and size < hi:
                 size += step
             if size in taken and lo != hi:
@@ -292,7 +303,7 @@ class InputSpec:
     def buckets(self, dim: str) -> list[int]:
         """The lengths a padded dimension is padded to (and a CUDA graph is recorded for): multiples of its step."""
         step = self.step(dim)
-        return sorted({n + -n % step for n in powers_of_two(*self.dims[dim])})
+        return sorted({round_up(n, step) for n in powers_of_two(*self.dims[dim])})
 
     def batch_buckets(self) -> list[int]:
         return powers_of_two(self.min_batch, self.max_batch)

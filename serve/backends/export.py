@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from warmserve.serve.errors import ModelSpecError
-from warmserve.serve.spec import InputSpec
+from warmserve.serve.spec import InputSpec, stepped_range
 
 
 def dynamic_shapes(spec: InputSpec) -> tuple[dict[int, Any], ...] | None:
@@ -58,8 +58,7 @@ def step_hint(spec: InputSpec, fixes: str) -> str:
     hints = []
     for name, step in re.findall(r"\b(\w+) = (\d+)\*_\1\b", fixes):
         if name in spec.dims and int(step) > 1:
-            n, (lo, hi) = int(step), spec.dims[name]
-            hints.append(f"{name}={max(n, lo + -lo % n)}:{max(n, hi - hi % n)}/{n}")
+            hints.append(f"{name}={stepped_range(*spec.dims[name], int(step))}")
     return f" ({', '.join(hints)})" if hints else ""
 
 

@@ -55,6 +55,7 @@ def test_the_inputs_form() -> None:
         ("x:int64[4?]", "neither a size nor a name"),
         ("x:int64[seq=1:128/8]", r"multiples of it, got seq=1:128/8; .* \(write seq=8:128/8\)"),
         ("x:int64[seq=8:128/0]", "step must be 1 or more"),
+        ("x:int64[s=8:16/8] y:int64[s=8:16]", "two ranges, s=8:16/8 and s=8:16"),
         ("x:int64[seq=8:128/eight]", "seq=8:128/8 for multiples of 8"),
     ]:
         with pytest.raises(ValueError, match=said):
