@@ -368,6 +368,7 @@ def serve(
         logger.debug("ray.init failed", exc_info=True)
         return failed(f"Ray did not start: {one_line(e)}")
     dashboard = f"http://{context.dashboard_url}" if getattr(context, "dashboard_url", None) else None
+    lost: str | None = None  # why a local Ray ended under the service (`_watch`)
     node_id = ray.get_runtime_context().get_node_id() if local else None
     # After ray.init, which installs a crash handler for SIGTERM: `kill` must shut down cleanly too.
     with _stop_on_signals():
@@ -395,8 +396,9 @@ def serve(
             if settings.model.weights is None and not _user_weights(app):
                 say("these are seeded demo weights, so labels are random; serve yours with --weights FILE")
             _remember(app, settings)
-            while True:
-                time.sleep(3600)
+            gcs = ray.get_runtime_context().gcs_address if local else None
+            lost = _watch(url, gcs)
+            return failed(f"{lost}; stopping what is left of it")
         except KeyboardInterrupt:
             say("shutting down")
             return 0
@@ -406,7 +408,7 @@ def serve(
             logger.debug("serving failed", exc_info=True)
             return failed(one_line(e))
         finally:
-            _shutdown(ray, ray_serve, name if not local else None, haproxy_node=node_id)
+            _shutdown(ray, ray_serve, name if not local else None, haproxy_node=node_id, lost=lost is not None)
 
 
 def preloads(config: dict[str, Any], *, local: bool, environ: Mapping[str, str] | None = None) -> bool:
@@ -487,14 +489,20 @@ def one_line(e: BaseException, limit: int = 400) -> str:
 
 
 def _shutdown(
-    ray: Any, ray_serve: Any, app: str | None, timeout: float = 60.0, haproxy_node: str | None = None
+    ray: Any,
+    ray_serve: Any,
+    app: str | None,
+    timeout: float = 60.0,
+    haproxy_node: str | None = None,
+    lost: bool = False,
 ) -> None:
     """Stop Serve (or only ``app`` on a cluster we joined) and Ray, within ``timeout``: a Ray whose
     processes are already gone must not keep the command from exiting. A second Ctrl-C or SIGTERM does not cut
     this short. Then, for a local Ray (``haproxy_node``: its node id), an HAProxy of it that is still alive is
-    stopped: Serve can lose one that a reload started while its manager was stopping it."""
+    stopped: Serve can lose one that a reload started while its manager was stopping it. ``lost``: the local
+    Ray's GCS is gone, so no Serve call can succeed: only Ray's own processes are stopped, within 10 s."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    stopped = _stop_ray(ray, ray_serve, app, timeout)
+    stopped = _stop_ray(ray, None if lost else ray_serve, app, min(timeout, 10.0) if lost else timeout)
     if haproxy_node:
         for h in ports.stop_haproxies(haproxy_node):
             say(f"stopped Ray Serve's HAProxy that outlived Ray ({h.describe()})")
@@ -506,15 +514,16 @@ def _shutdown(
         os._exit(1)  # Ray's own threads and exit hooks may hang too
 
 
-def _stop_ray(ray: Any, ray_serve: Any, app: str | None, timeout: float) -> bool:
-    """Whether Serve and Ray stopped within ``timeout``."""
+def _stop_ray(ray: Any, ray_serve: Any | None, app: str | None, timeout: float) -> bool:
+    """Whether Serve (unless ``ray_serve`` is None) and Ray stopped within ``timeout``."""
 
     def stop() -> None:
-        with contextlib.suppress(Exception):
-            if app is None:
-                ray_serve.shutdown()
-            else:
-                ray_serve.delete(app)
+        if ray_serve is not None:
+            with contextlib.suppress(Exception):
+                if app is None:
+                    ray_serve.shutdown()
+                else:
+                    ray_serve.delete(app)
         with contextlib.suppress(Exception):
             ray.shutdown()
 
@@ -522,6 +531,55 @@ def _stop_ray(ray: Any, ray_serve: Any, app: str | None, timeout: float) -> bool
     worker.start()
     worker.join(timeout)
     return not worker.is_alive()
+
+
+WATCH_INTERVAL_S = 2.0
+
+
+def _watch(url: str, gcs: str | None, interval: float = WATCH_INTERVAL_S) -> str:
+    """Serve until the local Ray is gone (``gcs``: its GCS's address; None for a cluster we joined, which may
+    restart its GCS), and return why. Meanwhile say when the service stops answering at ``url`` (HAProxy or
+    Serve's proxy gone, or no replica ready: its ``/-/healthz``) and when it answers again, so that a user's
+    terminal shows an outage Serve is repairing. Ray's driver gives up on a lost GCS only after a minute, and
+    then ends this process (exit 1, a line of its own log) and leaves HAProxy holding the port; two failed
+    connections to the GCS, ``interval`` apart, end the service here first, so that it stops cleanly."""
+    refused = 0
+    down: float | None = None
+    while True:
+        time.sleep(interval)
+        if gcs is not None:
+            refused = 0 if _connects(gcs) else refused + 1
+            if refused >= 2:
+                return f"the local Ray cluster stopped under the service (its GCS at {gcs} refuses connections)"
+        problem = _unhealthy(url)
+        if problem is not None and down is None:
+            down = time.monotonic()
+            say(f"the service at {url} is not answering: {problem}; Ray Serve restarts its ingress and replicas")
+        elif problem is None and down is not None:
+            say(f"the service at {url} answers again, after {time.monotonic() - down:.0f}s")
+            down = None
+
+
+def _connects(address: str, timeout: float = 1.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _unhealthy(url: str, timeout: float = 2.0) -> str | None:
+    """What is wrong with the service at ``url``, from its ``/-/healthz``; None where it answers 200."""
+    try:
+        r = requests.get(f"{url}/-/healthz", timeout=timeout)
+    except requests.Timeout:  # before ConnectionError: a connect timeout is both
+        return f"no answer within {timeout:.0f}s"
+    except requests.ConnectionError:
+        return "it refuses connections"
+    except requests.RequestException as e:
+        return one_line(e, 200)
+    return None if r.status_code == 200 else f"HTTP {r.status_code} ({' '.join(r.text.split())[:100] or 'no body'})"
 
 
 def _remember(app: dict[str, Any], settings: Settings) -> None:

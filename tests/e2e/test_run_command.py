@@ -28,6 +28,7 @@ import torch
 from tests.e2e.cluster import RAY_ENV, haproxy_files, processes, ray_processes, stop_ray
 from tests.e2e.helpers import ROOT_ENV
 from tests.servers import free_port
+from warmserve.deployments import ports
 from warmserve.serve.model import build_model
 from warmserve.serve.weights import demo_weights, save_weights
 
@@ -470,3 +471,28 @@ def test_the_haproxy_ingress_serves_every_replica_and_takes_rollouts(
     while user.ray_processes() and time.monotonic() < deadline:
         time.sleep(1)
     assert user.ray_processes() == [], "warmserve run left Ray or HAProxy processes behind"
+
+
+def test_an_outage_is_said_and_a_lost_ray_ends_the_command_cleanly(user: User, warm_cache: Path) -> None:
+    """HAProxy killed: `warmserve run` says the service stopped answering (that it says so again once Serve has
+    restarted it is tests/deployments/test_watch.py's). Ray's GCS killed: Ray alone would end the command a
+    minute later, with a line of its own log, and leave HAProxy holding the port; `warmserve run` ends within
+    seconds, says why, and stops HAProxy."""
+    service = start(user, "--cache-dir", str(warm_cache), "--ingress", "haproxy", "--replicas", "1")
+    try:
+        service.wait_for("ready on")
+        [haproxy] = [h for h in ports.holders(user.port) if h.is_serve_haproxy]
+        os.kill(haproxy.pid, signal.SIGKILL)
+        assert "is not answering: it refuses connections" in service.wait_for("is not answering", timeout=30)
+
+        gcs = [p for p in user.ray_processes() if b"gcs_server" in _cmdline(p)]
+        assert len(gcs) == 1, gcs
+        os.kill(gcs[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        assert service.proc.wait(60) == 1
+        took = time.monotonic() - t0
+        line = service.wait_for("error:", timeout=10)
+        assert "the local Ray cluster stopped under the service" in line and took < 30, (line, took)
+        assert ports.holders(user.port) == [] and ports.holders(user.grpc_port) == []  # nothing holds its ports
+    finally:
+        service.stop()  # where it ended by itself: its pipes closed
