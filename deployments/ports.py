@@ -132,7 +132,57 @@ def live_nodes(proc: Path = Path("/proc")) -> set[str]:
 def stop_haproxies(node_id: str, grace: float = 5.0) -> list[Holder]:
     """Stop the HAProxy processes of Ray node ``node_id`` still running (SIGTERM, then SIGKILL after ``grace``
     seconds); the ones that were."""
-    found = [h for h in serve_haproxies() if h.node_id == node_id]
+    return _stop([h for h in serve_haproxies() if h.node_id == node_id], grace)
+
+
+def stop_marked(
+    name: str, value: str, session_dir: str | None = None, grace: float = 5.0, proc: Path = Path("/proc")
+) -> list[Holder]:
+    """Stop the processes, this one aside, whose environment holds ``name=value`` or that hold a file open
+    under ``session_dir`` (a Ray session's; its processes write their logs there), with SIGTERM, then SIGKILL
+    after ``grace`` seconds; the ones that were. A local Ray's processes inherit the environment of the one
+    that started them, but those that rename themselves (``ray::DashboardAgent``) write over it, and over their
+    command line: their open logs still say whose they are. (Only Ray's own: a user's ``tail -f`` of those logs
+    is left alone.)"""
+    marker = f"{name}={value}".encode()
+    inside = session_dir.rstrip("/") + "/" if session_dir else None
+    found = []
+    for entry in _processes(proc):
+        if int(entry.name) == os.getpid():
+            continue
+        if marker in _environ(entry) or (
+            inside and _ray_named(entry) and any(link.startswith(inside) for link in _links(entry / "fd"))
+        ):
+            found.append(_holder(entry))
+    return _stop(found, grace)
+
+
+def _ray_named(entry: Path) -> bool:
+    """A process that names itself as Ray's (``ray::...``, ``ray-dashboard-...``, Ray's binaries)."""
+    first = _command(entry).split(" ")[0]
+    return first.startswith(("ray::", "ray-")) or "/ray/" in first
+
+
+def session_dir(name: str, value: str, proc: Path = Path("/proc")) -> str | None:
+    """The session directory of the raylet whose environment holds ``name=value`` (``--session_dir=...``)."""
+    for entry in _processes(proc):
+        command = _command(entry)
+        if os.path.basename(command.split(" ")[0]) == "raylet" and f"{name}={value}".encode() in _environ(entry):
+            m = re.search(r"--session_dir=(\S+)", command)
+            if m:
+                return m.group(1)
+    return None
+
+
+def _environ(entry: Path) -> list[bytes]:
+    try:
+        return (entry / "environ").read_bytes().split(b"\0")
+    except OSError:  # gone, or another user's
+        return []
+
+
+def _stop(found: list[Holder], grace: float) -> list[Holder]:
+    """SIGTERM each, then SIGKILL any still alive after ``grace`` seconds."""
     for h in found:
         _signal(h.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace

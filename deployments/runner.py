@@ -35,6 +35,7 @@ from warmserve.serve.errors import WarmserveError
 from warmserve.serve.settings import Settings
 
 SERVE_NAMESPACE = "serve"
+RUN_MARKER = "WARMSERVE_RUN"  # in the environment of a local Ray's processes: which `warmserve run` started them
 logger = logging.getLogger(__name__)
 
 
@@ -344,6 +345,8 @@ def serve(
     out = _json_stream() if json_lines else sys.stdout
     # Read by every Ray Serve process when it starts, so set before Ray starts: they inherit it.
     os.environ.update(ingress_env(local, ingress, os.environ))
+    if local:  # every process of the local Ray inherits it: what `_shutdown` finds them by, if Ray cannot stop them
+        os.environ[RUN_MARKER] = f"{os.getpid()}-{time.time_ns()}"
     http = config.get("http_options") or {}
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     app = app_entry(config)
@@ -370,6 +373,7 @@ def serve(
     dashboard = f"http://{context.dashboard_url}" if getattr(context, "dashboard_url", None) else None
     lost: str | None = None  # why a local Ray ended under the service (`_watch`)
     node_id = ray.get_runtime_context().get_node_id() if local else None
+    session = ports.session_dir(RUN_MARKER, os.environ[RUN_MARKER]) if local else None  # for `_shutdown`
     # After ray.init, which installs a crash handler for SIGTERM: `kill` must shut down cleanly too.
     with _stop_on_signals():
         try:
@@ -408,7 +412,8 @@ def serve(
             logger.debug("serving failed", exc_info=True)
             return failed(one_line(e))
         finally:
-            _shutdown(ray, ray_serve, name if not local else None, haproxy_node=node_id, lost=lost is not None)
+            app_only = name if not local else None  # a cluster we joined keeps running
+            _shutdown(ray, ray_serve, app_only, haproxy_node=node_id, lost=lost is not None, session=session)
 
 
 def preloads(config: dict[str, Any], *, local: bool, environ: Mapping[str, str] | None = None) -> bool:
@@ -495,17 +500,27 @@ def _shutdown(
     timeout: float = 60.0,
     haproxy_node: str | None = None,
     lost: bool = False,
+    session: str | None = None,
 ) -> None:
     """Stop Serve (or only ``app`` on a cluster we joined) and Ray, within ``timeout``: a Ray whose
     processes are already gone must not keep the command from exiting. A second Ctrl-C or SIGTERM does not cut
     this short. Then, for a local Ray (``haproxy_node``: its node id), an HAProxy of it that is still alive is
     stopped: Serve can lose one that a reload started while its manager was stopping it. ``lost``: the local
-    Ray's GCS is gone, so no Serve call can succeed: only Ray's own processes are stopped, within 10 s."""
+    Ray's GCS is gone, so no Serve call can succeed: Ray is stopped within 10 s. Where it was lost, or did not
+    stop in time, the local Ray's processes still alive (`RUN_MARKER`, or a file open in its ``session``
+    directory) are stopped too: without a GCS, Ray's agents linger a minute or more."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    stopped = _stop_ray(ray, None if lost else ray_serve, app, min(timeout, 10.0) if lost else timeout)
+    if lost:
+        timeout = min(timeout, 10.0)
+    stopped = _stop_ray(ray, None if lost else ray_serve, app, timeout)
     if haproxy_node:
         for h in ports.stop_haproxies(haproxy_node):
             say(f"stopped Ray Serve's HAProxy that outlived Ray ({h.describe()})")
+        if (lost or not stopped) and os.environ.get(RUN_MARKER):
+            left = ports.stop_marked(RUN_MARKER, os.environ[RUN_MARKER], session)
+            if left:
+                names = sorted({h.command.split()[0].rpartition("/")[2] for h in left})
+                say(f"stopped {len(left)} process(es) of the local Ray that outlived it: {', '.join(names)}")
     signal.signal(signal.SIGINT, previous[0])
     signal.signal(signal.SIGTERM, previous[1])
     if not stopped:
@@ -534,52 +549,60 @@ def _stop_ray(ray: Any, ray_serve: Any | None, app: str | None, timeout: float) 
 
 
 WATCH_INTERVAL_S = 2.0
+GCS_CHECKS = 3  # connections to the GCS, WATCH_INTERVAL_S apart, that fail before the service ends
 
 
 def _watch(url: str, gcs: str | None, interval: float = WATCH_INTERVAL_S) -> str:
     """Serve until the local Ray is gone (``gcs``: its GCS's address; None for a cluster we joined, which may
-    restart its GCS), and return why. Meanwhile say when the service stops answering at ``url`` (HAProxy or
-    Serve's proxy gone, or no replica ready: its ``/-/healthz``) and when it answers again, so that a user's
-    terminal shows an outage Serve is repairing. Ray's driver gives up on a lost GCS only after a minute, and
-    then ends this process (exit 1, a line of its own log) and leaves HAProxy holding the port; two failed
-    connections to the GCS, ``interval`` apart, end the service here first, so that it stops cleanly."""
+    restart its GCS), and return why. Meanwhile say when the service stops answering at ``url`` (its
+    ``/-/healthz``: HAProxy or Serve's proxy gone, or, behind HAProxy, no replica ready) and when it answers
+    again, so that a user's terminal shows an outage while Serve repairs it. Ray's driver gives up on a lost
+    GCS only after a minute, and then ends this process (exit 1, a line of its own log) and leaves HAProxy
+    holding the port; `GCS_CHECKS` failed connections to the GCS, ``interval`` apart, end the service here
+    first, so that it stops cleanly."""
     refused = 0
     down: float | None = None
     while True:
         time.sleep(interval)
         if gcs is not None:
             refused = 0 if _connects(gcs) else refused + 1
-            if refused >= 2:
-                return f"the local Ray cluster stopped under the service (its GCS at {gcs} refuses connections)"
+            if refused >= GCS_CHECKS:
+                return f"the local Ray cluster stopped under the service (its GCS at {gcs} takes no connections)"
         problem = _unhealthy(url)
         if problem is not None and down is None:
             down = time.monotonic()
-            say(f"the service at {url} is not answering: {problem}; Ray Serve restarts its ingress and replicas")
+            say(f"the service at {url} is not answering: {problem}")
         elif problem is None and down is not None:
             say(f"the service at {url} answers again, after {time.monotonic() - down:.0f}s")
             down = None
 
 
 def _connects(address: str, timeout: float = 1.0) -> bool:
+    """Whether ``host:port`` (``[v6]:port`` too, as Ray writes an IPv6 address) takes a TCP connection."""
     host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             return True
     except OSError:
         return False
 
 
 def _unhealthy(url: str, timeout: float = 2.0) -> str | None:
-    """What is wrong with the service at ``url``, from its ``/-/healthz``; None where it answers 200."""
+    """What is wrong with the service at ``url``, from its ``/-/healthz``; None where it answers 200. HAProxy
+    answers 503 there while no replica is ready; Serve's own proxy answers 200 once it runs."""
     try:
-        r = requests.get(f"{url}/-/healthz", timeout=timeout)
+        with requests.Session() as session:
+            session.trust_env = False  # the service's own port: never through an HTTP proxy of the environment
+            r = session.get(f"{url}/-/healthz", timeout=timeout)
     except requests.Timeout:  # before ConnectionError: a connect timeout is both
         return f"no answer within {timeout:.0f}s"
     except requests.ConnectionError:
-        return "it refuses connections"
+        return "it refuses connections (Ray Serve restarts its ingress)"
     except requests.RequestException as e:
         return one_line(e, 200)
-    return None if r.status_code == 200 else f"HTTP {r.status_code} ({' '.join(r.text.split())[:100] or 'no body'})"
+    if r.status_code == 503:
+        return "no replica is ready behind it (HTTP 503 from /-/healthz)"
+    return None if r.status_code == 200 else f"HTTP {r.status_code} from /-/healthz ({' '.join(r.text.split())[:100]})"
 
 
 def _remember(app: dict[str, Any], settings: Settings) -> None:

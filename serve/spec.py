@@ -93,10 +93,11 @@ def round_up(n: int, step: int) -> int:
     return n + -n % step
 
 
-def stepped_range(lo: int, hi: int, step: int) -> str:
-    """``lo:hi/step`` narrowed to the multiples of ``step`` inside it (at least one step): what to declare for a
-    range whose ends are not multiples."""
-    return f"{max(step, round_up(lo, step))}:{max(step, hi - hi % step)}/{step}"
+def stepped_range(lo: int, hi: int, step: int) -> str | None:
+    """``lo:hi/step`` narrowed to the multiples of ``step`` inside it: what to declare for a range whose ends
+    are not multiples; None where no multiple lies inside."""
+    low, high = round_up(lo, step), hi - hi % step
+    return f"{low}:{high}/{step}" if low <= high else None
 
 
 def wire_shape(dims: Sequence[int | str]) -> list[int]:
@@ -190,10 +191,10 @@ def parse_inputs(text: str) -> Inputs:
 def parse_range(dim: str, text: str) -> tuple[int, int, int]:
     """``16:128`` -> (16, 128, 1); ``8:128/8`` -> (8, 128, 8): the sizes from MIN to MAX that are multiples of
     STEP (a model that takes only those, such as an attention kernel that wants a length in multiples of 8)."""
-    rng, _, step_text = text.partition("/")
+    rng, slash, step_text = text.partition("/")
     lo, _, hi = rng.partition(":")
     try:
-        low, high, step = int(lo), int(hi), int(step_text or 1)
+        low, high, step = int(lo), int(hi), int(step_text if slash else 1)
     except ValueError as e:
         raise ValueError(
             f"dimension {dim}'s range must look like {dim}=16:128 (or {dim}=8:128/8 for multiples of 8), "
@@ -204,9 +205,13 @@ def parse_range(dim: str, text: str) -> tuple[int, int, int]:
     if step < 1:
         raise ValueError(f"dimension {dim}'s step must be 1 or more, got {dim}={text}")
     if low % step or high % step:
+        narrowed = stepped_range(low, high, step)
+        if narrowed is None:
+            raise ValueError(f"dimension {dim}'s range holds no multiple of its step, got {dim}={text}")
+        above = f"; lengths above {narrowed.split(':')[1].split('/')[0]} are then refused" if high % step else ""
         raise ValueError(
-            f"dimension {dim}'s step needs MIN and MAX that are multiples of it, got {dim}={text}; a padded "
-            f"dimension still takes shorter requests (write {dim}={stepped_range(low, high, step)})"
+            f"dimension {dim}'s step needs MIN and MAX that are multiples of it, got {dim}={text}: write "
+            f"{dim}={narrowed} (a dimension padded by a mask still takes shorter requests{above})"
         )
     return low, high, step
 
@@ -235,7 +240,9 @@ class InputSpec:
         object.__setattr__(self, "dtype", first.dtype)
         object.__setattr__(self, "shape", tuple(wire_shape(first.shape)[1:]))
         object.__setattr__(self, "dims", dict(self.dims))
-        object.__setattr__(self, "steps", {d: n for d, n in self.steps.items() if n != 1})
+        # a step of 1, or of a fixed size, says nothing: left out, so the key is that of the same engine without it
+        steps = {d: n for d, n in self.steps.items() if n != 1 and (d not in self.dims or len(set(self.dims[d])) > 1)}
+        object.__setattr__(self, "steps", steps)
         for d, n in self.steps.items():
             if d not in self.dims:
                 raise ValueError(f"dimension {d} has a step but no range")
@@ -282,19 +289,28 @@ class InputSpec:
         taken = {self.export_batch}
         sizes = {}
         for name, (lo, hi) in self.dims.items():
+            if lo == hi:
+                sizes[name] = lo
+                taken.add(lo)
+                continue
             step = self.step(name)
-            size = min(max(lo, 2, (lo + hi) // 2), hi)
-            size = min(round_up(size, step), hi)
-            while size in taken and size < hi:
-                size += step
-            if size in taken and lo != hi:
+            start = min(round_up(max(lo, 2, (lo + hi) // 2), step), hi)
+            # the middle of the range, then the sizes above it, then those below (a step leaves few to pick from)
+            candidates = [*range(start, hi + 1, step), *range(start - step, round_up(max(lo, 2), step) - 1, -step)]
+            size = next((n for n in candidates if n not in taken), None)
+            if size is None:
                 raise ValueError(
-                    f"dimension {name}={lo}:{hi} has no size to trace with that differs from the batch's and the "
-                    "other dimensions'; widen its range"
+                    f"dimension {name}={self.range_text(name)} has no size to trace with that differs from the "
+                    "batch's and the other dimensions'; widen its range"
                 )
             taken.add(size)
             sizes[name] = size
         return sizes
+
+    def range_text(self, dim: str) -> str:
+        """A dynamic dimension's range as the inputs' form writes it: ``16:128``, ``8:128/8``."""
+        lo, hi = self.dims[dim]
+        return f"{lo}:{hi}" + (f"/{self.steps[dim]}" if dim in self.steps else "")
 
     def step(self, dim: str) -> int:
         """The multiple a dynamic dimension's sizes are (1: any size)."""

@@ -57,8 +57,9 @@ def step_hint(spec: InputSpec, fixes: str) -> str:
     says so, `` (seq=8:128/8)``; empty for any other fix."""
     hints = []
     for name, step in re.findall(r"\b(\w+) = (\d+)\*_\1\b", fixes):
-        if name in spec.dims and int(step) > 1:
-            hints.append(f"{name}={stepped_range(*spec.dims[name], int(step))}")
+        narrowed = stepped_range(*spec.dims[name], int(step)) if name in spec.dims and int(step) > 1 else None
+        if narrowed is not None:
+            hints.append(f"{name}={narrowed}")
     return f" ({', '.join(hints)})" if hints else ""
 
 

@@ -86,3 +86,54 @@ def test_the_haproxies_of_a_stopped_node_are_stopped(orphan: tuple[subprocess.Po
     while ports.holders(port) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert ports.holders(port) == []
+
+
+def test_processes_are_found_by_the_environment_they_inherited() -> None:
+    """Ray's agents rename themselves (``ray::DashboardAgent``), so their command line no longer says which
+    cluster they are of; the environment they inherited from `warmserve run` still does: a run's processes are
+    found by it, and another run's are left alone."""
+    sleeper = "import sys, time; open(sys.argv[1], 'w').close(); time.sleep(60)"
+    started = []
+    for marker in ("run-1", "run-2"):
+        ready = Path(f"/tmp/warmserve-test-{os.getpid()}-{marker}")
+        env = {**os.environ, runner.RUN_MARKER: marker}
+        started.append((subprocess.Popen([sys.executable, "-c", sleeper, str(ready)], env=env), ready))
+    try:
+        for _, ready in started:
+            deadline = time.monotonic() + 30
+            while not ready.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        stopped = ports.stop_marked(runner.RUN_MARKER, "run-1", grace=5)
+        assert [h.pid for h in stopped] == [started[0][0].pid]
+        assert started[0][0].wait(10) == -15  # SIGTERM
+        assert started[1][0].poll() is None  # another run's: left alone
+        assert ports.stop_marked(runner.RUN_MARKER, "run-3") == []
+    finally:
+        for proc, ready in started:
+            proc.kill()
+            proc.wait()
+            ready.unlink(missing_ok=True)
+
+
+def test_rays_own_processes_are_found_by_the_logs_they_hold_open(tmp_path: Path) -> None:
+    """Ray's agents write over their environment and command line as they rename themselves; the logs they hold
+    open in their session's directory still say which Ray they are of. A user's `tail -f` of those logs is not
+    Ray's, and is left alone."""
+    log = tmp_path / "session" / "logs" / "dashboard_agent.out"
+    log.parent.mkdir(parents=True)
+    log.write_text("")
+    agent = subprocess.Popen(["bash", "-c", f"exec -a ray::DashboardAgent tail -f {log}"])
+    reader = subprocess.Popen(["tail", "-f", str(log)])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(
+            any(str(log) in link for link in ports._links(Path(f"/proc/{p.pid}/fd"))) for p in (agent, reader)
+        ):
+            time.sleep(0.05)
+        stopped = ports.stop_marked(runner.RUN_MARKER, "no-such-run", session_dir=str(tmp_path / "session"))
+        assert [h.pid for h in stopped] == [agent.pid] and agent.wait(10) == -15
+        assert reader.poll() is None
+    finally:
+        for proc in (agent, reader):
+            proc.kill()
+            proc.wait()

@@ -66,18 +66,30 @@ def test_an_outage_is_said_once_its_end_with_its_length_and_a_lost_gcs_ends_the_
         threading.Event().wait(0.5)
         assert said == []  # answering: nothing to say
     assert spoken("not answering") == (
-        f"the service at {url} is not answering: it refuses connections; Ray Serve restarts its ingress and replicas"
+        f"the service at {url} is not answering: it refuses connections (Ray Serve restarts its ingress)"
     )
     status = [200]
     with healthz(port, status):
         assert spoken("answers again").startswith(f"the service at {url} answers again, after ")
         status[0] = 503  # up, but no replica ready behind it
         assert spoken("HTTP 503") == (
-            f"the service at {url} is not answering: HTTP 503 (Service Unavailable); Ray Serve restarts its ingress "
-            "and replicas"
+            f"the service at {url} is not answering: no replica is ready behind it (HTTP 503 from /-/healthz)"
         )
         threading.Event().wait(0.3)
         assert len([line for line in said if "not answering" in line]) == 2  # once per outage, not per check
         gcs.close()  # the local Ray's GCS goes away: the watch ends, with why
         watch.join(10)
-    assert result == [f"the local Ray cluster stopped under the service (its GCS at {gcs_address} refuses connections)"]
+    assert result == [
+        f"the local Ray cluster stopped under the service (its GCS at {gcs_address} takes no connections)"
+    ]
+
+
+def test_an_ipv6_gcs_address_as_ray_writes_it() -> None:
+    try:
+        listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with listener:
+        port = listener.getsockname()[1]
+        assert runner._connects(f"[::1]:{port}")  # a healthy GCS must not read as a lost one
+    assert not runner._connects(f"[::1]:{port}")

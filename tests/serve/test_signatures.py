@@ -53,7 +53,10 @@ def test_the_inputs_form() -> None:
         ("x:float32[4]<10", "integer inputs only"),
         ("x:int64[4] junk", "cannot read 'junk'"),
         ("x:int64[4?]", "neither a size nor a name"),
-        ("x:int64[seq=1:128/8]", r"multiples of it, got seq=1:128/8; .* \(write seq=8:128/8\)"),
+        ("x:int64[seq=1:128/8]", r"multiples of it, got seq=1:128/8: write seq=8:128/8 \(a dimension padded by"),
+        ("x:int64[seq=5:100/8]", "write seq=8:96/8 .*; lengths above 96 are then refused"),
+        ("x:int64[seq=9:15/8]", "holds no multiple of its step"),
+        ("x:int64[seq=8:128/]", "must look like seq=16:128"),
         ("x:int64[seq=8:128/0]", "step must be 1 or more"),
         ("x:int64[s=8:16/8] y:int64[s=8:16]", "two ranges, s=8:16/8 and s=8:16"),
         ("x:int64[seq=8:128/eight]", "seq=8:128/8 for multiples of 8"),
@@ -318,6 +321,10 @@ def test_a_step_declares_a_length_in_multiples(cache_config: CacheConfig) -> Non
     assert sig.doc()["steps"] == {"seq": 8} and "steps" not in InputSpec(tensors=tensors, dims=dims).doc()
     narrow = InputSpec(tensors=tensors, dims={"seq": (8, 24)}, steps=steps)
     assert narrow.buckets("seq") == [8, 16, 24]  # powers of two and the ends, each a multiple of the step
+    wide_batch = InputSpec(min_batch=16, max_batch=32, tensors=tensors, dims={"seq": (8, 16)}, steps=steps)
+    assert wide_batch.example_sizes() == {"seq": 8}  # below the middle: 16 is the batch's
+    fixed = InputSpec(tensors=tensors, dims={"seq": (8, 8)}, steps=steps)
+    assert fixed.steps == {} and fixed.doc() == InputSpec(tensors=tensors, dims={"seq": (8, 8)}).doc()
 
     unstepped = ModelSpec(model="tests.serve.models:eights", input=InputSpec(tensors=tensors, dims=dims))
     with pytest.raises(ModelSpecError, match="fails on inputs the declaration allows"):
