@@ -533,14 +533,20 @@ def _stop_ray(ray: Any, ray_serve: Any | None, app: str | None, timeout: float) 
     """Whether Serve (unless ``ray_serve`` is None) and Ray stopped within ``timeout``."""
 
     def stop() -> None:
+        # Each step is tried whatever the one before it raised (a Ray half gone raises from both); what they
+        # raised is logged (-vv shows it), not shown: the stop goes on either way.
         if ray_serve is not None:
-            with contextlib.suppress(Exception):
+            try:
                 if app is None:
                     ray_serve.shutdown()
                 else:
                     ray_serve.delete(app)
-        with contextlib.suppress(Exception):
+            except Exception:
+                logger.debug("stopping Serve failed", exc_info=True)
+        try:
             ray.shutdown()
+        except Exception:
+            logger.debug("ray.shutdown failed", exc_info=True)
 
     worker = threading.Thread(target=stop, daemon=True, name="shutdown")
     worker.start()
