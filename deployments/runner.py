@@ -207,10 +207,10 @@ HAPROXY_TUNING = {
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     # gRPC requests are large (a 224x224 FP32 row is 602 KB): with HTTP/2's 64 KB stream windows and 16 KB
     # buffers, HAProxy relayed them in many round trips, and gRPC ran slower than HTTP through the same
-    # replicas (bench/results/perf-analyzer-*). HTTP/2 is copied through HAProxy's buffers (HTTP/1.1 is
-    # spliced): on the 2-core CPU, 256 KB buffers relayed a 32-row request (19 MB) in 8.4 ms instead of 14.6
-    # with 64 KB, and 1 MB or 4 MB ones took longer (bench/results/haproxy-relay-cpu.md). Each request in
-    # flight holds a few such buffers.
+    # replicas (bench/results/perf-analyzer-*). On the 2-core CPU, with no Ray (bench/results/haproxy-relay-cpu.md,
+    # one run), 256 KB buffers added 7.3 ms to a 32-row gRPC request (19 MB) where 64 KB ones added 13.1, and 1 MB
+    # ones 17.8; HTTP was within the spread. Each request in flight holds a few such buffers: four times the
+    # memory of 64 KB ones.
     "RAY_SERVE_HAPROXY_H2_FE_INITIAL_WINDOW_SIZE": str(1 << 20),
     "RAY_SERVE_HAPROXY_H2_BE_INITIAL_WINDOW_SIZE": str(1 << 20),
     "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(1 << 18),
