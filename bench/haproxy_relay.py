@@ -140,6 +140,8 @@ def haproxy(
     """One HAProxy in front of both sinks, listening when this returns: (the process, its gRPC and HTTP ports).
     Its ports are picked free just before it binds them; one taken meanwhile makes it exit, which is reported
     with its log."""
+    from tests.servers import free_port
+
     ports = (free_port(), free_port())
     cfg = work / f"{name}.cfg"
     cfg.write_text(config(settings, *ports, sinks))
@@ -186,12 +188,6 @@ def timed(send: Any, protocol: str, name: str, body: bytes) -> float:
     if got != str(len(body)).encode():
         raise SystemExit(f"{protocol} through {name}: the sink read {got!r} of {len(body)} bytes")
     return ms
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def warmserves() -> dict[str, int]:
